@@ -1,0 +1,111 @@
+"""The ldm <-> Flax name and layout rules, in one place, used by both conversion directions.
+
+Our Flax modules are named after the ldm checkpoint names (see models/layers.py), so one rule maps
+every parameter:
+
+* ldm key -> Flax path: split on '.', glue each purely numeric part onto the part before it
+  with '_' (`input_blocks.1.0.in_layers.2.weight` -> input_blocks_1_0 / in_layers_2 / kernel).
+  The ldm autoencoder's mid block already uses underscores (`mid.block_1`, `mid.attn_1`,
+  `mid.block_2`); they map to the same Flax names, and the reverse rule keeps them (the only
+  exception: children of a `mid` module).
+* leaf: `weight` of rank 4 -> `kernel` (OIHW -> HWIO), rank 2 -> `kernel` (transposed),
+  rank 1 -> `scale` (GroupNorm/LayerNorm); `bias` -> `bias`.
+* prefixes: `model.diffusion_model.` <-> unet, `control_model.` <-> sg, `first_stage_model.` <-> vae.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+PREFIXES: dict[str, str] = {
+    "model.diffusion_model.": "unet",
+    "control_model.": "sg",
+    "first_stage_model.": "vae",
+}
+GROUP_TO_PREFIX = {v: k for k, v in PREFIXES.items()}
+
+_KEEP_UNDERSCORE_UNDER = {"mid": {"block_1", "attn_1", "block_2"}}
+_INDEXED = re.compile(r"^(.*?)((?:_\d+)+)$")
+
+
+def ldm_to_flax_path(key: str) -> tuple[str, ...]:
+    """`input_blocks.1.0.in_layers.2.weight` -> ('input_blocks_1_0', 'in_layers_2', 'weight').
+
+    The leaf keeps its torch name; `convert_leaf` renames it."""
+    parts: list[str] = []
+    for p in key.split("."):
+        if p.isdigit():
+            if not parts:
+                raise ValueError(f"key {key!r}: starts with an index")
+            parts[-1] = f"{parts[-1]}_{p}"
+        else:
+            parts.append(p)
+    return tuple(parts)
+
+
+def flax_to_ldm_path(path: tuple[str, ...]) -> str:
+    """Inverse of `ldm_to_flax_path` (module parts only; leaf names are handled separately)."""
+    out: list[str] = []
+    parent = None
+    for p in path:
+        if parent in _KEEP_UNDERSCORE_UNDER and p in _KEEP_UNDERSCORE_UNDER[parent]:
+            out.append(p)
+        else:
+            m = _INDEXED.match(p)
+            if m and m.group(1):
+                out.append(m.group(1) + "." + ".".join(m.group(2)[1:].split("_")))
+            else:
+                out.append(p)
+        parent = p
+    return ".".join(out)
+
+
+def torch_leaf_to_flax(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+    """(torch leaf name, tensor) -> (flax leaf name, array in Flax layout)."""
+    if name == "bias":
+        return "bias", array
+    if name != "weight":
+        raise ValueError(f"unknown parameter leaf {name!r}")
+    if array.ndim == 4:  # conv OIHW -> HWIO
+        return "kernel", np.transpose(array, (2, 3, 1, 0))
+    if array.ndim == 2:  # linear [out, in] -> [in, out]
+        return "kernel", np.transpose(array)
+    if array.ndim == 1:  # norm weight
+        return "scale", array
+    raise ValueError(f"weight of unsupported rank {array.ndim}")
+
+
+def flax_leaf_to_torch(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+    if name == "bias":
+        return "bias", array
+    if name == "scale":
+        return "weight", array
+    if name == "kernel":
+        if array.ndim == 4:
+            return "weight", np.transpose(array, (3, 2, 0, 1))
+        if array.ndim == 2:
+            return "weight", np.transpose(array)
+    raise ValueError(f"unsupported Flax leaf {name!r} of rank {np.ndim(array)}")
+
+
+def flax_shape_to_torch(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    if name == "kernel" and len(shape) == 4:
+        return "weight", (shape[3], shape[2], shape[0], shape[1])
+    if name == "kernel" and len(shape) == 2:
+        return "weight", (shape[1], shape[0])
+    return ("weight" if name == "scale" else name), tuple(shape)
+
+
+def split_group(key: str) -> tuple[str, str] | None:
+    """'control_model.x.y' -> ('sg', 'x.y'); None when the key has no known prefix."""
+    for prefix, group in PREFIXES.items():
+        if key.startswith(prefix):
+            return group, key[len(prefix):]
+    return None
+
+
+def flax_key_to_ldm(group: str, path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """Full ldm key and torch shape of the Flax parameter at params[group][path...]."""
+    leaf, tshape = flax_shape_to_torch(path[-1], shape)
+    return f"{GROUP_TO_PREFIX[group]}{flax_to_ldm_path(path[:-1])}.{leaf}", tshape

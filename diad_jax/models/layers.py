@@ -1,0 +1,266 @@
+"""Building blocks shared by the UNet, the SG network and the VAE (Flax linen, NHWC).
+
+Module names follow the ldm checkpoint names with '.' before an index written as '_'
+(`input_blocks.1.0.in_layers.2` -> `input_blocks_1_0/in_layers_2`), so the converter needs one
+rule instead of a table. Numerics follow the PyTorch reference exactly (spec section 10):
+norms are computed in float32 with a two-pass variance and the reference's epsilons, the
+feed-forward GELU is the exact erf form, the timestep embedding is [cos, sin].
+
+Initialisers match PyTorch's defaults (kaiming-uniform(a=sqrt(5)) kernels, uniform biases),
+and the layers the reference zero-initialises are zero here (`zero=True`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+# PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernel and bias.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_bias_init(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv(nn.Module):
+    """2-D convolution with explicit symmetric padding (PyTorch semantics), NHWC / HWIO."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int | Sequence[tuple[int, int]] | None = None  # default: kernel_size // 2
+    use_bias: bool = True
+    zero: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        fan_in = x.shape[-1] * k * k
+        pad = self.padding if self.padding is not None else k // 2
+        if isinstance(pad, int):
+            pad = ((pad, pad), (pad, pad))
+        kernel = self.param("kernel", nn.initializers.zeros if self.zero else torch_kernel_init,
+                            (k, k, x.shape[-1], self.features), jnp.float32)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros if self.zero else _torch_bias_init(fan_in),
+                              (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Dense(nn.Module):
+    """Linear layer with PyTorch's default init; kernel is [in, out]."""
+
+    features: int
+    use_bias: bool = True
+    zero: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.zeros if self.zero else torch_kernel_init,
+                            (fan_in, self.features), jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros if self.zero else _torch_bias_init(fan_in),
+                              (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over NHWC, computed in float32 with a two-pass (biased) variance."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        g = self.num_groups
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xg = x.astype(jnp.float32).reshape(n, h, w, g, c // g)
+        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+        centred = xg - mean
+        var = jnp.mean(jnp.square(centred), axis=(1, 2, 4), keepdims=True)
+        y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(n, h, w, c)
+        return (y * scale + bias).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis (eps 1e-5 by default), float32 two-pass."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale + bias).astype(x.dtype)
+
+
+def instance_norm(x, epsilon: float = 1e-5):
+    """torch.nn.InstanceNorm2d(affine=False): per sample and channel over H, W (NHWC)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+    centred = x32 - mean
+    var = jnp.mean(jnp.square(centred), axis=(1, 2), keepdims=True)
+    return (centred * jax.lax.rsqrt(var + epsilon)).astype(x.dtype)
+
+
+def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
+    """ldm's sinusoidal embedding, [cos, sin] (diffusers: flip_sin_to_cos=True, freq_shift=0)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+    freqs = jnp.exp(exponent)
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def upsample_nearest2x(x):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class ResBlock(nn.Module):
+    """ldm openaimodel ResBlock (use_scale_shift_norm=False, dropout 0)."""
+
+    out_channels: int
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb):
+        h = GroupNorm(self.norm_groups, 1e-5, name="in_layers_0")(x)
+        h = Conv(self.out_channels, 3, dtype=self.dtype, name="in_layers_2")(nn.silu(h))
+        e = Dense(self.out_channels, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
+        h = h + e[:, None, None, :].astype(h.dtype)
+        h = GroupNorm(self.norm_groups, 1e-5, name="out_layers_0")(h)
+        h = Conv(self.out_channels, 3, zero=True, dtype=self.dtype, name="out_layers_3")(nn.silu(h))
+        if x.shape[-1] != self.out_channels:
+            x = Conv(self.out_channels, 1, dtype=self.dtype, name="skip_connection")(x)
+        return x.astype(h.dtype) + h
+
+
+class CrossAttention(nn.Module):
+    """ldm CrossAttention: bias-free q/k/v, softmax(q k^T / sqrt(d_head)) v, output Linear."""
+
+    heads: int
+    dim_head: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        inner = self.heads * self.dim_head
+        b, t, c = x.shape
+        q = Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
+        k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
+        v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
+        split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.dim_head)
+        out = jax.nn.dot_product_attention(split(q), split(k), split(v),
+                                           scale=self.dim_head ** -0.5)
+        return Dense(c, dtype=self.dtype, name="to_out_0")(out.reshape(b, t, inner))
+
+
+class GEGLU(nn.Module):
+    inner: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = Dense(2 * self.inner, dtype=self.dtype, name="proj")(x)
+        h, gate = jnp.split(h, 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, dtype=self.dtype, name="net_0")(x)
+        return Dense(dim, dtype=self.dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    heads: int
+    dim_head: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        attn = lambda name: CrossAttention(self.heads, self.dim_head, dtype=self.dtype, name=name)
+        x = attn("attn1")(LayerNorm(name="norm1")(x)) + x
+        x = attn("attn2")(LayerNorm(name="norm2")(x), context.astype(x.dtype)) + x
+        x = FeedForward(dtype=self.dtype, name="ff")(LayerNorm(name="norm3")(x)) + x
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """ldm SpatialTransformer with conv proj_in/proj_out (use_linear=False), as in SD v1.5."""
+
+    heads: int
+    depth: int = 1
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        b, h, w, c = x.shape
+        y = GroupNorm(self.norm_groups, 1e-6, name="norm")(x)
+        y = Conv(c, 1, dtype=self.dtype, name="proj_in")(y)
+        y = y.reshape(b, h * w, c)
+        for d in range(self.depth):
+            y = BasicTransformerBlock(self.heads, c // self.heads, dtype=self.dtype,
+                                      name=f"transformer_blocks_{d}")(y, context)
+        y = y.reshape(b, h, w, c)
+        y = Conv(c, 1, zero=True, dtype=self.dtype, name="proj_out")(y)
+        return y + x.astype(y.dtype)
+
+
+class Downsample(nn.Module):
+    """UNet downsample: 3x3 conv, stride 2, padding 1 (named `op` as in ldm)."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return Conv(x.shape[-1], 3, stride=2, padding=1, dtype=self.dtype, name="op")(x)
+
+
+class Upsample(nn.Module):
+    """UNet upsample: nearest x2 then a 3x3 conv (named `conv` as in ldm)."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return Conv(x.shape[-1], 3, dtype=self.dtype, name="conv")(upsample_nearest2x(x))

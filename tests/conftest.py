@@ -1,0 +1,28 @@
+"""Shared test configuration: small model configs and the CPU device count."""
+import os
+
+# Multi-device code is tested on 8 forced CPU devices (must be set before jax initialises).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from diad_jax.configs import ModelConfig, UNetConfig, VAEConfig  # noqa: E402
+
+
+def sd_structured_config() -> ModelConfig:
+    """SD v1.5's structure (4 levels, 2 res blocks, attention at ds 1, 2, 4, 13 SG residuals)
+    at small widths: 128x128 images, 16x16 latents, so the SFF works on 4x4 -> 2x2 maps."""
+    return ModelConfig.tiny(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                        attention_resolutions=(4, 2, 1), num_heads=8, context_dim=64),
+        image_size=128,
+    )
+
+
+CONFIGS = {"tiny": ModelConfig.tiny, "sd_structured": sd_structured_config}
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def small_config(request) -> ModelConfig:
+    return CONFIGS[request.param]()
