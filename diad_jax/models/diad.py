@@ -5,7 +5,7 @@ params dict `{"unet": ..., "sg": ..., "vae": ...}` and take/return NCHW arrays (
 and diffusers' layout), so they compose with `jax.jit`, `jax.grad` and sharding directly:
 
     model = DiAD(ModelConfig.tiny())
-    params = model.init(jax.random.key(0))
+    params = model.init(seed=0)
     z = model.encode(params, images, rng)               # (B, 4, h, w), scaled by 0.18215
     eps = model.eps(params, z_t, t, context, images)    # predicted noise
     recon = model.decode(params, z)                      # (B, 3, H, W)
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from diad_jax.configs import ModelConfig
+from diad_jax.models.init import init_params
 from diad_jax.models.sd import AutoencoderKL, UNet
 from diad_jax.models.sg_network import SemanticGuidedNetwork
 
@@ -70,10 +71,16 @@ class DiAD:
             ctx=jnp.zeros((batch, c.context_len, c.unet.context_dim), jnp.float32),
         )
 
-    def init(self, rng, sg_from_unet: bool = True) -> Params:
-        """Fresh parameters with the reference's initialisation (PyTorch defaults, zero layers
-        zero). With `sg_from_unet` the SG network copies the UNet encoder/middle by name, as the
-        reference's build_model.py does."""
+    def init(self, seed: int = 0, sg_from_unet: bool = True) -> Params:
+        """Fresh parameters with the reference's initialisation (PyTorch defaults, the layers
+        ldm zero-initialises zero), filled on the host (models/init.py). With `sg_from_unet` the
+        SG network copies the UNet encoder/middle by name, as the reference's build_model.py."""
+        params = jax.tree.map(jnp.asarray, init_params(self.abstract_params(), seed))
+        return copy_unet_into_sg(params) if sg_from_unet else params
+
+    def init_flax(self, rng, sg_from_unet: bool = True) -> Params:
+        """The same initialisation through the Flax modules' own initialisers (slow: compiles
+        the forward pass; used to check `init`)."""
         d = self._dummy()
         k_unet, k_sg, k_vae = jax.random.split(rng, 3)
 
@@ -89,7 +96,7 @@ class DiAD:
 
     def abstract_params(self) -> Params:
         """Shapes and dtypes of the params (jax.ShapeDtypeStruct leaves), without computing."""
-        return jax.eval_shape(lambda: self.init(jax.random.key(0), sg_from_unet=False))
+        return jax.eval_shape(lambda: self.init_flax(jax.random.key(0), sg_from_unet=False))
 
     # ---- input validation ---------------------------------------------------------------------
     def _check_latent(self, name, z):
