@@ -159,3 +159,79 @@ def max_err(a, b) -> tuple[float, float]:
     b = b.detach().numpy().astype(np.float64) if isinstance(b, torch.Tensor) else np.asarray(b, np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.max(np.abs(a - b))), float(np.max(np.abs(b)))
+
+
+# ---- ResNet-50 (timm / torchvision layout) and CLIP -----------------------------------------------
+RESNET50_STAGES = ((3, 64), (4, 128), (6, 256), (3, 512))
+
+
+def random_timm_resnet50(seed: int = 0) -> dict:
+    """Random weights under timm's/torchvision's resnet50 names (layer4 and fc included),
+    BatchNorm running statistics random too."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+
+    def conv(name, o, i, k):
+        sd[name + ".weight"] = rng.standard_normal((o, i, k, k), dtype=np.float32) * np.float32((i * k * k) ** -0.5)
+
+    def bn(name, c):
+        sd[name + ".weight"] = 1 + 0.1 * rng.standard_normal(c, dtype=np.float32)
+        sd[name + ".bias"] = 0.1 * rng.standard_normal(c, dtype=np.float32)
+        sd[name + ".running_mean"] = 0.1 * rng.standard_normal(c, dtype=np.float32)
+        sd[name + ".running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+        sd[name + ".num_batches_tracked"] = np.array(100, dtype=np.int64)
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    cin = 64
+    for s, (n, w) in enumerate(RESNET50_STAGES):
+        for i in range(n):
+            p = f"layer{s + 1}.{i}"
+            conv(p + ".conv1", w, cin, 1); bn(p + ".bn1", w)
+            conv(p + ".conv2", w, w, 3); bn(p + ".bn2", w)
+            conv(p + ".conv3", 4 * w, w, 1); bn(p + ".bn3", 4 * w)
+            if i == 0:
+                conv(p + ".downsample.0", 4 * w, cin, 1); bn(p + ".downsample.1", 4 * w)
+            cin = 4 * w
+    sd["fc.weight"] = rng.standard_normal((1000, 2048), dtype=np.float32) * np.float32(2048 ** -0.5)
+    sd["fc.bias"] = np.zeros(1000, np.float32)
+    return sd
+
+
+def hf_resnet50(timm_sd: dict):
+    """transformers' PyTorch ResNetModel (an independent implementation) with these weights."""
+    from transformers import ResNetConfig, ResNetModel
+
+    def name(k):
+        k = k.replace("conv1.", "embedder.embedder.convolution.", 1) if k.startswith("conv1.") else k
+        k = k.replace("bn1.", "embedder.embedder.normalization.", 1) if k.startswith("bn1.") else k
+        import re as _re
+        m = _re.match(r"layer(\d)\.(\d+)\.(.*)", k)
+        if m:
+            s, i, rest = int(m.group(1)) - 1, m.group(2), m.group(3)
+            rest = _re.sub(r"^conv(\d)\.", lambda g: f"layer.{int(g.group(1)) - 1}.convolution.", rest)
+            rest = _re.sub(r"^bn(\d)\.", lambda g: f"layer.{int(g.group(1)) - 1}.normalization.", rest)
+            rest = rest.replace("downsample.0.", "shortcut.convolution.").replace("downsample.1.", "shortcut.normalization.")
+            k = f"encoder.stages.{s}.layers.{i}.{rest}"
+        return k
+
+    model = ResNetModel(ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3],
+                                     hidden_sizes=[256, 512, 1024, 2048], embedding_size=64)).eval()
+    sd = {name(k): torch.from_numpy(np.asarray(v)) for k, v in timm_sd.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(sd, strict=True)
+    assert not missing and not unexpected
+    return model
+
+
+def random_clip_state_dict(hidden: int, layers: int = 2, positions: int = 77, seed: int = 0,
+                           prefix: str = "cond_stage_model.transformer.") -> dict:
+    """A small random CLIP text tower (HF names) under the ldm prefix."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                         max_position_embeddings=positions, hidden_act="quick_gelu")
+    model = CLIPTextModel(cfg)
+    # ldm checkpoints use transformers-4 names (`text_model.` level); transformers 5 drops it
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v.numpy().copy()
+            for k, v in model.state_dict().items()}

@@ -10,7 +10,9 @@ every parameter:
   exception: children of a `mid` module).
 * leaf: `weight` of rank 4 -> `kernel` (OIHW -> HWIO), rank 2 -> `kernel` (transposed),
   rank 1 -> `scale` (GroupNorm/LayerNorm); `bias` -> `bias`.
-* prefixes: `model.diffusion_model.` <-> unet, `control_model.` <-> sg, `first_stage_model.` <-> vae.
+  BatchNorm `running_mean` / `running_var` <-> `mean` / `var`.
+* prefixes: `model.diffusion_model.` <-> unet, `control_model.` <-> sg, `first_stage_model.` <-> vae,
+  `pretrained_model.` (the timm ResNet-50 a trained DiAD checkpoint carries) <-> resnet.
 """
 from __future__ import annotations
 
@@ -22,9 +24,12 @@ PREFIXES: dict[str, str] = {
     "model.diffusion_model.": "unet",
     "control_model.": "sg",
     "first_stage_model.": "vae",
+    "pretrained_model.": "resnet",
 }
 GROUP_TO_PREFIX = {v: k for k, v in PREFIXES.items()}
 
+_BN_TO_FLAX = {"running_mean": "mean", "running_var": "var"}
+_BN_TO_TORCH = {v: k for k, v in _BN_TO_FLAX.items()}
 _KEEP_UNDERSCORE_UNDER = {"mid": {"block_1", "attn_1", "block_2"}}
 _INDEXED = re.compile(r"^(.*?)((?:_\d+)+)$")
 
@@ -65,6 +70,8 @@ def torch_leaf_to_flax(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
     """(torch leaf name, tensor) -> (flax leaf name, array in Flax layout)."""
     if name == "bias":
         return "bias", array
+    if name in _BN_TO_FLAX:
+        return _BN_TO_FLAX[name], array
     if name != "weight":
         raise ValueError(f"unknown parameter leaf {name!r}")
     if array.ndim == 4:  # conv OIHW -> HWIO
@@ -81,6 +88,8 @@ def flax_leaf_to_torch(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
         return "bias", array
     if name == "scale":
         return "weight", array
+    if name in _BN_TO_TORCH:
+        return _BN_TO_TORCH[name], array
     if name == "kernel":
         if array.ndim == 4:
             return "weight", np.transpose(array, (3, 2, 0, 1))
@@ -94,6 +103,8 @@ def flax_shape_to_torch(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[i
         return "weight", (shape[3], shape[2], shape[0], shape[1])
     if name == "kernel" and len(shape) == 2:
         return "weight", (shape[1], shape[0])
+    if name in _BN_TO_TORCH:
+        return _BN_TO_TORCH[name], tuple(shape)
     return ("weight" if name == "scale" else name), tuple(shape)
 
 

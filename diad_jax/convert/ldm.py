@@ -31,8 +31,8 @@ IGNORED_PATTERNS: tuple[str, ...] = (
     "model_ema.*",
     # the CLIP text tower: consumed separately (run once to produce the context), never a param
     "cond_stage_model.*",
-    # the timm ResNet-50 attached for validation: converted separately (--resnet)
-    "pretrained_model.*",
+    # the timm ResNet-50 attached for validation: only layer1..layer3 are used for scoring
+    "pretrained_model.layer4.*", "pretrained_model.fc.*", "*.num_batches_tracked",
     # autoencoder training losses (LPIPS, discriminator) in fine-tuned VAE checkpoints
     "first_stage_model.loss.*", "loss.*",
     # CLIP position ids buffer in some exports
@@ -144,6 +144,7 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
         if tuple(arr_f.shape) != tuple(target.shape):
             _, tshape = flax_key_to_ldm(group, fpath, tuple(target.shape))
             mismatched.append((key, tuple(arr.shape), tshape))
+            filled[group][fpath] = None  # present, wrong shape: reported once, not also as missing
             continue
         filled[group][fpath] = np.ascontiguousarray(arr_f, dtype=dtype)
         report.consumed.append(key)
