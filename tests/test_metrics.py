@@ -367,6 +367,8 @@ def test_compute_metrics_input_errors():
         M.compute_metrics(None, None, maps, None)
     with pytest.raises(ValueError, match="variant"):
         M.compute_metrics(None, None, maps, masks, variant="published")
+    with pytest.raises(ValueError, match="mean"):
+        M.compute_metrics(None, None, maps, masks, ["a", "mean", "a"])
 
 
 def test_format_table():
