@@ -148,10 +148,11 @@ class _Ranking:
 
     def negatives_above(self, value) -> tuple[int, int]:
         """(#negatives > value, #negatives >= value)."""
-        a, p = self.all_sorted, self.pos_sorted
-        gt = (self.n - int(np.searchsorted(a, value, "right"))) - (self.n_pos - int(np.searchsorted(p, value, "right")))
-        ge = (self.n - int(np.searchsorted(a, value, "left"))) - (self.n_pos - int(np.searchsorted(p, value, "left")))
-        return gt, ge
+        def above(side):  # all scores above value, minus the positive ones
+            return ((self.n - int(np.searchsorted(self.all_sorted, value, side)))
+                    - (self.n_pos - int(np.searchsorted(self.pos_sorted, value, side))))
+
+        return above("right"), above("left")
 
     def kth_largest_negative(self, k: int):
         """The k-th highest negative score (1 <= k <= n_neg), by bisection over the sorted scores."""
