@@ -227,6 +227,7 @@ def main(argv=None):
         lines += ["| implementation | variant | time (s) |", "|---|---|---:|"]
         for variant in M.VARIANTS:
             lines.append(f"| diad_jax.metrics.compute_metrics | {variant} | {ours_times[variant]:.2f} |")
+        lines.append("")
     else:
         import sklearn
         import skimage
