@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         if args.diad_ckpt:
             log.info("reading %s", args.diad_ckpt)
             sd = read_state_dict(args.diad_ckpt, args.unsafe_pickle)
-            conv = pipeline.convert_diad(sd, config, source=str(args.diad_ckpt), prompt_context=ctx, **allow)
+            conv = pipeline.convert_diad(sd, config, source=str(args.diad_ckpt), prompt_context=ctx,
+                                         consume=True, **allow)
             sources = {"diad_ckpt": str(args.diad_ckpt)}
         else:
             log.info("reading %s", args.sd_ckpt)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
             vae = read_state_dict(args.vae_ckpt, args.unsafe_pickle) if args.vae_ckpt else None
             conv = pipeline.convert_start_of_training(
                 sd, vae, config, seed=args.seed, sd_source=str(args.sd_ckpt),
-                vae_source=str(args.vae_ckpt), prompt_context=ctx, **allow)
+                vae_source=str(args.vae_ckpt), prompt_context=ctx, consume=True, **allow)
             sources = {"sd_ckpt": str(args.sd_ckpt), "vae_ckpt": str(args.vae_ckpt) if args.vae_ckpt else None}
         if args.resnet:
             log.info("reading %s", args.resnet)

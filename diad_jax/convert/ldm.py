@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -100,18 +101,25 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
                   groups: Iterable[str] | None = None, source: str = "state dict",
                   allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
                   ignore: Iterable[str] = IGNORED_PATTERNS, dtype=np.float32,
+                  consume: bool = False, as_jax: bool = True,
                   ) -> tuple[dict, ConversionReport]:
     """Convert an ldm state dict to Flax params shaped like `abstract` (restricted to `groups`).
 
     Keys of groups not requested (e.g. `first_stage_model.` when converting only the UNet) are
-    reported as unexpected unless they match `ignore` or `allow_unexpected`."""
+    reported as unexpected unless they match `ignore` or `allow_unexpected`.
+
+    Memory: each converted leaf becomes a host (CPU) `jax.Array` right away (orbax saves those
+    without another copy), and with `consume=True` every source tensor is removed from
+    `state_dict` once handled, so an SD-size conversion holds about one copy of the weights."""
     groups = tuple(abstract) if groups is None else tuple(groups)
     allow_missing, allow_unexpected, ignore = tuple(allow_missing), tuple(allow_unexpected), tuple(ignore)
     expected = {g: traverse_util.flatten_dict(abstract[g]) for g in groups}
     report = ConversionReport()
     filled: dict[str, dict] = {g: {} for g in groups}
     unexpected, mismatched = [], []
-    for key, value in state_dict.items():
+    cpu = jax.devices("cpu")[0] if as_jax else None
+    for key in list(state_dict.keys()):
+        value = state_dict.pop(key) if consume else state_dict[key]
         sg = split_group(key)
         if sg is None or sg[0] not in groups:
             if _matches(key, ignore):
@@ -146,7 +154,9 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
             mismatched.append((key, tuple(arr.shape), tshape))
             filled[group][fpath] = None  # present, wrong shape: reported once, not also as missing
             continue
-        filled[group][fpath] = np.ascontiguousarray(arr_f, dtype=dtype)
+        out = np.ascontiguousarray(arr_f, dtype=dtype)
+        filled[group][fpath] = jax.device_put(out, cpu) if as_jax else out
+        del value, arr, arr_f, out
         report.consumed.append(key)
     missing = []
     for g in groups:

@@ -138,38 +138,46 @@ class _Prefixed(Mapping):
     def __len__(self):
         return len(self.inner)
 
+    def pop(self, k):
+        return self.inner.pop(k[len(self.prefix):])
+
 
 def convert_diad(state_dict: Mapping[str, Any], config: ModelConfig, *, source: str = "DiAD checkpoint",
                  prompt_context: np.ndarray | None = None, allow_missing: Iterable[str] = (),
-                 allow_unexpected: Iterable[str] = ()) -> Converted:
-    """A trained DiAD state dict -> params (+ the ResNet when the checkpoint carries it)."""
+                 allow_unexpected: Iterable[str] = (), consume: bool = False) -> Converted:
+    """A trained DiAD state dict -> params (+ the ResNet when the checkpoint carries it).
+    `consume=True` empties `state_dict` as it converts (lower peak memory)."""
+    if prompt_context is not None:
+        context, note = prompt_context, "text context: from --prompt-context"
+    else:
+        context = clip_context(state_dict, source=source)  # before the weights are consumed
+        note = "text context: CLIP text tower (cond_stage_model) on the empty prompt"
     abstract = DiAD(config).abstract_params()
     has_resnet = any(k.startswith("pretrained_model.") for k in state_dict)
     groups = ("unet", "sg", "vae") + (("resnet",) if has_resnet else ())
     if has_resnet:
         abstract = dict(abstract, resnet=resnet_abstract_params())
-    params, report = ldm_to_params(state_dict, abstract, groups=groups, source=source,
+    params, report = ldm_to_params(state_dict, abstract, groups=groups, source=source, consume=consume,
                                    allow_missing=allow_missing, allow_unexpected=allow_unexpected)
     resnet = params.pop("resnet", None)
-    out = Converted(config, params, None, resnet, {"diad": report})
-    if prompt_context is not None:
-        out.context = prompt_context
-        out.notes.append("text context: from --prompt-context")
-    else:
-        out.context = _check_context(clip_context(state_dict, source=source), config, source)
-        out.notes.append("text context: CLIP text tower (cond_stage_model) on the empty prompt")
-    return out
+    context = _check_context(context, config, source)  # after the key report, which says more
+    return Converted(config, params, context, resnet, {"diad": report}, [note])
 
 
 def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: Mapping[str, Any] | None,
                               config: ModelConfig, *, seed: int = 0, sd_source: str = "SD checkpoint",
                               vae_source: str = "VAE checkpoint", prompt_context: np.ndarray | None = None,
-                              allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = ()
-                              ) -> Converted:
+                              allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
+                              consume: bool = False) -> Converted:
     """SD v1.5 (UNet, CLIP, and its VAE unless a fine-tuned one is given) -> initial DiAD params.
 
     The SG network copies the SD encoder, middle block and time embedding by name; its new layers
     get the reference's init (hint convs PyTorch-default, last hint conv, zero convs and SFF zero)."""
+    if prompt_context is not None:
+        context, ctx_note = prompt_context, "text context: from --prompt-context"
+    else:
+        context = clip_context(sd_state_dict, source=sd_source)
+        ctx_note = "text context: CLIP text tower of the SD checkpoint on the empty prompt"
     abstract = DiAD(config).abstract_params()
     notes = []
     ignore = IGNORED_PATTERNS
@@ -180,25 +188,23 @@ def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: 
     else:
         notes.append(f"VAE: from {sd_source} (no fine-tuned autoencoder given)")
     params, sd_report = ldm_to_params(sd_state_dict, abstract, groups=groups, source=sd_source, ignore=ignore,
-                                      allow_missing=allow_missing, allow_unexpected=allow_unexpected)
+                                      allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+                                      consume=consume)
     reports = {"sd": sd_report}
     if vae_state_dict is not None:
         prefixed = vae_state_dict if any(k.startswith("first_stage_model.") for k in vae_state_dict) else \
             _Prefixed(vae_state_dict, "first_stage_model.")
         vae, reports["vae"] = ldm_to_params(prefixed, abstract, groups=("vae",), source=vae_source,
-                                            allow_missing=allow_missing, allow_unexpected=allow_unexpected)
+                                            allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+                                            consume=consume)
         params["vae"] = vae["vae"]
     fresh = init_params({"sg": abstract["sg"]}, seed)
     params = copy_unet_into_sg({**params, "sg": fresh["sg"]})
     n_copied = _count_shared(params["unet"], params["sg"])
     notes.append(f"SG network: {n_copied} tensors copied from the SD UNet encoder/middle; the hint block, "
                  f"zero convs and SFF initialised as the reference does (zero where it uses zero_module)")
-    if prompt_context is not None:
-        context = prompt_context
-        notes.append("text context: from --prompt-context")
-    else:
-        context = _check_context(clip_context(sd_state_dict, source=sd_source), config, sd_source)
-        notes.append("text context: CLIP text tower of the SD checkpoint on the empty prompt")
+    notes.append(ctx_note)
+    context = _check_context(context, config, sd_source)
     return Converted(config, params, context, None, reports, notes)
 
 

@@ -1,8 +1,9 @@
 """Reading PyTorch checkpoints (.ckpt/.pt/.pth/.bin pickles, .safetensors) with clear errors.
 
-Pickles are read with `torch.load(weights_only=True)` (no arbitrary code) and memory-mapped, so
-an SD-size file is not copied into RAM before conversion. A Lightning checkpoint's
-`state_dict` entry is unwrapped. torch is only needed here (the `convert` extra).
+Pickles are read with `torch.load(weights_only=True)` (no arbitrary code) into a plain dict, so
+a conversion that consumes it (`ldm_to_params(consume=True)`) frees each tensor as it goes;
+.safetensors files are read tensor by tensor on access. A Lightning checkpoint's `state_dict`
+entry is unwrapped. torch is only needed here (the `convert` extra).
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ class LazySafetensors(Mapping):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def pop(self, key):
+        value = self._f.get_tensor(key)
+        self._keys.remove(key)
+        return value
+
 
 def _is_tensor(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
@@ -52,6 +58,8 @@ def unwrap_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
     """Lightning/ldm checkpoints nest the weights under `state_dict`; accept both."""
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
+    if isinstance(obj, Mapping) and not isinstance(obj, dict):
+        obj = dict(obj)
     if not isinstance(obj, Mapping):
         raise CheckpointReadError(f"{path}: holds a {type(obj).__name__}, not a state dict (a mapping of "
                                   f"parameter names to tensors)")
@@ -82,14 +90,8 @@ def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> Mapping[st
         import torch
     except ImportError as e:  # pragma: no cover
         raise ImportError("reading PyTorch checkpoints needs torch: pip install 'diad-jax[convert]'") from e
-    kwargs = dict(map_location="cpu", weights_only=not unsafe_pickle)
     try:
-        try:
-            obj = torch.load(str(path), mmap=True, **kwargs)
-        except RuntimeError as e:
-            if "mmap" not in str(e).lower():  # legacy (non-zip) format cannot be memory-mapped
-                raise
-            obj = torch.load(str(path), **kwargs)
+        obj = torch.load(str(path), map_location="cpu", weights_only=not unsafe_pickle)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = ""

@@ -56,8 +56,10 @@ def init_params(abstract: Mapping[str, Any], seed: int = 0) -> dict:
             shape = tuple(flat[path].shape)
             leaf = path[-1]
             sibling_kernel = flat.get(path[:-1] + ("kernel",))
-            if leaf == "scale":
+            if leaf in ("scale", "var"):  # norm scales; BatchNorm running variance
                 filled[path] = np.ones(shape, np.float32)
+            elif leaf == "mean":  # BatchNorm running mean
+                filled[path] = np.zeros(shape, np.float32)
             elif leaf == "bias" and sibling_kernel is None:  # a norm's bias
                 filled[path] = np.zeros(shape, np.float32)
             elif _is_zero_layer(group, path, last_hint):

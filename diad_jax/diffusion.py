@@ -1,0 +1,127 @@
+"""The ldm noise schedule, q_sample and the DDIM sampler DiAD uses at test time (spec section 6).
+
+The reference's test path (sgn.py `log_images_test` -> ldm `DDIMSampler.sample`) noises the latent
+to t=999, then runs 10 DDIM steps at timesteps 901, 801, ..., 1 with the pairs
+(a_t, a_prev) = (acp[ts[i]], acp[ts[i-1]]) and acp[0] for the last step: the "official" schedule.
+The "consistent" schedule noises to the first DDIM timestep (901) instead.
+
+Precision follows ldm: the schedule is built in float64 (betas = linspace(sqrt(b0), sqrt(b1))^2,
+alphas_cumprod = cumprod(1 - betas)); q_sample uses float32(sqrt(acp)) as ldm's buffers do; DDIM
+uses float32(acp) and takes square roots in float32 at run time, as ddim.py does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diad_jax.configs import DiffusionConfig
+
+
+def betas_linear(cfg: DiffusionConfig) -> np.ndarray:
+    return np.linspace(cfg.linear_start ** 0.5, cfg.linear_end ** 0.5, cfg.num_train_timesteps,
+                       dtype=np.float64) ** 2
+
+
+def alphas_cumprod(cfg: DiffusionConfig) -> np.ndarray:
+    """float64 cumulative product of (1 - beta), as ldm's register_schedule computes it."""
+    return np.cumprod(1.0 - betas_linear(cfg))
+
+
+def ddim_timesteps(cfg: DiffusionConfig) -> np.ndarray:
+    """ldm's 'uniform' discretisation: range(0, T, T // S) + 1 -> 1, 101, ..., 901 (ascending)."""
+    c = cfg.num_train_timesteps // cfg.ddim_steps
+    return np.arange(0, cfg.num_train_timesteps, c, dtype=np.int64) + 1
+
+
+@dataclass(frozen=True)
+class DDIMPlan:
+    """The visited steps in order, with everything each step needs (float32 like the reference)."""
+
+    noise_t: int            # q_sample level of the starting latent
+    timesteps: np.ndarray   # model timestep per step (descending)
+    a_t: np.ndarray
+    a_prev: np.ndarray
+    sigma: np.ndarray
+
+
+def ddim_plan(cfg: DiffusionConfig) -> DDIMPlan:
+    acp = alphas_cumprod(cfg)
+    ts = ddim_timesteps(cfg)
+    alphas = acp[ts].astype(np.float32)
+    # ddim.py: alphas_prev = [acp[0]] + acp[ts[:-1]] (through float32 torch buffers)
+    alphas_prev = np.concatenate([[acp[0]], acp[ts[:-1]]]).astype(np.float32)
+    a64, p64 = alphas.astype(np.float64), alphas_prev.astype(np.float64)
+    sigmas = (cfg.ddim_eta * np.sqrt((1 - p64) / (1 - a64) * (1 - a64 / p64))).astype(np.float32)
+    order = np.arange(len(ts))[::-1]  # ddim.py walks the flipped timesteps: 901 ... 1
+    noise_t = cfg.num_train_timesteps - 1 if cfg.schedule == "official" else int(ts[-1])
+    return DDIMPlan(noise_t, ts[order], alphas[order], alphas_prev[order], sigmas[order])
+
+
+def q_sample(cfg: DiffusionConfig, z0, t, noise):
+    """x_t = sqrt(acp_t) z0 + sqrt(1 - acp_t) noise, with ldm's float32 coefficient buffers.
+    `t` is an int array of shape (B,) (or a scalar)."""
+    acp = alphas_cumprod(cfg)
+    sqrt_acp = jnp.asarray(np.sqrt(acp).astype(np.float32))
+    sqrt_1m = jnp.asarray(np.sqrt(1.0 - acp).astype(np.float32))
+    t = jnp.broadcast_to(jnp.asarray(t), (z0.shape[0],))
+    shape = (-1,) + (1,) * (z0.ndim - 1)
+    return sqrt_acp[t].reshape(shape) * z0 + sqrt_1m[t].reshape(shape) * noise
+
+
+def ddim_step(x, eps, a_t, a_prev, sigma, noise=None):
+    """One DDIM update (ddim.py p_sample_ddim, eps-parameterisation)."""
+    a_t = jnp.asarray(a_t, jnp.float32)
+    a_prev = jnp.asarray(a_prev, jnp.float32)
+    sigma = jnp.asarray(sigma, jnp.float32)
+    pred_x0 = (x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)
+    dir_xt = jnp.sqrt(1.0 - a_prev - sigma ** 2) * eps
+    x_prev = jnp.sqrt(a_prev) * pred_x0 + dir_xt
+    if noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev, pred_x0
+
+
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t of shape (B,)) -> eps
+
+
+def guided_eps(eps_fn_ctx: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], x, t, context,
+               uncond_context=None, scale: float = 9.0):
+    """Classifier-free guidance as the reference computes it: ONE batched pass over
+    [uncond; cond], eps = eps_u + scale * (eps_c - eps_u).
+
+    `uncond_context=None` means "identical to `context`" (the reference case: both are CLIP("")):
+    then eps_u == eps_c, guidance is the identity, and the duplicate half is skipped."""
+    if uncond_context is None or scale == 1.0:
+        return eps_fn_ctx(x, t, context)
+    b = x.shape[0]
+    ctx = jnp.broadcast_to(context, (b,) + context.shape[1:])
+    uctx = jnp.broadcast_to(uncond_context, (b,) + uncond_context.shape[1:])
+    both = eps_fn_ctx(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([uctx, ctx]))
+    eps_u, eps_c = both[:b], both[b:]
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def ddim_sample(cfg: DiffusionConfig, eps_fn: EpsFn, x_T, rng=None):
+    """Run the planned DDIM steps from x_T as one `lax.scan`. `eps_fn(x, t)` predicts the noise
+    (guidance included). eta > 0 needs `rng`."""
+    plan = ddim_plan(cfg)
+    if cfg.ddim_eta > 0 and rng is None:
+        raise ValueError("ddim_sample: ddim_eta > 0 needs an rng for the step noise")
+    b = x_T.shape[0]
+    xs = (jnp.asarray(plan.timesteps, jnp.int32), jnp.asarray(plan.a_t), jnp.asarray(plan.a_prev),
+          jnp.asarray(plan.sigma))
+    keys = jax.random.split(rng, len(plan.timesteps)) if rng is not None else None
+
+    def step(x, inp):
+        (t, a_t, a_prev, sigma), key = inp
+        eps = eps_fn(x, jnp.full((b,), t, jnp.int32))
+        noise = jax.random.normal(key, x.shape, x.dtype) if key is not None else None
+        x_prev, _ = ddim_step(x, eps.astype(x.dtype), a_t, a_prev, sigma, noise)
+        return x_prev, None
+
+    x, _ = jax.lax.scan(step, x_T, (xs, keys))
+    return x

@@ -1,0 +1,234 @@
+"""Anomaly maps and scores (spec sections 6.5-6.7), and the one jitted denoise-and-score program.
+
+    x --VAE--> z0 (posterior sample) --q_sample--> x_T --DDIM (SG-guided UNet)--> z --VAE--> x_hat
+    ResNet-50 layer1..3 of x and x_hat -> 1 - cos per scale -> bilinear (align_corners) upsampling
+    -> sum -> Gaussian blur (sigma 5, truncate 4, reflect) = pixel map
+    image score = max of the map after eight 8x8 stride-1 average pools (the reference), or max.
+
+`Scorer` compiles all of it into a single XLA program (no host round-trips), batched, sharded
+over the `data` axis of a mesh when one is given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diad_jax.configs import DiffusionConfig, ModelConfig
+from diad_jax.diffusion import ddim_plan, ddim_sample, guided_eps, q_sample
+from diad_jax.models.diad import DiAD, to_nchw, to_nhwc
+from diad_jax.models.resnet import ResNet50Features
+
+
+# ---- map operations -------------------------------------------------------------------------------
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """scipy.ndimage's kernel: radius int(truncate * sigma + 0.5), normalised exp(-x^2 / 2 sigma^2)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    phi = np.exp(-0.5 / (sigma * sigma) * x ** 2)
+    return phi / phi.sum()
+
+
+def _reflect_index(n: int, radius: int) -> np.ndarray:
+    """Indices of scipy's 'reflect' (half-sample symmetric, d c b a | a b c d) padding,
+    repeated for radii larger than the signal."""
+    idx = np.arange(-radius, n + radius)
+    period = 2 * n
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - 1 - idx, idx)
+
+
+def gaussian_blur(maps, sigma: float = 5.0, truncate: float = 4.0):
+    """scipy.ndimage.gaussian_filter(map, sigma, truncate=truncate, mode='reflect') on each map of
+    a (B, H, W) batch (separable, float32)."""
+    k = jnp.asarray(gaussian_kernel1d(sigma, truncate), jnp.float32)
+    r = (k.shape[0] - 1) // 2
+    b, h, w = maps.shape
+    x = maps.astype(jnp.float32)
+    x = x[:, _reflect_index(h, r), :][:, :, _reflect_index(w, r)]
+    x = x[:, None, :, :]  # NCHW, C=1
+    x = jax.lax.conv_general_dilated(x, k.reshape(1, 1, -1, 1), (1, 1), "VALID",
+                                     precision=jax.lax.Precision.HIGHEST)
+    x = jax.lax.conv_general_dilated(x, k.reshape(1, 1, 1, -1), (1, 1), "VALID",
+                                     precision=jax.lax.Precision.HIGHEST)
+    return x[:, 0]
+
+
+def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) linear-interpolation weights with align_corners=True, computed the way
+    torch's CPU kernel does (scale, source index and lambda in float32), so the rounding of the
+    reference's weights is reproduced too (exact float64 weights differ from torch by ~1e-5)."""
+    m = np.zeros((n_out, n_in), np.float32)
+    if n_in == 1 or n_out == 1:
+        m[:, 0] = 1.0
+        return m
+    scale = np.float32(n_in - 1) / np.float32(n_out - 1)
+    src = (scale * np.arange(n_out, dtype=np.float32)).astype(np.float32)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    rows = np.arange(n_out)
+    m[rows, i0] += np.float32(1) - lam
+    m[rows, i1] += lam
+    return m
+
+
+def resize_bilinear_align_corners(x, size: tuple[int, int]):
+    """torch `F.interpolate(x, size, mode='bilinear', align_corners=True)` for (B, h, w) maps.
+    (`jax.image.resize` uses half-pixel centres, i.e. align_corners=False.)"""
+    _, h, w = x.shape
+    my = jnp.asarray(_align_corners_matrix(h, size[0]))
+    mx = jnp.asarray(_align_corners_matrix(w, size[1]))
+    return jnp.einsum("oh,bhw,pw->bop", my, x.astype(jnp.float32), mx, precision=jax.lax.Precision.HIGHEST)
+
+
+def cosine_distance_map(a, b, eps: float = 1e-8):
+    """1 - cosine similarity over channels (NHWC -> (B, H, W)), as torch F.cosine_similarity."""
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    dot = jnp.sum(a * b, axis=-1)
+    norm = jnp.sqrt(jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1))
+    return 1.0 - dot / jnp.maximum(norm, eps)
+
+
+def anomaly_map(feats_in, feats_out, size: tuple[int, int], sigma: float = 5.0):
+    """Sum over scales of upsampled (1 - cos) maps, then the Gaussian blur (amap_mode 'a')."""
+    total = 0.0
+    for fi, fo in zip(feats_in, feats_out):
+        total = total + resize_bilinear_align_corners(cosine_distance_map(fi, fo), size)
+    return gaussian_blur(total, sigma)
+
+
+def pooled_max(maps, pools: int = 8, window: int = 8):
+    """The reference's image score (EvalImageMax): `pools` successive window x window, stride 1,
+    unpadded average pools (256 -> 200 px per side for 8 x 8), then the max."""
+    x = maps.astype(jnp.float32)
+    for _ in range(pools):
+        x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, window, window), (1, 1, 1), "VALID") / (window * window)
+    return jnp.max(x, axis=(1, 2))
+
+
+def image_scores(maps, mode: str = "pooled"):
+    if mode == "pooled":
+        return pooled_max(maps)
+    if mode == "max":
+        return jnp.max(maps, axis=(1, 2))
+    raise ValueError(f"image score mode must be 'pooled' (the reference) or 'max', got {mode!r}")
+
+
+# ---- the scorer -------------------------------------------------------------------------------------
+class ScoreOutput(NamedTuple):
+    maps: jax.Array         # (B, H, W) pixel anomaly maps
+    scores: jax.Array       # (B,) image scores
+    reconstructions: jax.Array  # (B, 3, H, W) the denoised reconstruction, normalised image space
+
+
+@dataclass
+class Scorer:
+    """Denoise-and-score as one compiled program.
+
+        scorer = Scorer(ModelConfig.sd15())
+        out = scorer(bundle, images, jax.random.key(0))   # images: (B, 3, H, W) normalised
+
+    `bundle` = {"unet", "sg", "vae": model params, "resnet": ResNet params, "context": (1, L, D)}
+    (see `make_bundle`). `uncond_context=None` means the unconditional context equals the
+    conditional one (the reference: both CLIP("")), so guidance is skipped exactly; pass an array
+    to run the reference's batched two-half guidance."""
+
+    config: ModelConfig
+    diffusion: DiffusionConfig = DiffusionConfig()
+    image_score: str = "pooled"
+    dtype: Any = jnp.float32
+    mesh: jax.sharding.Mesh | None = None
+    data_axis: str | tuple[str, ...] = "data"
+    sigma: float = 5.0
+    dedupe_guidance: bool = True
+
+    def __post_init__(self):
+        self.model = DiAD(self.config, dtype=self.dtype)
+        self.resnet = ResNet50Features(dtype=self.dtype)
+        image_scores(jnp.zeros((1, 64, 64)), self.image_score)  # validate the mode early
+        fn = partial(self._score, uncond=None)
+        fn2 = self._score
+        if self.mesh is not None:
+            data = NamedSharding(self.mesh, P(self.data_axis))
+            rep = NamedSharding(self.mesh, P())
+            out = ScoreOutput(data, data, data)
+            self._jit = jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=out)
+            self._jit2 = jax.jit(fn2, in_shardings=(rep, data, rep, rep), out_shardings=out)
+        else:
+            self._jit = jax.jit(fn)
+            self._jit2 = jax.jit(fn2)
+
+    def _score(self, bundle, images, rng, uncond):
+        k_enc, k_noise, k_ddim = jax.random.split(rng, 3)
+        c = self.config
+        shape = (images.shape[0], c.latent_channels, c.latent_size, c.latent_size)
+        return self.score_with_noise(bundle, images, jax.random.normal(k_enc, shape),
+                                     jax.random.normal(k_noise, shape), uncond, k_ddim)
+
+    def score_with_noise(self, bundle, images, posterior_noise, noise, uncond=None, ddim_rng=None):
+        """The whole pipeline with the two Gaussian draws given explicitly (the VAE posterior
+        sample's and q_sample's), e.g. to compare with another implementation. Traceable."""
+        model = self.model
+        mean, logvar = model.encode_moments(bundle, images)
+        z0 = self.config.scale_factor * (mean + jnp.exp(0.5 * logvar) * posterior_noise)
+        plan = ddim_plan(self.diffusion)
+        x_T = q_sample(self.diffusion, z0, plan.noise_t, noise)
+        context = bundle["context"]
+
+        def eps_ctx(x, t, ctx):
+            hint = images if x.shape[0] == images.shape[0] else jnp.concatenate([images, images])
+            return model.eps(bundle, x, t, ctx, hint)
+
+        def eps_fn(x, t):
+            return guided_eps(eps_ctx, x, t, context, uncond, self.diffusion.guidance_scale)
+
+        z = ddim_sample(self.diffusion, eps_fn, x_T, ddim_rng if self.diffusion.ddim_eta > 0 else None)
+        recon = model.decode(bundle, z)
+        feats = self.resnet.apply({"params": bundle["resnet"]}, to_nhwc(jnp.concatenate([images, recon])))
+        b = images.shape[0]
+        maps = anomaly_map([f[:b] for f in feats], [f[b:] for f in feats],
+                           (images.shape[2], images.shape[3]), self.sigma)
+        return ScoreOutput(maps, image_scores(maps, self.image_score), recon)
+
+    def __call__(self, bundle, images, rng, uncond_context=None) -> ScoreOutput:
+        cfg = self.config
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"Scorer: `images` has shape {tuple(images.shape)}, expected "
+                             f"(B, 3, {cfg.image_size}, {cfg.image_size}) (NCHW, ImageNet-normalised)")
+        if uncond_context is not None and self.dedupe_guidance and _same(uncond_context, bundle["context"]):
+            uncond_context = None  # identical contexts: guidance is the identity
+        if uncond_context is None and not self.dedupe_guidance:
+            uncond_context = bundle["context"]
+        if uncond_context is None:
+            return self._jit(bundle, images, rng)
+        return self._jit2(bundle, images, rng, jnp.asarray(uncond_context))
+
+    def lower(self, bundle, images, rng, uncond_context=None):
+        if uncond_context is None and self.dedupe_guidance:
+            return self._jit.lower(bundle, images, rng)
+        u = bundle["context"] if uncond_context is None else uncond_context
+        return self._jit2.lower(bundle, images, rng, u)
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except Exception:  # traced values: cannot decide, keep both halves
+        return False
+
+
+def make_bundle(params: dict, resnet: dict | None, context, seed: int = 0) -> dict:
+    """Everything the scorer needs in one pytree. Without ResNet weights a randomly initialised
+    ResNet-50 is used (the maps are then a structural comparison, not ImageNet features)."""
+    if resnet is None:
+        from diad_jax.models.init import init_params as _init
+        from diad_jax.models.resnet import resnet_abstract_params
+        resnet = _init({"resnet": resnet_abstract_params()}, seed)["resnet"]
+    return {**params, "resnet": resnet, "context": jnp.asarray(context, jnp.float32)}
