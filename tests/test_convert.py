@@ -262,7 +262,7 @@ def test_round_trip_ldm_flax_ldm_through_both_clis(diad_ckpt, converted, tmp_pat
                     and not k.endswith("num_batches_tracked"))}
     assert set(back) == consumed
     for k in consumed:
-        np.testing.assert_array_equal(back[k].numpy(), diad_ckpt["full"][k], err_msg=k)
+        np.testing.assert_array_equal(back[k], diad_ckpt["full"][k], err_msg=k)
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -348,3 +348,17 @@ def test_wrong_config_reports_shapes_and_output_exists(diad_ckpt, converted, tmp
 def test_missing_clip_asks_for_prompt_context(diad_ckpt):
     with pytest.raises(ConversionError, match="cond_stage_model.transformer"):
         clip_context({k: v for k, v in diad_ckpt["full"].items() if not k.startswith("cond_stage_model.")})
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+    """Our mmap-free reader against safetensors' own loader, every dtype including bf16."""
+    from safetensors.torch import save_file
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),
+               "d": torch.randn(2, 2).half(), "e": torch.tensor([True, False])}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    sd = read_state_dict(tmp_path / "t.safetensors")
+    assert sorted(sd) == sorted(tensors)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(sd[k], v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy())
+    assert sd["b"].dtype == np.float32
+    assert sd.pop("a").shape == (3, 4) and "a" not in sd and len(sd) == 4

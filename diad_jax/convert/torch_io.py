@@ -7,9 +7,12 @@ entry is unwrapped. torch is only needed here (the `convert` extra).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -21,22 +24,49 @@ class CheckpointReadError(ValueError):
     """A file that cannot be read as a state dict; the message names the file."""
 
 
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+
+
 class LazySafetensors(Mapping):
-    """Read-on-access view of a .safetensors file (one tensor in memory at a time)."""
+    """Read-on-access view of a .safetensors file: one tensor in memory at a time, read with
+    plain file reads (no memory map, so converted tensors do not keep file pages resident).
+    Values are numpy arrays; bf16 is widened to float32."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
         self.path = path
-        try:
-            import torch  # noqa: F401
-            framework = "pt"  # handles bf16, which numpy cannot
-        except ImportError:  # pragma: no cover - torch is in the convert extra
-            framework = "np"
-        self._f = safe_open(str(path), framework=framework)
-        self._keys = list(self._f.keys())
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointReadError(f"{path}: not a readable .safetensors file (truncated header)")
+            n = int(np.frombuffer(head, "<u8")[0])
+            if n <= 0 or 8 + n > size:
+                raise CheckpointReadError(f"{path}: not a readable .safetensors file (bad header length {n})")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise CheckpointReadError(f"{path}: not a readable .safetensors file (header: {e})") from e
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._info = {}
+        for k, v in header.items():
+            begin, end = v.get("data_offsets", (0, -1))
+            if v.get("dtype") not in _ST_DTYPES or self._base + end > size or end < begin:
+                raise CheckpointReadError(f"{path}: tensor {k!r} has a bad entry {v}")
+            self._info[k] = (v["dtype"], tuple(v["shape"]), begin, end)
+        self._keys = list(self._info)
 
     def __getitem__(self, key):
-        return self._f.get_tensor(key)
+        dtype, shape, begin, end = self._info[key]
+        with open(self.path, "rb") as f:
+            f.seek(self._base + begin)
+            buf = f.read(end - begin)
+        arr = np.frombuffer(buf, _ST_DTYPES[dtype]).reshape(shape)
+        if dtype == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -45,8 +75,9 @@ class LazySafetensors(Mapping):
         return len(self._keys)
 
     def pop(self, key):
-        value = self._f.get_tensor(key)
+        value = self[key]
         self._keys.remove(key)
+        del self._info[key]
         return value
 
 
@@ -79,10 +110,7 @@ def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> Mapping[st
         raise CheckpointReadError(f"{path}: is a directory; expected a .ckpt/.pt/.pth/.bin or .safetensors file")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        try:
-            return LazySafetensors(path)
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointReadError(f"{path}: not a readable .safetensors file ({e})") from e
+        return LazySafetensors(path)
     if suffix not in PICKLE_SUFFIXES:
         raise CheckpointReadError(f"{path}: unsupported file type {suffix!r}; expected one of "
                                   f"{', '.join(PICKLE_SUFFIXES + SAFETENSORS_SUFFIXES)}")
