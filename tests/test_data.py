@@ -279,6 +279,12 @@ def test_preprocess_matches_reference_transforms(synth):
     np.testing.assert_allclose(batch["image"][0], expected.transpose(2, 0, 1), atol=1e-6)
     np.testing.assert_array_equal(data.denormalize(batch["image"][0]), resized)
     assert batch["mask"].shape == (4, 1, 20, 20) and set(np.unique(batch["mask"])) <= {0.0, 1.0}
+    # default sharding is the JAX process: one process here, so shard 0 of 1
+    default = next(iter(data.eval_dataset(synth, 4, image_size=20)))
+    np.testing.assert_array_equal(default["image"], batch["image"])
+    # training on a subset of classes
+    hexnut = next(iter(data.train_dataset(synth, 8, classes=["hexnut"], shard_index=0, shard_count=1)))
+    assert set(hexnut["class_name"]) == {"hexnut"} and sorted(hexnut["index"]) == synth.indices("train", "hexnut").tolist()
 
 
 def test_two_process_sharding_covers_each_example_once(synth):

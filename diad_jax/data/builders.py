@@ -100,7 +100,7 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             builder=self,
             description=f"{type(self).__doc__} Prepared at {s}x{s}.",
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
+                "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding="bytes"),
                 "mask": tfds.features.Tensor(shape=(s, s), dtype=np.uint8, encoding="zlib"),
                 "label": tfds.features.Scalar(dtype=np.int64),
                 "class_name": tfds.features.Text(),
