@@ -12,11 +12,11 @@ disk          object    orange disk with an inner ring on a dark background; pos
 hexnut        object    blue hexagonal nut with a central hole on a light background; any rotation
 ============  ========  =====================================================================
 
-Every image gets a global brightness/colour jitter and Gaussian pixel noise. Defects (textures:
-scratch, hole, stain, crack; objects: scratch, hole, stain, missing) are drawn with hard edges and
+Every image gets a global brightness/colour jitter and Gaussian pixel noise. Defects (textures and
+hexnut: scratch, hole, stain, crack; disk: scratch, hole, stain, missing) are drawn with hard edges and
 high contrast, sized relative to the image (a hole is 5-8% of the side in radius, a scratch 25-45%
 long and at least 2 pixels wide), so they stay clearly visible at 64x64 without covering the image.
-On objects a defect is confined to the object; a hole or a missing part shows the background.
+On objects a defect is confined to the object; a missing part shows the background.
 
 The mask of a defective image is, by construction and checked, exactly the set of pixels whose
 stored uint8 value differs from the same image rendered without the defect (`render` returns both).
@@ -36,27 +36,34 @@ from diad_jax.data.records import GOOD, DataError
 
 SYNTHETIC_CLASSES = ("stripes", "grid", "carpet", "disk", "hexnut")
 TEXTURE_DEFECTS = ("scratch", "hole", "stain", "crack")
-OBJECT_DEFECTS = ("scratch", "hole", "stain", "missing")
-_OBJECTS = ("disk", "hexnut")
+_DEFECTS = {
+    "stripes": TEXTURE_DEFECTS, "grid": TEXTURE_DEFECTS, "carpet": TEXTURE_DEFECTS,
+    "disk": ("scratch", "hole", "stain", "missing"),
+    # A bite out of the hexnut's outline differs from a normal nut only in shape: its pixels look like
+    # any other edge of a rotated hexagon, which a small model cannot be expected to tell apart.
+    "hexnut": ("scratch", "hole", "stain", "crack"),
+}
 
 # Minimum and maximum share of the image a defect mask may cover (resampled otherwise).
 _MIN_DEFECT_FRACTION = 0.005
 _MAX_DEFECT_FRACTION = 0.12
 
 _PALETTE = {
-    # scratch/hole/crack colours; stain colour and opacity. Object holes show the background.
+    # scratch/hole/crack colours; stain colour and opacity. A missing part shows the background, and
+    # so does a hole in an object without a hole colour (disk: its dark background; the hexnut's
+    # light background would make a hole look like its normal central hole, so its holes are dark pits).
     "stripes": dict(scratch=(245, 240, 228), hole=(12, 10, 8), crack=(20, 14, 10), stain=(40, 58, 135), alpha=0.75),
     "grid": dict(scratch=(38, 36, 34), hole=(12, 12, 12), crack=(25, 22, 20), stain=(165, 70, 28), alpha=0.8),
     "carpet": dict(scratch=(240, 238, 216), hole=(8, 8, 8), crack=(12, 12, 12), stain=(125, 30, 45), alpha=0.8),
     "disk": dict(scratch=(45, 30, 20), stain=(60, 100, 40), alpha=0.8),
-    "hexnut": dict(scratch=(242, 242, 246), stain=(180, 88, 30), alpha=0.85),
+    "hexnut": dict(scratch=(28, 28, 34), hole=(22, 22, 26), crack=(14, 14, 18), stain=(180, 88, 30), alpha=0.85),
 }
 
 
 def defect_types(class_name: str) -> tuple[str, ...]:
     """The defect types drawn for `class_name`."""
     _check_class(class_name)
-    return OBJECT_DEFECTS if class_name in _OBJECTS else TEXTURE_DEFECTS
+    return _DEFECTS[class_name]
 
 
 def _check_class(class_name: str) -> None:
@@ -252,7 +259,7 @@ def _draw_defect(class_name: str, defect: str, rng, scene: _Scene, size: int):
     if defect == "stain":
         stain = np.asarray(pal["stain"], np.float32) + fresh_noise
         fill = pal["alpha"] * stain + (1 - pal["alpha"]) * scene.image
-    elif defect in ("hole", "missing") and scene.background is not None:
+    elif defect == "missing" or (defect == "hole" and "hole" not in pal):
         fill = scene.background
     else:
         fill = np.asarray(pal[defect], np.float32) + fresh_noise
