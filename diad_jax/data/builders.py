@@ -48,6 +48,21 @@ from diad_jax.data.records import DataError, Record, as_text
 
 log = logging.getLogger(__name__)
 
+
+class _QuietTfds(logging.Filter):
+    """Drops two tfds warnings that are expected here: every config is a custom one, and a not yet
+    prepared variant folder has no dataset_info.json."""
+
+    _EXPECTED = ("Using custom data configuration", "has no dataset_info.json")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(s in message for s in self._EXPECTED)
+
+
+if not any(isinstance(f, _QuietTfds) for f in logging.getLogger("absl").filters):
+    logging.getLogger("absl").addFilter(_QuietTfds())
+
 VERSION = "1.0.0"
 DATASETS = ("mvtec_ad", "visa", "folder", "synthetic")
 
