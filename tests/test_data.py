@@ -426,6 +426,12 @@ def test_unreadable_image(tmp_path):
     with pytest.raises(data.DataError, match=rf"{stray}: not an image file"):
         data.scan_mvtec(root, ["grid"])
     assert len(data.scan_mvtec(root, ["grid"], skip_bad=True)["train"]) == 4
+    # skipping every image of a class empties it: still an error, naming the dataset root
+    for name in os.listdir(os.path.join(root, "bottle", "train", "good")):
+        open(os.path.join(root, "bottle", "train", "good", name), "wb").write(b"junk")
+    with pytest.raises(data.DataError, match=rf"{root}: the train split has no readable image of class\(es\) \['bottle'\]"):
+        data.prepare("mvtec_ad", tmp_path / "p2", manual_dir=root, image_size=16, classes=["bottle", "grid"],
+                     skip_bad=True)
 
 
 def test_empty_split(tmp_path):

@@ -139,9 +139,9 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             counts = collections.Counter((r.class_name, r.label) for r in recs)
             log.info("%s %s: %d images (%s)", self.name, split, len(recs),
                      ", ".join(f"{c}: {counts[c, 0]} good + {counts[c, 1]} anomalous" for c in class_names))
-        return {split: self._generate_examples(split, recs, class_names) for split, recs in records.items()}
+        return {split: self._generate_examples(split, recs, class_names, root) for split, recs in records.items()}
 
-    def _generate_examples(self, split: str, records: Sequence[Record], class_names: list[str]):
+    def _generate_examples(self, split: str, records: Sequence[Record], class_names: list[str], root: str):
         size, skip_bad = self._cfg.image_size, self._cfg.skip_bad
         class_index, labels = [], []
         for r in records:
@@ -159,16 +159,16 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             labels.append(r.label)
             yield r.filename, dict(image=image, mask=mask, label=r.label, class_name=r.class_name,
                                    defect_type=r.defect_type, filename=r.filename)
-        _finish_split(self.info.metadata, split, class_index, labels, class_names)
+        _finish_split(self.info.metadata, split, class_index, labels, class_names, root)
 
 
-def _finish_split(metadata, split, class_index, labels, class_names) -> None:
+def _finish_split(metadata, split, class_index, labels, class_names, where) -> None:
     if not class_index:
-        raise DataError(f"the {split} split is empty after skipping unreadable files")
+        raise DataError(f"{where}: the {split} split is empty after skipping unreadable files")
     missing = sorted(set(range(len(class_names))) - set(class_index))
     if missing:
-        raise DataError(f"the {split} split has no readable image of class(es) "
-                        f"{[class_names[i] for i in missing]}")
+        raise DataError(f"{where}: the {split} split has no readable image of class(es) "
+                        f"{[class_names[i] for i in missing]} after skipping unreadable files")
     metadata["splits"][split] = dict(class_index=class_index, label=labels)
 
 
@@ -223,7 +223,7 @@ class DiadSynthetic(_DiadBuilder):
                 class_index.append(ci)
                 labels.append(ex["label"])
                 yield ex["filename"], ex
-        _finish_split(self.info.metadata, split, class_index, labels, classes)
+        _finish_split(self.info.metadata, split, class_index, labels, classes, "synthetic dataset")
 
 
 _BUILDERS = {"mvtec_ad": DiadMvtecAd, "visa": DiadVisa, "folder": DiadFolder, "synthetic": DiadSynthetic}
