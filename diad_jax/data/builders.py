@@ -352,6 +352,10 @@ def prepare(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.P
 
     Raises:
       DataError: naming the path at fault (missing folder, missing mask, unreadable image, empty split).
+
+    On several hosts sharing one data_dir, prepare on one process (e.g. ``jax.process_index() == 0``),
+    wait at a barrier, then `load` everywhere; with host-local data_dirs every host may prepare.
+    A failed preparation leaves nothing that `load` would mistake for a prepared copy.
     """
     builder, config = _builder(dataset, data_dir, classes, image_size, skip_bad, options)
     if overwrite and os.path.isdir(builder.data_dir):
