@@ -1,0 +1,31 @@
+"""Datasets and input pipelines for DiAD.
+
+Prepare once (decoded uint8 arrays in array_record files, no TensorFlow), then read through grain::
+
+    from diad_jax import data
+    ds = data.prepare("synthetic", "/tmp/diad_data", image_size=64)          # or "mvtec_ad", manual_dir=...
+    it = iter(data.train_dataset(ds, batch_size=8, seed=0))                   # shuffled, sharded, endless
+    batch = next(it); state = it.get_state()                                  # JSON-serialisable
+    for batch in data.eval_dataset(ds, batch_size=8, classes="disk"): ...     # in order, padded
+
+Modules: records (Record, DataError), imageio (read + the reference's PIL-bilinear resize), layouts
+(MVTec-AD / VisA / folder scanning), synthetic (the generated dataset), builders (tfds builders,
+prepare / load), pipeline (grain pipelines).
+"""
+from diad_jax.data.builders import DATASETS, DiadConfig, PreparedDataset, load, load_from_directory, prepare
+from diad_jax.data.imageio import read_image, read_mask, resize_image, resize_mask
+from diad_jax.data.layouts import (MVTEC_CLASSES, MVTEC_REFERENCE_EXCLUDE, VISA_CLASSES, scan_folder, scan_mvtec,
+                                   scan_visa)
+from diad_jax.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, denormalize, ensure_absl_flags_parsed, eval_dataset,
+                                    normalize, preprocess, steps_per_epoch, train_dataset)
+from diad_jax.data.records import GOOD, DataError, Record
+from diad_jax.data.synthetic import SYNTHETIC_CLASSES, SyntheticExample, defect_types, render
+
+__all__ = [
+    "DATASETS", "GOOD", "IMAGENET_MEAN", "IMAGENET_STD", "MVTEC_CLASSES", "MVTEC_REFERENCE_EXCLUDE",
+    "SYNTHETIC_CLASSES", "VISA_CLASSES", "DataError", "DiadConfig", "PreparedDataset", "Record",
+    "SyntheticExample", "defect_types", "denormalize", "ensure_absl_flags_parsed", "eval_dataset", "load",
+    "load_from_directory", "normalize", "prepare", "preprocess", "read_image", "read_mask", "render",
+    "resize_image", "resize_mask", "scan_folder", "scan_mvtec", "scan_visa", "steps_per_epoch",
+    "train_dataset",
+]

@@ -1,0 +1,444 @@
+"""tensorflow-datasets builders that never import TensorFlow, and `prepare` / `load`.
+
+Every dataset is stored the same way: decoded uint8 arrays as `tfds.features.Tensor` (the image
+raw, the mask zlib-compressed, as masks are mostly zero) in array_record files, read back with
+`tfds.data_source` (random access, no TensorFlow). `tfds.features.Image` is not used because
+encoding arrays with it needs TensorFlow.
+
+Each stored example::
+
+    image        uint8 [S, S, 3]  resized to the prepared size S with PIL bilinear (see imageio.py)
+    mask         uint8 [S, S]     0 or 255; all zero for normal images
+    label        int64            0 good, 1 anomalous
+    class_name   text             e.g. "bottle"
+    defect_type  text             "good", or the defect folder / annotation name
+    filename     text             source path relative to the dataset root (a synthetic name for
+                                  the generated dataset)
+
+Examples are written in a fixed order (classes in the order given, files sorted within a class;
+tfds shuffling is disabled), and metadata.json beside the records holds the class names and, per
+split, the class index and label of every example, so filtering a class never decodes an image.
+
+One prepared copy lives at ``<data_dir>/diad_<dataset>/s<size>-<digest>/1.0.0/``: the config name
+encodes the prepared image size and a digest of the class list and the dataset options, so
+different sizes and subsets coexist in one data_dir. The manual_dir is not part of the name: to
+re-prepare from other source files, pass ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+import tensorflow_datasets as tfds
+
+from diad_jax.data import layouts, synthetic
+from diad_jax.data.imageio import read_pair
+from diad_jax.data.records import DataError, Record, as_text
+
+log = logging.getLogger(__name__)
+
+
+class _QuietTfds(logging.Filter):
+    """Drops two tfds warnings that are expected here: every config is a custom one, and a not yet
+    prepared variant folder has no dataset_info.json."""
+
+    _EXPECTED = ("Using custom data configuration", "has no dataset_info.json")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(s in message for s in self._EXPECTED)
+
+
+if not any(isinstance(f, _QuietTfds) for f in logging.getLogger("absl").filters):
+    logging.getLogger("absl").addFilter(_QuietTfds())
+
+VERSION = "1.0.0"
+DATASETS = ("mvtec_ad", "visa", "folder", "synthetic")
+
+# Options each dataset accepts besides classes / image_size, with their defaults.
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "mvtec_ad": dict(exclude=()),
+    "visa": dict(split_csv="split_csv/1cls.csv"),
+    "folder": dict(normal_dir="normal", test_normal_dir="test_normal", anomalous_dir="anomalous",
+                   mask_dir="masks", test_normal_fraction=0.2, split_seed=0),
+    "synthetic": dict(train_per_class=60, test_per_class=40, test_good_fraction=0.5, seed=0),
+}
+_DEFAULT_CLASSES = {"mvtec_ad": layouts.MVTEC_CLASSES, "visa": layouts.VISA_CLASSES, "folder": (),
+                    "synthetic": synthetic.SYNTHETIC_CLASSES}
+
+
+@dataclasses.dataclass(eq=False)
+class DiadConfig(tfds.core.BuilderConfig):
+    """Builder config: prepared image size, classes (empty: all found), dataset options, skip_bad."""
+
+    image_size: int = 256
+    classes: tuple[str, ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
+    skip_bad: bool = False
+
+
+class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared parts: features, metadata, and turning `Record`s into stored examples."""
+
+    VERSION = tfds.core.Version(VERSION)
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass manual_dir=<the dataset's root folder> to prepare()."
+
+    # tfds locates a builder's source through importlib resources, which needs the separate
+    # `importlib_resources` package for an editable install; the file path is all it needs.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))
+
+    @property
+    def _cfg(self) -> DiadConfig:
+        return self.builder_config
+
+    @property
+    def _opts(self) -> dict[str, Any]:
+        return dict(self._cfg.options)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s = self._cfg.image_size
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"{type(self).__doc__} Prepared at {s}x{s}.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding="bytes"),
+                "mask": tfds.features.Tensor(shape=(s, s), dtype=np.uint8, encoding="zlib"),
+                "label": tfds.features.Scalar(dtype=np.int64),
+                "class_name": tfds.features.Text(),
+                "defect_type": tfds.features.Text(),
+                "filename": tfds.features.Text(),
+            }),
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _scan(self, root: str) -> dict[str, list[Record]]:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        root = os.fspath(dl_manager.manual_dir)
+        records = self._scan(root)
+        class_names = list(dict.fromkeys(r.class_name for s in records.values() for r in s))
+        self.info.metadata["class_names"] = class_names
+        self.info.metadata["splits"] = {}
+        for split, recs in records.items():
+            counts = collections.Counter((r.class_name, r.label) for r in recs)
+            log.info("%s %s: %d images (%s)", self.name, split, len(recs),
+                     ", ".join(f"{c}: {counts[c, 0]} good + {counts[c, 1]} anomalous" for c in class_names))
+        return {split: self._generate_examples(split, recs, class_names, root) for split, recs in records.items()}
+
+    def _generate_examples(self, split: str, records: Sequence[Record], class_names: list[str], root: str):
+        size, skip_bad = self._cfg.image_size, self._cfg.skip_bad
+        class_index, labels = [], []
+        for r in records:
+            try:
+                image, mask = read_pair(r.image_path, r.mask_path, size)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                log.warning("skipping: %s", e)
+                continue
+            if r.label == 1 and not mask.any():
+                log.warning("%s: anomalous image whose mask %s is empty at %dx%d", r.image_path, r.mask_path,
+                            size, size)
+            class_index.append(class_names.index(r.class_name))
+            labels.append(r.label)
+            yield r.filename, dict(image=image, mask=mask, label=r.label, class_name=r.class_name,
+                                   defect_type=r.defect_type, filename=r.filename)
+        _finish_split(self.info.metadata, split, class_index, labels, class_names, root)
+
+
+def _finish_split(metadata, split, class_index, labels, class_names, where) -> None:
+    if not class_index:
+        raise DataError(f"{where}: the {split} split is empty after skipping unreadable files")
+    missing = sorted(set(range(len(class_names))) - set(class_index))
+    if missing:
+        raise DataError(f"{where}: the {split} split has no readable image of class(es) "
+                        f"{[class_names[i] for i in missing]} after skipping unreadable files")
+    metadata["splits"][split] = dict(class_index=class_index, label=labels)
+
+
+class DiadMvtecAd(_DiadBuilder):
+    """MVTec-AD (official layout: <class>/train/good, <class>/test/<defect>, <class>/ground_truth)."""
+
+    name = "diad_mvtec_ad"
+
+    def _scan(self, root):
+        return layouts.scan_mvtec(root, self._cfg.classes or None, exclude=self._opts["exclude"],
+                                  skip_bad=self._cfg.skip_bad)
+
+
+class DiadVisa(_DiadBuilder):
+    """VisA (official release layout and split CSV, columns object,split,label,image,mask)."""
+
+    name = "diad_visa"
+
+    def _scan(self, root):
+        return layouts.scan_visa(root, self._cfg.classes or None, split_csv=self._opts["split_csv"],
+                                 skip_bad=self._cfg.skip_bad)
+
+
+class DiadFolder(_DiadBuilder):
+    """A generic folder dataset: <class>/normal, optional <class>/anomalous with <class>/masks."""
+
+    name = "diad_folder"
+
+    def _scan(self, root):
+        return layouts.scan_folder(root, self._cfg.classes or None, skip_bad=self._cfg.skip_bad, **self._opts)
+
+
+class DiadSynthetic(_DiadBuilder):
+    """Generated multi-class defect dataset (textures and simple objects; diad_jax.data.synthetic)."""
+
+    name = "diad_synthetic"
+
+    def _split_generators(self, dl_manager):
+        classes = list(self._cfg.classes)
+        self.info.metadata["class_names"] = classes
+        self.info.metadata["splits"] = {}
+        o = self._opts
+        counts = {"train": o["train_per_class"], "test": o["test_per_class"]}
+        return {split: self._generate_synthetic(split, n, classes) for split, n in counts.items()}
+
+    def _generate_synthetic(self, split: str, count: int, classes: list[str]):
+        o = self._opts
+        class_index, labels = [], []
+        for ci, cls in enumerate(classes):
+            for ex in synthetic.generate(cls, split, count, image_size=self._cfg.image_size, seed=o["seed"],
+                                         test_good_fraction=o["test_good_fraction"]):
+                class_index.append(ci)
+                labels.append(ex["label"])
+                yield ex["filename"], ex
+        _finish_split(self.info.metadata, split, class_index, labels, classes, "synthetic dataset")
+
+
+_BUILDERS = {"mvtec_ad": DiadMvtecAd, "visa": DiadVisa, "folder": DiadFolder, "synthetic": DiadSynthetic}
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+    """A prepared dataset opened for reading.
+
+    Attributes:
+      name: the dataset kind ("mvtec_ad", "visa", "folder", "synthetic") or the builder name.
+      path: the directory holding the array_record files.
+      image_size: the prepared (stored) image size.
+      class_names: classes in stored order; `class_index` values index into it.
+      sources: split -> random-access data source (`len`, `[i]` -> dict of numpy arrays / bytes).
+      class_index: split -> int32 array, the class index of every example.
+      labels: split -> int32 array, 0 good / 1 anomalous of every example.
+    """
+
+    name: str
+    path: str
+    image_size: int
+    class_names: tuple[str, ...]
+    sources: Mapping[str, Any]
+    class_index: Mapping[str, np.ndarray]
+    labels: Mapping[str, np.ndarray]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.sources)
+
+    def indices(self, split: str, classes: Iterable[str] | str | None = None) -> np.ndarray:
+        """Indices (ascending) of the examples of `split` that belong to `classes` (default: all)."""
+        if split not in self.sources:
+            raise DataError(f"{self.path}: no split {split!r} (have {list(self.sources)})")
+        ci = self.class_index[split]
+        if classes is None:
+            return np.arange(len(ci), dtype=np.int64)
+        if isinstance(classes, str):
+            classes = [classes]
+        wanted = []
+        for c in classes:
+            if c not in self.class_names:
+                raise DataError(f"{self.path}: no class {c!r} (have {list(self.class_names)})")
+            wanted.append(self.class_names.index(c))
+        return np.flatnonzero(np.isin(ci, wanted)).astype(np.int64)
+
+    def counts(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """split -> class -> (number of good, number of anomalous) examples."""
+        out = {}
+        for split in self.sources:
+            ci, lab = self.class_index[split], self.labels[split]
+            out[split] = {c: (int(((ci == i) & (lab == 0)).sum()), int(((ci == i) & (lab == 1)).sum()))
+                          for i, c in enumerate(self.class_names)}
+        return out
+
+    def __getitem__(self, split: str):
+        return self.sources[split]
+
+
+def _make_config(dataset: str, classes, image_size: int, skip_bad: bool, options: dict) -> DiadConfig:
+    if dataset not in _BUILDERS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
+    allowed = _OPTIONS[dataset]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for dataset {dataset!r}; allowed: {sorted(allowed)}")
+    if not isinstance(image_size, (int, np.integer)) or image_size < 8:
+        raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+    opts = {**allowed, **options}
+    for k, v in opts.items():  # canonical, JSON-friendly values (lists -> tuples)
+        if isinstance(v, (list, tuple)):
+            opts[k] = tuple(v)
+    if classes is not None:
+        classes = (classes,) if isinstance(classes, str) else tuple(classes)
+        if dataset == "synthetic":
+            for c in classes:
+                if c not in synthetic.SYNTHETIC_CLASSES:
+                    raise DataError(f"unknown synthetic class {c!r}; choose from {synthetic.SYNTHETIC_CLASSES}")
+    elif dataset == "synthetic":
+        classes = synthetic.SYNTHETIC_CLASSES
+    else:
+        classes = ()
+    if tuple(classes) == tuple(_DEFAULT_CLASSES[dataset]) and dataset != "synthetic":
+        classes = ()  # "all classes" and the explicit full list are the same prepared copy
+    identity = json.dumps({"classes": list(classes), "options": opts}, sort_keys=True, default=list)
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
+    return DiadConfig(name=f"s{int(image_size)}-{digest}", description=identity, image_size=int(image_size),
+                      classes=tuple(classes), options=tuple(sorted(opts.items())), skip_bad=skip_bad)
+
+
+def _builder(dataset: str, data_dir, classes, image_size: int, skip_bad: bool, options: dict):
+    config = _make_config(dataset, classes, image_size, skip_bad, options)
+    return _BUILDERS[dataset](data_dir=os.fspath(data_dir), config=config, file_format="array_record"), config
+
+
+def _assert_no_tensorflow() -> None:
+    if "tensorflow" in sys.modules:  # pragma: no cover - a guard against regressions
+        log.warning("tensorflow was imported; diad_jax.data is meant to run without it")
+
+
+def prepare(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.PathLike | None = None,
+            classes: Iterable[str] | str | None = None, image_size: int = 256, skip_bad: bool = False,
+            overwrite: bool = False, **options) -> PreparedDataset:
+    """Prepares a dataset once into `data_dir` (a no-op if already prepared) and opens it.
+
+    Args:
+      dataset: "mvtec_ad", "visa", "folder" or "synthetic".
+      data_dir: where prepared datasets live.
+      manual_dir: the downloaded dataset's root folder (not used by "synthetic").
+      classes: class names to include (default: all; for "folder", every class sub-folder).
+      image_size: stored image side length; images are resized with PIL bilinear (the reference's
+        resize), masks likewise and then binarised at > 0.
+      skip_bad: skip (with a logged warning) unreadable images, anomalous images without a mask and
+        non-image files, instead of failing. A missing class folder or an empty split always fails.
+      overwrite: delete an existing prepared copy with the same configuration first.
+      **options: dataset options:
+        mvtec_ad: exclude=() (relative paths to leave out, e.g. `MVTEC_REFERENCE_EXCLUDE`);
+        visa: split_csv="split_csv/1cls.csv";
+        folder: normal_dir, test_normal_dir, anomalous_dir, mask_dir, test_normal_fraction=0.2,
+          split_seed=0 (see `layouts.scan_folder`);
+        synthetic: train_per_class=60, test_per_class=40, test_good_fraction=0.5, seed=0.
+
+    Returns:
+      The opened `PreparedDataset`.
+
+    Raises:
+      DataError: naming the path at fault (missing folder, missing mask, unreadable image, empty split).
+
+    On several hosts sharing one data_dir, prepare on one process (e.g. ``jax.process_index() == 0``),
+    wait at a barrier, then `load` everywhere; with host-local data_dirs every host may prepare.
+    A failed preparation leaves nothing that `load` would mistake for a prepared copy.
+    """
+    builder, config = _builder(dataset, data_dir, classes, image_size, skip_bad, options)
+    if overwrite and os.path.isdir(builder.data_dir):
+        log.info("removing the prepared copy at %s", builder.data_dir)
+        shutil.rmtree(builder.data_dir)
+        builder, config = _builder(dataset, data_dir, classes, image_size, skip_bad, options)
+    if not builder.is_prepared():
+        if dataset != "synthetic":
+            if manual_dir is None:
+                raise DataError(f"{builder.data_dir}: not prepared yet, and preparing {dataset!r} needs "
+                                f"manual_dir=<the downloaded dataset's root folder>")
+            if not os.path.isdir(manual_dir):
+                raise DataError(f"{manual_dir}: dataset root folder not found")
+        log.info("preparing %s (%s) into %s", dataset, config.description, builder.data_dir)
+        download_config = tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
+        try:
+            builder.download_and_prepare(download_config=download_config)
+        except Exception as e:
+            data_error = _find_data_error(e)
+            if data_error is not None and data_error is not e:
+                raise data_error from e
+            raise
+    _assert_no_tensorflow()
+    return load(dataset, data_dir, classes=classes, image_size=image_size, **options)
+
+
+def _find_data_error(e: BaseException | None) -> DataError | None:
+    """The DataError at the root of an exception chain (tfds may wrap what the generator raised)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, DataError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def load(dataset: str, data_dir: str | os.PathLike, *, classes: Iterable[str] | str | None = None,
+         image_size: int = 256, **options) -> PreparedDataset:
+    """Opens a dataset prepared by `prepare` with the same dataset, classes, image_size and options.
+
+    Raises:
+      DataError: if it has not been prepared.
+    """
+    builder, config = _builder(dataset, data_dir, classes, image_size, False, options)
+    if not builder.is_prepared():
+        raise DataError(f"{builder.data_dir}: dataset {dataset!r} ({config.description}) is not prepared; "
+                        f"call diad_jax.data.prepare(...) first")
+    sources = tfds.data_source(builder.name, data_dir=os.fspath(data_dir), download=False,
+                               builder_kwargs=dict(config=config, file_format="array_record"))
+    return _open(dataset, os.fspath(builder.data_dir), sources, config.image_size)
+
+
+def load_from_directory(path: str | os.PathLike) -> PreparedDataset:
+    """Opens a prepared copy from its directory (``<data_dir>/diad_<dataset>/<config>/<version>``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        raise DataError(f"{path}: not a prepared dataset directory (no dataset_info.json)")
+    builder = tfds.builder_from_directory(path)
+    image_size = int(builder.info.features["image"].shape[0])
+    return _open(builder.name, path, builder.as_data_source(), image_size)
+
+
+def _open(name: str, path: str, sources: Mapping[str, Any], image_size: int) -> PreparedDataset:
+    meta_path = os.path.join(path, "metadata.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path}: cannot read the dataset's metadata ({e})") from e
+    class_names = tuple(meta["class_names"])
+    class_index, labels = {}, {}
+    for split, source in sources.items():
+        m = meta["splits"][split]
+        class_index[split] = np.asarray(m["class_index"], np.int32)
+        labels[split] = np.asarray(m["label"], np.int32)
+        if len(class_index[split]) != len(source):
+            raise DataError(f"{meta_path}: lists {len(class_index[split])} {split} examples, the records hold "
+                            f"{len(source)}")
+        for i in (0, len(source) - 1):  # cheap check that the stored order matches the metadata
+            ex = source[i]
+            if as_text(ex["class_name"]) != class_names[class_index[split][i]] or int(ex["label"]) != labels[split][i]:
+                raise DataError(f"{path}: {split} example {i} does not match metadata.json")
+    return PreparedDataset(name=name, path=path, image_size=image_size, class_names=class_names,
+                           sources=dict(sources), class_index=class_index, labels=labels)
