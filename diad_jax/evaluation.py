@@ -141,7 +141,7 @@ def evaluate(bundle: dict, config: ModelConfig, data, *, batch_size: int = 8,
             labels.append(int(batch["label"][j]))
             cls_names.append(c)
             files.append(_str(batch["filename"][j]))
-            if heatmaps_per_class and len(keep[c]) < 2 * heatmaps_per_class:
+            if heatmaps_per_class and sum(it[0] == labels[-1] for it in keep[c]) < heatmaps_per_class:
                 keep[c].append((labels[-1], files[-1], _str(batch["defect_type"][j]),
                                 to_uint8_image(np.asarray(batch["image"][j])),
                                 to_uint8_image(np.asarray(out.reconstructions[j])), m[j], masks[-1]))
