@@ -40,11 +40,14 @@ def synth(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def setup(synth):
-    """Model, initial host params, context, and two fixed global batches (host numpy)."""
+    """Model, initial host params, context, and three fixed global batches (host numpy). The
+    zero-initialised layers are filled with random values so every parameter gets a gradient."""
     _, ds = synth
     cfg = TrainConfig.tiny(batch_size=BATCH, learning_rate=LR)
     model = DiAD(ModelConfig.tiny())
-    params = jax.device_get(model.init(seed=0))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: x if np.any(x) else rng.normal(0, 0.02, x.shape).astype(np.float32),
+                          jax.device_get(model.init(seed=0)))
     ctx = random_context(model.config)
     it = iter(data.train_dataset(ds, BATCH, seed=0, shard_index=0, shard_count=1))
     batches = []
@@ -67,23 +70,27 @@ def factory(setup, data_size: int, fsdp: int) -> StepFactory:
     return _FACTORIES[key]
 
 
-def run_steps(f: StepFactory, params, ctx, batches, n: int):
+def run_steps(f: StepFactory, params, ctx, batches, n: int, snapshot_after: int | None = None):
+    """n steps; also returns a host copy of the state after `snapshot_after` steps."""
     trainable, frozen = f.split(params)
     state = f.init_state(trainable)
     context = f.place_context(ctx)
-    losses = []
-    for b in batches[:n]:
+    losses, snap = [], None
+    for i, b in enumerate(batches[:n]):
         state, m = f.step(state, frozen, context, shd.shard_batch(b, f.mesh))
         losses.append(float(m["loss"]))
-    return state, frozen, losses
+        if i + 1 == snapshot_after:
+            snap = jax.device_get(state)
+    return state, frozen, losses, snap
 
 
 @pytest.fixture(scope="module")
 def single(setup):
+    """Two single-device steps: (host state after step 1, host frozen, both losses)."""
     cfg, model, params, ctx, batches = setup
     f = factory(setup, 1, 1)
-    state, frozen, losses = run_steps(f, params, ctx, batches, 2)
-    return jax.device_get(state), jax.device_get(frozen), losses
+    _, frozen, losses, snap = run_steps(f, params, ctx, batches, 2, snapshot_after=1)
+    return snap, jax.device_get(frozen), losses
 
 
 def _flat(tree):
@@ -109,8 +116,9 @@ def test_make_mesh_sizes_and_errors():
 def test_sharded_step_matches_single_device(setup, single, mesh_shape):
     cfg, model, params, ctx, batches = setup
     ref_state, _, ref_losses = single
-    state, _, losses = run_steps(factory(setup, *mesh_shape), params, ctx, batches, 2)
+    _, _, losses, state = run_steps(factory(setup, *mesh_shape), params, ctx, batches, 2, snapshot_after=1)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    # the state after the first step
     got, want = _flat(jax.device_get(state.params)), _flat(ref_state.params)
     assert got.keys() == want.keys()
     # Adam's moments are linear in the gradients: they must agree to float tolerance
@@ -120,17 +128,21 @@ def test_sharded_step_matches_single_device(setup, single, mesh_shape):
         scale = max(float(np.max(np.abs(v))) for v in m_want.values())
         for k in m_want:
             np.testing.assert_allclose(m_got[k], m_want[k], rtol=1e-3, atol=1e-5 * scale, err_msg=f"{name} {k}")
-    # Params: Adam divides by sqrt(nu), which turns gradients that are zero up to rounding (~1e-11,
-    # e.g. biases right before a GroupNorm) into updates of either sign; compare everywhere else.
-    mu = _flat(ref_state.opt_state[0].mu)
-    n_noise = 0
+    # Params: Adam's first update is lr * g / (|g| + eps), i.e. lr * sign(g) once |g| >> eps = 1e-8;
+    # where |g| is near the rounding level (biases right before a GroupNorm: ~1e-10) its sign is
+    # noise, and the update's slope lr * eps / |g|^2 amplifies rounding. Where |g| > 1e-5 the
+    # update is lr * sign(g) to 1e-3 and insensitive to rounding: the params must agree there.
+    mu = _flat(ref_state.opt_state[0].mu)  # = 0.1 g after one step
+    n_noise = n_total = 0
     for k in want:
         d = np.abs(got[k] - want[k])
-        real = np.abs(mu[k]) > 1e-9
+        real = np.abs(mu[k]) > 1e-6
         n_noise += int((~real).sum())
-        assert np.all(d[real] <= 1e-3 * LR), f"{k}: max |sharded - single| = {d[real].max():.3g}"
-        assert np.all(d <= 4 * LR), k
-    assert n_noise < 1e-3 * sum(v.size for v in want.values())
+        n_total += d.size
+        assert np.all(d[real] <= 1e-6 * LR + 1e-6 * np.abs(want[k][real])), \
+            f"{k}: max |sharded - single| = {d[real].max():.3g}"
+        assert np.all(d <= 2 * LR), k
+    assert n_noise < 0.6 * n_total, f"only {n_total - n_noise} of {n_total} params checked"
 
 
 def test_params_and_optimizer_state_sharded_as_rules_say(setup):
@@ -194,20 +206,26 @@ def test_loss_goes_down(setup, synth):
     cfg, model, params, ctx, batches = setup
     _, ds = synth
     f = factory(setup, 1, 1)
-    eval_loss = jax.jit(f.loss)
     trainable, frozen = f.split(params)
     state = f.init_state(trainable)
     context = f.place_context(ctx)
-    held = {"image": jnp.asarray(batches[2]["image"]), "index": jnp.arange(BATCH) + 1000}
-    key = jax.random.PRNGKey(123)
-    before = float(eval_loss(state.params, frozen, context, held, key))
+    held = shd.shard_batch({"image": batches[2]["image"], "index": np.arange(BATCH) + 1000}, f.mesh)
+
+    def held_loss(state):
+        # the step reports the loss before its update; on a copy with a fixed step number the
+        # noise (keyed by step and example index) is the same every time
+        probe = jax.device_put(state, f.state_shardings, may_alias=False)  # the step donates it
+        probe = probe.replace(step=jax.device_put(jnp.int32(10_000), f.state_shardings.step))
+        return float(f.step(probe, frozen, context, held)[1]["loss"])
+
+    before = held_loss(state)
     it = iter(data.train_dataset(ds, BATCH, seed=1, shard_index=0, shard_count=1))
     losses = []
     for _ in range(30):
         b = next(it)
         state, m = f.step(state, frozen, context, shd.shard_batch({"image": b["image"], "index": b["index"]}, f.mesh))
         losses.append(float(m["loss"]))
-    after = float(eval_loss(state.params, frozen, context, held, key))
+    after = held_loss(state)
     assert np.isfinite(losses).all()
     assert after < 0.8 * before, (before, after)
     assert np.mean(losses[-10:]) < np.mean(losses[:5])
@@ -218,7 +236,7 @@ def test_restore_onto_a_different_mesh(setup, single, tmp_path):
     """Save from a data=8 mesh, restore onto data=2 x fsdp=4: same values, the new mesh's shardings."""
     cfg, model, params, ctx, batches = setup
     f8, f24 = factory(setup, 8, 1), factory(setup, 2, 4)
-    state, frozen, _ = run_steps(f8, params, ctx, batches, 1)
+    state, frozen, _, _ = run_steps(f8, params, ctx, batches, 1)
     ckpt = Checkpointer(tmp_path / "ckpt", keep=2, async_save=True)
     meta = model_metadata(model.config, False)
     ckpt.save(1, state=state, frozen=frozen, context=f8.place_context(ctx), resnet=None, model_meta=meta,
@@ -278,38 +296,70 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def _final_params(path):
+    """Params of a checkpoint saved on any topology (here: 2 processes), onto one local device."""
     from diad_jax.checkpoints import load_model
-    return _flat(load_model(path).params)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return _flat(jax.device_get(load_model(path, sharding=lambda p, x: one).params))
+
+
+# The subprocess runs share one persistent compilation cache and these settings, so the
+# single-process program compiles once (the two-process one once per process).
+REFERENCE_ARGS = ("--steps", "7", "--save-every", "2", "--batch-size", "8", "--mesh-data", "1", "--mesh-fsdp", "2")
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """A compilation cache directory, holding also the subprocess tests' config file."""
+    d = tmp_path_factory.mktemp("jax_cache")
+    # Adam with eps 1e-3 (instead of 1e-8): its update g / (|g| + eps) is then Lipschitz in g, so
+    # the different summation order of cross-process reductions stays at rounding level instead of
+    # turning gradients that are zero up to rounding into +-lr steps (the in-process test covers
+    # the default eps after one step). Everything else is the default optimiser.
+    (d / "eps.json").write_text(json.dumps({"eps": 1e-3}))
+    return d
+
+
+def _ref_args(jax_cache) -> tuple[str, ...]:
+    return (*REFERENCE_ARGS, "--config", str(jax_cache / "eps.json"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(synth, jax_cache, tmp_path_factory):
+    """One uninterrupted single-process run: 7 steps on 2 devices (fsdp=2), checkpoints
+    every 2 steps. Both subprocess tests compare with it (and it fills the compilation cache)."""
+    data_dir, _ = synth
+    workdir = tmp_path_factory.mktemp("reference_run")
+    proc = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache)), env=_env(2, jax_cache),
+                          capture_output=True, text=True, timeout=400)
+    _check(proc, proc.stdout + proc.stderr)
+    return workdir
 
 
 @pytest.mark.slow
-def test_kill_and_resume_continues_exactly(synth, tmp_path):
-    """7 uninterrupted steps == a run SIGKILLed at step 5 (checkpoints every 2 steps) and resumed."""
+def test_kill_and_resume_continues_exactly(synth, jax_cache, reference_run):
+    """A run SIGKILLed at step 5 and restarted resumes from its step-4 checkpoint and ends exactly
+    like the uninterrupted run (7 steps; 5 steps make an epoch, so the data iterator's state
+    crosses an epoch boundary)."""
     data_dir, _ = synth
-    cache = tmp_path / "jax_cache"
-    common = ("--steps", "7", "--save-every", "2", "--batch-size", "4", "--mesh-data", "1", "--mesh-fsdp", "2")
-    full = subprocess.Popen(_train_cmd(tmp_path / "full", data_dir, *common), env=_env(2, cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = subprocess.run(_train_cmd(tmp_path / "resumed", data_dir, *common, "--kill-at-step", "5"),
-                            env=_env(2, cache), capture_output=True, text=True, timeout=300)
+    workdir = jax_cache.parent / "killed_run"
+    killed = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache), "--kill-at-step", "5"),
+                            env=_env(2, jax_cache), capture_output=True, text=True, timeout=300)
     _check(killed, killed.stdout + killed.stderr, expect=-9)
-    before = _losses(tmp_path / "resumed")
+    before = _losses(workdir)
     assert max(before) == 5, "the killed run logged steps 1..5"
-    resumed = subprocess.run(_train_cmd(tmp_path / "resumed", data_dir, *common), env=_env(2, cache),
+    resumed = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache)), env=_env(2, jax_cache),
                              capture_output=True, text=True, timeout=300)
     _check(resumed, resumed.stdout + resumed.stderr)
-    out_full, _ = full.communicate(timeout=300)
-    _check(full, out_full)
     log = resumed.stdout + resumed.stderr
-    assert "resumed from" in log
+    assert "resumed from" in log, log[-3000:]
     resumed_from = int(log.split("resumed from ")[1].split("(step ")[1].split(")")[0])
-    assert resumed_from in (2, 4)
-    want, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert resumed_from == 4
+    want, got = _losses(reference_run), _losses(workdir)
     assert sorted(want) == sorted(got) == list(range(1, 8))
     assert got == want, (got, want)
-    for s in range(1, 6):  # the steps the killed run already did were recomputed identically
+    for s in range(1, 6):  # the steps the killed run did before dying are the same too
         assert before[s] == want[s]
-    a, b = _final_params(tmp_path / "full" / "checkpoints" / "7"), _final_params(tmp_path / "resumed" / "checkpoints" / "7")
+    a, b = _final_params(reference_run / "checkpoints" / "7"), _final_params(workdir / "checkpoints" / "7")
     assert a.keys() == b.keys()
     for k in a:
         assert np.array_equal(a[k], b[k]), k
@@ -322,19 +372,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(synth, tmp_path):
-    """Two processes (jax.distributed on 127.0.0.1, gloo), 2 CPU devices each, mesh data=2 x fsdp=2,
-    each reading its half of every batch, train 3 steps and checkpoint; the params equal one process
-    with 4 devices on the full batch."""
+def test_two_processes_train_like_one(synth, jax_cache, reference_run, tmp_path):
+    """Two processes (jax.distributed on 127.0.0.1, gloo), one CPU device each, the same mesh
+    (fsdp=2: params and optimizer state split ACROSS the processes) and global batch 8, each
+    reading its half of every batch through the per-host pipeline, train 4 steps and save a
+    checkpoint together; losses and params equal the single-process run on the full batch."""
     data_dir, _ = synth
-    common = ("--steps", "3", "--save-every", "3", "--batch-size", "8", "--mesh-data", "2", "--mesh-fsdp", "2")
+    args = (*_ref_args(jax_cache), "--steps", "4", "--save-every", "4")
     port = _free_port()
-    procs = [subprocess.Popen(_train_cmd(tmp_path / "multi", data_dir, *common, "--distributed", "--coordinator",
+    procs = [subprocess.Popen(_train_cmd(tmp_path / "multi", data_dir, *args, "--distributed", "--coordinator",
                                          f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)),
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    single = subprocess.run(_train_cmd(tmp_path / "single", data_dir, *common), env=_env(4),
-                            capture_output=True, text=True, timeout=400)
     outs = []
     try:
         for p in procs:
@@ -345,14 +394,17 @@ def test_two_processes_train_like_one(synth, tmp_path):
                 p.kill()
     for p, out in zip(procs, outs):
         _check(p, out)
-    _check(single, single.stdout + single.stderr)
-    assert "process 1 of 2" in outs[1]
-    want, got = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
-    assert sorted(got) == [1, 2, 3]
-    np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)], rtol=1e-5)
-    a, b = _final_params(tmp_path / "single" / "checkpoints" / "3"), _final_params(tmp_path / "multi" / "checkpoints" / "3")
+    assert "process 1 of 2, 1 local / 2 global devices" in outs[1]
+    want, got = _losses(reference_run), _losses(tmp_path / "multi")
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+    a, b = _final_params(reference_run / "checkpoints" / "4"), _final_params(tmp_path / "multi" / "checkpoints" / "4")
+    mask = _flat(trainable_mask(DiAD(ModelConfig.tiny()).abstract_params()))
     for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-3 * LR, err_msg=k)
-    # both processes read different halves: the data iterator states were saved per process
-    data_files = sorted(p.name for p in (tmp_path / "multi" / "checkpoints" / "3" / "data").iterdir())
-    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+        if not mask[k]:
+            assert np.array_equal(a[k], b[k]), k  # frozen: untouched by both
+            continue
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-4 * LR, err_msg=k)
+    # each process saved its own data iterator state (its half of the data)
+    data_dir_4 = tmp_path / "multi" / "checkpoints" / "4" / "data"
+    assert sorted(p.name for p in data_dir_4.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
