@@ -113,7 +113,7 @@ def config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig
 
 def init_runtime(args: argparse.Namespace) -> None:
     """Logging, then jax.distributed (if asked) and the compilation cache. Call before touching devices."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import jax

@@ -185,18 +185,30 @@ def with_shardings(abstract_tree, shardings):
 
 # ---- placing data ------------------------------------------------------------------------------
 def place(tree, shardings):
-    """Put a host pytree (numpy or jax arrays, identical on every process) onto `shardings`.
+    """Put a pytree onto `shardings` (a matching tree of Shardings).
 
-    Works with several processes: each process fills only its addressable shards from its own
-    copy (`jax.make_array_from_callback`), so nothing crosses the network."""
-    def put(x, s):
-        if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
-            return jax.device_put(x, s)
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.jit(lambda a: a, out_shardings=s)(x)
-        arr = np.asarray(x)
-        return jax.make_array_from_callback(arr.shape, s, lambda idx: arr[idx])
-    return jax.tree.map(put, tree, shardings)
+    Host leaves (numpy, identical on every process) are filled shard by shard from each process's
+    own copy (`jax.make_array_from_callback`), so nothing crosses the network; jax.Array leaves are
+    resharded on device (`device_put` in one process, one jitted identity over all of them with
+    several processes, where arrays span hosts)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    shard_leaves = treedef.flatten_up_to(shardings)
+    out = [None] * len(leaves)
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    for i, x in enumerate(leaves):
+        if i not in on_device:
+            arr = np.asarray(x)
+            out[i] = jax.make_array_from_callback(arr.shape, shard_leaves[i], lambda idx, a=arr: a[idx])
+    if on_device:
+        xs = [leaves[i] for i in on_device]
+        ss = [shard_leaves[i] for i in on_device]
+        if jax.process_count() == 1:
+            moved = jax.device_put(xs, ss)
+        else:
+            moved = jax.jit(lambda a: a, out_shardings=ss)(xs)
+        for i, y in zip(on_device, moved):
+            out[i] = y
+    return treedef.unflatten(out)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1, axes: str | tuple[str, ...] = BATCH_AXES) -> NamedSharding:

@@ -292,13 +292,17 @@ class Checkpointer:
                  best_directory: str | os.PathLike | None = None):
         self.directory = Path(directory).absolute()
         _tune_orbax_array_handler()
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        # distinct barrier names: both managers may save the same step at once on several hosts
+        mp = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)  # noqa: E731
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                            multiprocessing_options=mp("diad_train"))
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
         self.best = None
         if best_directory is not None:
             best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val"], best_mode="max",
                                                      keep_checkpoints_without_metrics=False,
-                                                     enable_async_checkpointing=async_save, create=True)
+                                                     enable_async_checkpointing=async_save, create=True,
+                                                     multiprocessing_options=mp("diad_best"))
             self.best = ocp.CheckpointManager(Path(best_directory).absolute(), options=best_opts)
 
     def latest_step(self) -> int | None:
@@ -667,6 +671,19 @@ class Trainer:
                                                                            self.resnet_host))
         return self._resnet_placed
 
+    def _resnet_for_eval(self):
+        """The checkpoint's ResNet-50, or a random one (seed 0, as make_bundle's), placed replicated
+        once (jit inputs spanning several processes must be jax arrays)."""
+        if getattr(self, "_eval_resnet", None) is None:
+            resnet = self._resnet_for_save()
+            if resnet is None:
+                from diad_jax.models.init import init_params
+                from diad_jax.models.resnet import resnet_abstract_params
+                host = init_params({"resnet": resnet_abstract_params()}, 0)["resnet"]
+                resnet = shd.place(host, jax.tree.map(lambda _: shd.replicated(self.mesh), host))
+            self._eval_resnet = resnet
+        return self._eval_resnet
+
     def eval_params(self) -> Params:
         """The params evaluation uses: the EMA of the trainable params when on, else the params."""
         trainable = self.state.ema if self.state.ema is not None else self.state.params
@@ -696,7 +713,9 @@ class Trainer:
                             "does); numbers of the selected checkpoint are optimistic. Use --eval-split/"
                             "--eval-data-dir for a separate validation set or --eval-split none")
             log.info("evaluating on split %r of %s; best checkpoint by %s", cfg.eval_split, where, cfg.best_metric)
-        bundle = make_bundle(self.eval_params(), self._resnet_for_save(), self.context, seed=0)
+        bundle = make_bundle(self.eval_params(), self._resnet_for_eval(), self.context)
+        # the scorer takes its weights replicated: gather the fsdp-sharded params once per evaluation
+        bundle = shd.place(bundle, jax.tree.map(lambda _: shd.replicated(self.mesh), bundle))
         t0 = time.perf_counter()
         results = evaluate(self._scorer, bundle, self._eval_dataset, split=cfg.eval_split,
                            batch_size=cfg.eval_batch_size, mesh=self.mesh, seed=cfg.eval_seed,

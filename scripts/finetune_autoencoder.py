@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    cli.init_runtime(args)
     from diad_jax import autoencoder
 
     base = autoencoder.tiny_config() if args.preset == "tiny" else autoencoder.reference_config()
@@ -55,7 +56,6 @@ def main(argv=None) -> int:
         return 0
     if (cfg.lpips_vgg16 is None) != (cfg.lpips_lin is None):
         raise SystemExit("give both --lpips-vgg16 and --lpips-lin, or neither (L1 + KL only)")
-    cli.init_runtime(args)
     from diad_jax.models.lpips import load_lpips_params
     from diad_jax.train import Trainer
 
