@@ -195,3 +195,19 @@ def test_config_validation():
     assert ModelConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
         ModelConfig.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("shape, k, stride, pad", [((2, 8, 8, 16), 3, 1, ((1, 1), (1, 1))),
+                                                    ((1, 7, 5, 8), 3, 2, ((1, 1), (1, 1))),
+                                                    ((1, 8, 8, 4), 3, 2, ((0, 1), (0, 1))),
+                                                    ((1, 9, 9, 3), 7, 2, ((3, 3), (3, 3)))])
+def test_im2col_conv_equals_lax_conv(shape, k, stride, pad, monkeypatch):
+    from diad_jax.models import layers
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (k, k, shape[-1], 5))
+    monkeypatch.setattr(layers, "CONV_IMPL", "lax")
+    ref = layers.conv2d(x, w, stride, pad)
+    monkeypatch.setattr(layers, "CONV_IMPL", "im2col")
+    ours = layers.conv2d(x, w, stride, pad)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=1e-5)
