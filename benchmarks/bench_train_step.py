@@ -40,7 +40,8 @@ def main(argv=None):
     from diad_jax import sharding as shd
     from diad_jax.configs import TrainConfig
     from diad_jax.models.diad import DiAD
-    from diad_jax.train import StepFactory, random_context, resolve_model_config
+    from diad_jax.checkpoints import default_context
+    from diad_jax.train import StepFactory, resolve_model_config
 
     config = resolve_model_config(args.model)
     mesh = shd.make_mesh(args.mesh_data, args.mesh_fsdp)
@@ -56,7 +57,7 @@ def main(argv=None):
             params_host = jax.device_get(model.init(seed=0))
             print(f"# init {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         trainable, frozen = f.split(params_host)
-        context = f.place_context(random_context(config))
+        context = f.place_context(default_context(config))
         rng = np.random.default_rng(0)
         batch = shd.shard_batch({"image": rng.standard_normal((args.batch, 3, config.image_size, config.image_size),
                                                               np.float32),

@@ -250,7 +250,7 @@ def gather_to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def shard_summary(tree, top: int = 0) -> str:
+def shard_summary(tree) -> str:
     """One line: how many bytes of `tree` (global) and per device, and how much is sharded."""
     total = sharded = 0
     per_dev = 0

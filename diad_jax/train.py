@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import struct, traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from flax import struct
+from jax.sharding import Mesh
 
 from diad_jax import sharding as shd
 from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
@@ -434,7 +434,7 @@ def selection_value(results: dict, best_metric: str) -> float:
     return float(sum(results["mean"][m.strip()] for m in best_metric.split("+")))
 
 
-def evaluate(scorer, bundle, dataset, *, split: str, batch_size: int, mesh: Mesh, seed: int = 0,
+def evaluate_split(scorer, bundle, dataset, *, split: str, batch_size: int, mesh: Mesh, seed: int = 0,
              variant: str = "standard", classes=None, progress: Callable[[int], None] | None = None) -> dict:
     """Denoise-and-score `split` of a prepared dataset on the mesh (every process reads its share),
     then `compute_metrics` on the gathered maps. Returns {class: {metric: value}, "mean": ...}."""
@@ -469,13 +469,6 @@ def evaluate(scorer, bundle, dataset, *, split: str, batch_size: int, mesh: Mesh
 
 
 # ---- the loop ----------------------------------------------------------------------------------
-def random_context(config: ModelConfig, seed: int = 0) -> np.ndarray:
-    """A fixed random stand-in for CLIP("") of the model's shape (1, L, D), used without a converted
-    checkpoint. N(0, 1) entries, seeded, so every run and every process gets the same one."""
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((1, config.context_len, config.unet.context_dim)).astype(np.float32)
-
-
 def resolve_model_config(spec: str) -> ModelConfig:
     if spec in ("sd15", "tiny"):
         return getattr(ModelConfig, spec)()
@@ -539,9 +532,10 @@ class Trainer:
         else:
             config = resolve_model_config(cfg.model)
             self.init_params_host = None
-            self.context_host = random_context(config, 0)
+            from diad_jax.checkpoints import default_context
+            self.context_host = default_context(config)
             log.warning("no --init-checkpoint: %s model with the reference's random initialisation (SG network "
-                        "copied from the UNet encoder) and a fixed random context in place of CLIP(\"\")%s",
+                        "copied from the UNet encoder) and a zero context in place of CLIP(\"\")%s",
                         cfg.model, "; evaluation uses a RANDOM ResNet-50 (anomaly maps compare random features)"
                         if self._evaluates() else "")
         if cfg.only_mid_control is not None:
@@ -717,7 +711,7 @@ class Trainer:
         # the scorer takes its weights replicated: gather the fsdp-sharded params once per evaluation
         bundle = shd.place(bundle, jax.tree.map(lambda _: shd.replicated(self.mesh), bundle))
         t0 = time.perf_counter()
-        results = evaluate(self._scorer, bundle, self._eval_dataset, split=cfg.eval_split,
+        results = evaluate_split(self._scorer, bundle, self._eval_dataset, split=cfg.eval_split,
                            batch_size=cfg.eval_batch_size, mesh=self.mesh, seed=cfg.eval_seed,
                            variant=cfg.metrics_variant, classes=cfg.classes, progress=progress)
         log.info("evaluation (%s split, %.1fs):\n%s", cfg.eval_split, time.perf_counter() - t0,

@@ -17,10 +17,13 @@ selects its checkpoint on the test set (so the selected numbers are optimistic);
 Examples:
   python scripts/train.py                                   # embedded default (tiny, synthetic, CPU)
   python scripts/train.py --steps 50 --workdir runs/quick   # shorter
-  # the reference recipe from converted weights (convert/torch_to_flax.py --sd-ckpt ... --vae-ckpt ...):
+  # the reference recipe from converted weights (convert/torch_to_flax.py --sd-ckpt ... --vae-ckpt ...),
+  # effective batch 48 (reference: 12 x accumulation 4) in one step on 8 devices; 1000 epochs of
+  # MVTec-AD (75 steps each), evaluated every 25 epochs:
   python scripts/train.py --preset reference --init-checkpoint checkpoints/diad_init \\
-      --dataset mvtec_ad --manual-dir /data/mvtec_ad --workdir runs/mvtec --steps 302000 \\
-      --eval-every 7550 --mesh-data 1 --mesh-fsdp -1 --dtype bfloat16 --remat
+      --dataset mvtec_ad --manual-dir /data/mvtec_ad --workdir runs/mvtec \\
+      --batch-size 48 --grad-accum 1 --steps 75000 --eval-every 1875 \\
+      --mesh-data 1 --mesh-fsdp -1 --dtype bfloat16 --remat
   # multi-host (TPU pod, or one process per GPU node): the SAME command on every host, plus
   python scripts/train.py ... --distributed        # jax.distributed.initialize(), auto-detected (TPU/SLURM/MPI)
   python scripts/train.py ... --distributed --coordinator 10.0.0.1:1234 --num-processes 4 --process-id $RANK

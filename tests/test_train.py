@@ -23,7 +23,7 @@ from diad_jax import data
 from diad_jax import sharding as shd
 from diad_jax.configs import ModelConfig, TrainConfig
 from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
-from diad_jax.train import Checkpointer, StepFactory, TrainState, model_metadata, random_context, read_metrics
+from diad_jax.train import Checkpointer, StepFactory, model_metadata, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = dict(train_per_class=8, test_per_class=4)   # 40 train images, 20 test
@@ -48,7 +48,7 @@ def setup(synth):
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda x: x if np.any(x) else rng.normal(0, 0.02, x.shape).astype(np.float32),
                           jax.device_get(model.init(seed=0)))
-    ctx = random_context(model.config)
+    ctx = rng.standard_normal((1, model.config.context_len, model.config.unet.context_dim)).astype(np.float32)
     it = iter(data.train_dataset(ds, BATCH, seed=0, shard_index=0, shard_count=1))
     batches = []
     for _ in range(3):
