@@ -25,6 +25,9 @@ from diad_jax.configs import ModelConfig, TrainConfig
 from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
 from diad_jax.train import Checkpointer, StepFactory, model_metadata, read_metrics
 
+# one xdist worker for the whole module: its fixtures (compiled steps, the reference run) are shared
+pytestmark = pytest.mark.xdist_group("train")
+
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = dict(train_per_class=8, test_per_class=4)   # 40 train images, 20 test
 BATCH = 8
