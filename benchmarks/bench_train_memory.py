@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                          " ".join(":".join(map(str, c)) for c in DEFAULT_CASES) + ")")
     ap.add_argument("--devices", nargs="+", type=int, default=None,
                     help="only the default cases with these device counts")
+    ap.add_argument("--conv-impl", default="lax", choices=["lax", "auto", "im2col"],
+                    help="convolution kernel (models/layers.CONV_IMPL): 'lax' (default) is what GPU/TPU run; "
+                         "'auto' is the CPU backend's im2col for small maps")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per device count")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
@@ -74,6 +77,8 @@ def worker(args) -> None:
     from diad_jax.models.diad import DiAD
     from diad_jax.train import StepFactory, resolve_model_config
 
+    from diad_jax.models import layers
+    layers.CONV_IMPL = args.conv_impl
     cases = [parse_case(c) for c in args._worker.split(",")]
     config = resolve_model_config(args.model)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -119,7 +124,7 @@ def main(argv=None) -> None:
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
                    PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--dtype", args.dtype,
-               "--grad-accum", str(args.grad_accum), "--_worker", ",".join(":".join(map(str, c)) for c in cs)]
+               "--grad-accum", str(args.grad_accum), "--conv-impl", args.conv_impl, "--_worker", ",".join(":".join(map(str, c)) for c in cs)]
         if args.no_remat:
             cmd.append("--no-remat")
         if args.ema:
@@ -139,7 +144,7 @@ def main(argv=None) -> None:
     gib = 2 ** 30
     print(f"Train-step memory per device (XLA memory_analysis), model={args.model}, compute {args.dtype}, "
           f"remat={'off' if args.no_remat else 'on'}, grad_accum={args.grad_accum}, fp32 master weights, "
-          f"AdamW state sharded over fsdp\n")
+          f"AdamW state sharded over fsdp, conv={args.conv_impl}\n")
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}; python {platform.python_version()}, jax {jax.__version__}, "
           f"flax {flax.__version__}, optax {optax.__version__}; forced host (CPU) devices\n")
