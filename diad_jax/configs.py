@@ -233,3 +233,116 @@ class DiffusionConfig:
         if self.schedule not in ("official", "consistent"):
             raise ValueError(f"DiffusionConfig.schedule must be 'official' or 'consistent', "
                              f"got {self.schedule!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A DiAD training run (diad_jax/train.py). The defaults are the reference's (train.py + sgn.py +
+    ldm ddpm.py: AdamW 1e-5, weight decay 0.01, batch 12 x accumulation 4, fp32, seed 1);
+    `TrainConfig.tiny()` is the embedded default (tiny model, generated data, CPU, a few minutes).
+
+    Steps count batches (micro-steps); the optimizer updates every `grad_accum` steps.
+    """
+
+    # ---- model -----------------------------------------------------------------------------------
+    model: str = "sd15"                 # "sd15", "tiny" or a ModelConfig JSON file (unused with init_checkpoint)
+    init_checkpoint: str | None = None  # converted model checkpoint (convert/torch_to_flax.py): params, context, ResNet
+    only_mid_control: bool | None = None  # override the model config's (None: keep it; released: True)
+    compute_dtype: str = "float32"      # "float32" or "bfloat16" (fp32 master weights either way)
+    remat: bool = False                 # rematerialise res/transformer blocks in the backward pass
+    # ---- data ------------------------------------------------------------------------------------
+    dataset: str = "synthetic"          # "synthetic", "mvtec_ad", "visa", "folder"
+    data_dir: str | None = None         # prepared datasets; None: $DIAD_DATA_DIR or ~/.cache/diad_jax/data
+    manual_dir: str | None = None       # the downloaded dataset's root (not for "synthetic")
+    dataset_options: dict = field(default_factory=dict)  # data.prepare(**options), e.g. train_per_class
+    classes: tuple[str, ...] | None = None
+    train_split: str = "train"
+    # ---- optimisation ----------------------------------------------------------------------------
+    batch_size: int = 12                # global batch per step (over all devices and hosts)
+    grad_accum: int = 4                 # optimizer update every grad_accum steps (optax.MultiSteps)
+    steps: int = 100_000                # total steps (batches) of the run, resumed runs included
+    learning_rate: float = 1e-5         # constant
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    ema_decay: float | None = None      # EMA of the trainable params (None: off, as the reference)
+    seed: int = 1
+    # ---- mesh ------------------------------------------------------------------------------------
+    mesh_data: int = -1                 # data-parallel axis size (-1: all remaining devices)
+    mesh_fsdp: int = 1                  # fsdp axis size (-1: all remaining devices)
+    min_shard_size: int = 2 ** 14       # params with fewer elements are replicated
+    # ---- checkpoints, logging --------------------------------------------------------------------
+    workdir: str = "runs/diad"          # checkpoints/, best/, metrics.jsonl, tensorboard/
+    save_every: int = 1000
+    keep: int = 3
+    async_checkpoint: bool = True
+    resume: bool = True                 # continue from the latest checkpoint in workdir if there is one
+    log_every: int = 10
+    # ---- evaluation ------------------------------------------------------------------------------
+    eval_every: int = 0                 # steps between evaluations (0: only eval_at_end)
+    eval_at_end: bool = False
+    eval_split: str | None = "test"     # the split that selects the best checkpoint (reference: test); None: no eval
+    eval_data_dir: str | None = None    # a separately prepared dataset directory to evaluate on instead
+    eval_batch_size: int = 8
+    eval_seed: int = 0
+    best_metric: str = "p_auroc+i_auroc"  # sum of mean metrics (reference val_acc = P-AUROC + I-AUROC)
+    metrics_variant: str = "standard"   # "standard" or "reference" (compute_metrics)
+    # ---- autoencoder fine-tuning only (scripts/finetune_autoencoder.py) --------------------------
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0      # LPIPS weight, when its weights are given
+    lpips_vgg16: str | None = None      # torchvision VGG16 state dict (local file)
+    lpips_lin: str | None = None        # LPIPS linear layers for VGG (vgg.pth, local file)
+    disc_start: int = 50_001            # the reference's discriminator start (not implemented: must exceed steps)
+
+    def __post_init__(self):
+        object.__setattr__(self, "dataset_options", dict(self.dataset_options))
+        if self.classes is not None:
+            object.__setattr__(self, "classes", _tuple(self.classes))
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        for name in ("batch_size", "grad_accum", "steps", "save_every", "keep", "log_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"TrainConfig.eval_every must be >= 0, got {self.eval_every}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.metrics_variant not in ("standard", "reference"):
+            raise ValueError(f"TrainConfig.metrics_variant must be 'standard' or 'reference', "
+                             f"got {self.metrics_variant!r}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> "TrainConfig":
+        """The embedded default: tiny model, generated 64x64 dataset, plain data parallelism on
+        whatever devices there are, a higher learning rate so the loss visibly drops in minutes."""
+        kw: dict[str, Any] = dict(
+            model="tiny", batch_size=8, grad_accum=1, steps=200, learning_rate=1e-4,
+            dataset_options=dict(train_per_class=24, test_per_class=8),
+            workdir="runs/tiny", save_every=100, log_every=10, eval_at_end=True, eval_batch_size=8,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def reference(cls, **overrides) -> "TrainConfig":
+        """The released train.py's hyperparameters (batch 12 x 4, AdamW 1e-5, fp32, seed 1)."""
+        return cls(**overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(s))

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Per-device memory of one DiAD train step, from XLA's compiled memory analysis.
+
+Lowers and compiles the sharded train step of diad_jax.train (the same `StepFactory` the trainer
+uses) on ABSTRACT inputs -- `DiAD.abstract_params()` ShapeDtypeStructs carrying the partition
+rules' shardings, never materialised -- on N forced host devices, and prints
+`compiled.memory_analysis()` per device as a markdown table:
+
+    peak = arguments + outputs - aliased (donated state) + temporaries
+
+Examples:
+  python benchmarks/bench_train_memory.py                      # SD size, remat + bf16, 1/2/8 devices
+  python benchmarks/bench_train_memory.py --model tiny --devices 1 8 --no-remat --dtype float32
+  python benchmarks/bench_train_memory.py --cases 8:1:8:8 8:1:8:96  # devices:data:fsdp:global_batch
+
+Each device count runs in its own subprocess (the forced device count is fixed at JAX start-up).
+On a CPU the numbers are XLA:CPU's buffer assignment; GPU/TPU compilers fuse differently, so treat
+them as an estimate of what the sharding achieves (the parameter/optimizer part is exact).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+DEFAULT_CASES = [
+    # devices, data, fsdp, global batch
+    (1, 1, 1, 1),
+    (1, 1, 1, 12),
+    (2, 1, 2, 2),
+    (2, 1, 2, 24),
+    (8, 1, 8, 8),
+    (8, 1, 8, 96),
+]
+
+
+def parse_case(s: str) -> tuple[int, int, int, int]:
+    try:
+        d, data, fsdp, b = (int(x) for x in s.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"case {s!r}: expected devices:data:fsdp:global_batch, e.g. 8:1:8:96")
+    return d, data, fsdp, b
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="sd15", help="sd15 (default), tiny, or a ModelConfig JSON file")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--no-remat", action="store_true", help="disable rematerialisation")
+    ap.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation (reference: 4)")
+    ap.add_argument("--ema", action="store_true", help="keep an EMA of the trainable params")
+    ap.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="D:DATA:FSDP:B",
+                    help="devices:data:fsdp:global_batch (default: " +
+                         " ".join(":".join(map(str, c)) for c in DEFAULT_CASES) + ")")
+    ap.add_argument("--devices", nargs="+", type=int, default=None,
+                    help="only the default cases with these device counts")
+    ap.add_argument("--conv-impl", default="lax", choices=["lax", "auto", "im2col"],
+                    help="convolution kernel (models/layers.CONV_IMPL): 'lax' (default) is what GPU/TPU run; "
+                         "'auto' is the CPU backend's im2col for small maps")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per device count")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def worker(args) -> None:
+    """Runs in a subprocess with the forced device count already in XLA_FLAGS."""
+    import jax
+    import jax.numpy as jnp
+
+    from diad_jax import sharding as shd
+    from diad_jax.configs import TrainConfig
+    from diad_jax.models.diad import DiAD
+    from diad_jax.train import StepFactory, resolve_model_config
+
+    from diad_jax.models import layers
+    layers.CONV_IMPL = args.conv_impl
+    cases = [parse_case(c) for c in args._worker.split(",")]
+    config = resolve_model_config(args.model)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    rows = []
+    for devices, data, fsdp, batch in cases:
+        tcfg = TrainConfig(model=args.model, batch_size=batch, grad_accum=args.grad_accum, compute_dtype=args.dtype,
+                           remat=not args.no_remat, mesh_data=data, mesh_fsdp=fsdp,
+                           ema_decay=0.999 if args.ema else None)
+        mesh = shd.make_mesh(data, fsdp, jax.devices()[:devices])
+        t0 = time.perf_counter()
+        factory = StepFactory(DiAD(config, dtype=dtype, remat=tcfg.remat), tcfg, mesh)
+        lowered = factory.lower(batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        ma = compiled.memory_analysis()
+        peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+        state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(factory.abstract_state))
+        frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(factory.abstract_frozen))
+        rows.append(dict(devices=devices, data=data, fsdp=fsdp, batch=batch, per_device_batch=batch / (data * fsdp),
+                         arguments=ma.argument_size_in_bytes, outputs=ma.output_size_in_bytes,
+                         aliased=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes, peak=peak,
+                         state_total=state_bytes, frozen_total=frozen_bytes,
+                         lower_s=t1 - t0, compile_s=t2 - t1))
+        print("ROW " + json.dumps(rows[-1]), flush=True)
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args._worker:
+        worker(args)
+        return
+    cases = args.cases or [c for c in DEFAULT_CASES if args.devices is None or c[0] in args.devices]
+    by_devices: dict[int, list] = {}
+    for c in cases:
+        if c[1] * c[2] != c[0]:
+            raise SystemExit(f"case {c}: data x fsdp must equal the device count")
+        by_devices.setdefault(c[0], []).append(c)
+    rows = []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for n, cs in sorted(by_devices.items()):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+                   PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--dtype", args.dtype,
+               "--grad-accum", str(args.grad_accum), "--conv-impl", args.conv_impl, "--_worker", ",".join(":".join(map(str, c)) for c in cs)]
+        if args.no_remat:
+            cmd.append("--no-remat")
+        if args.ema:
+            cmd.append("--ema")
+        print(f"# {n} device(s): compiling {len(cs)} case(s) ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        got = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"worker for {n} devices failed (exit {proc.returncode})")
+        rows += got
+
+    import jax
+    import flax
+    import optax
+
+    gib = 2 ** 30
+    print(f"Train-step memory per device (XLA memory_analysis), model={args.model}, compute {args.dtype}, "
+          f"remat={'off' if args.no_remat else 'on'}, grad_accum={args.grad_accum}, fp32 master weights, "
+          f"AdamW state sharded over fsdp, conv={args.conv_impl}\n")
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+          f"{platform.system()} {platform.release()}; python {platform.python_version()}, jax {jax.__version__}, "
+          f"flax {flax.__version__}, optax {optax.__version__}; forced host (CPU) devices\n")
+    print("| devices | mesh (data x fsdp) | global batch | per device | arguments GiB | outputs GiB "
+          "| aliased GiB | temp GiB | **peak GiB** | compile s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['devices']} | {r['data']} x {r['fsdp']} | {r['batch']} | {r['per_device_batch']:g} "
+              f"| {r['arguments'] / gib:.2f} | {r['outputs'] / gib:.2f} | {r['aliased'] / gib:.2f} "
+              f"| {r['temp'] / gib:.2f} | **{r['peak'] / gib:.2f}** | {r['compile_s']:.0f} |")
+    if rows:
+        r = rows[0]
+        print(f"\nTrain state (trainable params + optimizer state{' + EMA' if args.ema else ''}), all devices: "
+              f"{r['state_total'] / gib:.2f} GiB; frozen params (UNet encoder/middle, VAE): "
+              f"{r['frozen_total'] / gib:.2f} GiB.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Fine-tuning the KL autoencoder (VAE) on the dataset, as the reference's finetune_autoencoder.py
+(ldm AutoencoderKL.training_step with LPIPSWithDiscriminator, spec section 5).
+
+Per batch of normalised images x (the same inputs DiAD trains on):
+
+    posterior = VAE.encode(x);  z = posterior SAMPLE;  x_hat = VAE.decode(z)
+    rec       = |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)   (LPIPS broadcast over C, H, W)
+    loss      = sum(rec) / B + kl_weight * sum(KL(posterior || N(0, I))) / B
+
+with logvar fixed at 0 (learn_logvar=False), kl_weight 1e-6, Adam(0.5, 0.9), lr 4.5e-5 x batch 4.
+The patch discriminator only starts at step `disc_start` = 50001 (its factor is 0 before), and the
+reference trains about 25k steps, so it never contributes: it is not implemented here, and a run
+whose `steps` reach `disc_start` is refused. LPIPS needs two local weight files (VGG16 and the
+LPIPS linear layers, see models/lpips.py); without them the loss is L1 + KL only (the documented
+fallback), which a warning states.
+
+Only the VAE's params are trained (all of them: encoder, decoder, quant convs); the training loop,
+sharding and checkpoints are diad_jax.train's, so a fine-tuning checkpoint is a full model
+checkpoint (UNet/SG params carried through unchanged) usable as `--init-checkpoint` for training.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from diad_jax.configs import TrainConfig
+from diad_jax.models.diad import combine, to_nchw, to_nhwc
+from diad_jax.models.sd import AutoencoderKL
+from diad_jax.train import Task, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight: float = 1e-6,
+                     perceptual_weight: float = 1.0):
+    """The reference's generator loss before the discriminator starts (see the module docstring).
+    `frozen` may hold "lpips" params (then the perceptual term is on)."""
+    del context
+    params = combine(trainable, {k: v for k, v in frozen.items() if k != "lpips"})
+    x = batch["image"]
+    index = batch["index"]
+    mean, logvar = model.encode_moments(params, x)
+    mean, logvar = mean.astype(jnp.float32), jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index.astype(jnp.uint32))
+    noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
+    z = mean + jnp.exp(0.5 * logvar) * noise
+    x_hat = to_nchw(model.vae.apply({"params": params["vae"]}, to_nhwc(z), method=AutoencoderKL.decode))
+    x_hat = x_hat.astype(jnp.float32)
+    b = x.shape[0]
+    l1 = jnp.abs(x - x_hat)
+    rec_sum = jnp.sum(l1)
+    aux = {"l1": jnp.mean(l1)}
+    if "lpips" in frozen:
+        from diad_jax.models.lpips import LPIPS
+        p = LPIPS().apply({"params": frozen["lpips"]}, to_nhwc(x), to_nhwc(x_hat))  # (B,)
+        rec_sum = rec_sum + perceptual_weight * jnp.sum(p) * (x[0].size)
+        aux["lpips"] = jnp.mean(p)
+    kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar) / b
+    nll = rec_sum / b
+    aux.update(kl=kl, nll=nll)
+    return nll + kl_weight * kl, aux
+
+
+def autoencoder_task(cfg: TrainConfig, lpips_params: dict | None = None) -> Task:
+    """The VAE fine-tuning task for diad_jax.train.Trainer."""
+    if cfg.steps >= cfg.disc_start:
+        raise ValueError(f"steps={cfg.steps} reaches disc_start={cfg.disc_start}: the patch discriminator would "
+                         f"engage, and it is not implemented (the reference's never does in its ~25k steps)")
+    if lpips_params is None:
+        log.warning("no LPIPS weights given (--lpips-vgg16 and --lpips-lin): fine-tuning with L1 + %g KL only "
+                    "(the reference adds LPIPS with weight %g)", cfg.kl_weight, cfg.perceptual_weight)
+
+    def loss(model, trainable, frozen, context, batch, key):
+        return autoencoder_loss(model, trainable, frozen, context, batch, key, kl_weight=cfg.kl_weight,
+                                perceptual_weight=cfg.perceptual_weight)
+
+    extra = {"lpips": lpips_params} if lpips_params is not None else {}
+    return Task("autoencoder", ("vae",), lambda p: jax.tree.map(lambda _: True, p), loss, make_optimizer,
+                extra_frozen=extra)
+
+
+def reference_config(**overrides) -> TrainConfig:
+    """finetune_autoencoder.py's settings: batch 4 x accumulation 8, Adam(0.5, 0.9), lr 4.5e-5 x 4,
+    no weight decay, fp32, about 25k steps, no evaluation."""
+    kw = dict(model="sd15", batch_size=4, grad_accum=8, learning_rate=4.5e-5 * 4, b1=0.5, b2=0.9, weight_decay=0.0,
+              steps=25_000, eval_split=None, eval_at_end=False, workdir="runs/autoencoder", save_every=1000)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """The embedded default: tiny model, generated data, a few minutes on CPU."""
+    base = TrainConfig.tiny()
+    kw = dict(model="tiny", batch_size=8, grad_accum=1, learning_rate=1e-4, b1=0.5, b2=0.9, weight_decay=0.0,
+              steps=200, eval_split=None, eval_at_end=False, workdir="runs/autoencoder_tiny", save_every=100,
+              dataset_options=base.dataset_options)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+__all__ = ["autoencoder_loss", "autoencoder_task", "reference_config", "tiny_config"]

@@ -1,0 +1,174 @@
+"""Command-line plumbing shared by scripts/train.py and scripts/finetune_autoencoder.py: the flags
+that map onto TrainConfig fields, runtime set-up (logging, multi-host, compilation cache), and a
+tqdm progress loop around `Trainer.run`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from diad_jax.configs import TrainConfig
+
+log = logging.getLogger("diad_jax.train")
+
+_RUNTIME = {"preset", "config", "print_config", "no_progress", "distributed", "coordinator", "num_processes",
+            "process_id", "compilation_cache", "kill_at_step"}
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> None:
+    """Flags shared by both scripts. Every flag defaults to "not given" (argparse.SUPPRESS), so only
+    what is typed overrides the preset and the --config file."""
+    S = argparse.SUPPRESS
+    ap.add_argument("--preset", choices=presets, default=presets[0],
+                    help=f"starting values (default {presets[0]}); see the description above")
+    ap.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (applied after the preset)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved TrainConfig as JSON and exit")
+
+    g = ap.add_argument_group("model")
+    g.add_argument("--model", default=S, help="tiny, sd15, or a ModelConfig JSON file (random init)")
+    g.add_argument("--init-checkpoint", default=S,
+                   help="converted model checkpoint dir (convert/torch_to_flax.py): params, CLIP context, ResNet")
+    g.add_argument("--dtype", dest="compute_dtype", choices=["float32", "bfloat16"], default=S,
+                   help="compute dtype; master weights and optimizer state stay float32")
+    g.add_argument("--remat", type=_bool, nargs="?", const=True, default=S,
+                   help="rematerialise blocks in the backward pass (less memory, more compute)")
+
+    g = ap.add_argument_group("data")
+    g.add_argument("--dataset", default=S, help="synthetic (default), mvtec_ad, visa, folder")
+    g.add_argument("--data-dir", default=S,
+                   help="where prepared datasets live (default: $DIAD_DATA_DIR or ~/.cache/diad_jax/data)")
+    g.add_argument("--manual-dir", default=S, help="the downloaded dataset's root folder (mvtec_ad, visa, folder)")
+    g.add_argument("--dataset-option", action="append", default=S, metavar="KEY=JSON",
+                   help="a data.prepare option, e.g. train_per_class=60 or exclude='[\"screw/train/good/232.png\"]'")
+    g.add_argument("--classes", nargs="+", default=S, help="train on these classes only (default: all, mixed)")
+
+    g = ap.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=S, help="GLOBAL batch per step (all devices and hosts)")
+    g.add_argument("--grad-accum", type=int, default=S, help="steps per optimizer update")
+    g.add_argument("--steps", type=int, default=S, help="total steps (batches) of the run, resumed steps included")
+    g.add_argument("--lr", dest="learning_rate", type=float, default=S, help="constant learning rate")
+    g.add_argument("--weight-decay", type=float, default=S)
+    g.add_argument("--ema-decay", type=float, default=S, help="keep an EMA of the trained params (e.g. 0.999)")
+    g.add_argument("--seed", type=int, default=S)
+
+    g = ap.add_argument_group("mesh (devices = data x fsdp; the batch is split over both)")
+    g.add_argument("--mesh-data", type=int, default=S, help="data-parallel axis size (-1: all remaining devices)")
+    g.add_argument("--mesh-fsdp", type=int, default=S,
+                   help="fsdp axis size: shards params and optimizer state (-1: all remaining devices)")
+
+    g = ap.add_argument_group("checkpoints and logging")
+    g.add_argument("--workdir", default=S, help="checkpoints/, best/, metrics.jsonl, tensorboard/")
+    g.add_argument("--save-every", type=int, default=S, help="steps between checkpoints")
+    g.add_argument("--keep", type=int, default=S, help="how many recent checkpoints to keep")
+    g.add_argument("--async-checkpoint", type=_bool, default=S, help="save in the background (default true)")
+    g.add_argument("--no-resume", dest="resume", action="store_false", default=S,
+                   help="do not resume (fails if the workdir holds checkpoints)")
+    g.add_argument("--log-every", type=int, default=S, help="steps between metric records")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = ap.add_argument_group("multi-host and runtime")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (also when DIAD_DISTRIBUTED=1); run the same "
+                        "command on every host")
+    g.add_argument("--coordinator", help="coordinator host:port (default: auto-detected on TPU, SLURM, Open MPI)")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+    g.add_argument("--compilation-cache", help="JAX persistent compilation cache directory")
+    g.add_argument("--kill-at-step", type=int, help=S)  # testing: SIGKILL itself at this step
+
+
+def config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    d = base.to_dict()
+    if args.config:
+        d.update(json.loads(Path(args.config).read_text()))
+    for k, v in vars(args).items():
+        if k in _RUNTIME:
+            continue
+        if k == "dataset_option":
+            opts = dict(d.get("dataset_options") or {})
+            for item in v:
+                key, _, val = item.partition("=")
+                try:
+                    opts[key] = json.loads(val)
+                except json.JSONDecodeError:
+                    opts[key] = val
+            d["dataset_options"] = opts
+            continue
+        d[k] = v
+    if isinstance(d.get("eval_split"), str) and d["eval_split"].lower() in ("none", ""):
+        d["eval_split"] = None
+    return TrainConfig.from_dict(d)
+
+
+def init_runtime(args: argparse.Namespace) -> None:
+    """Logging, then jax.distributed (if asked) and the compilation cache. Call before touching devices."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import jax
+
+    if args.distributed or os.environ.get("DIAD_DISTRIBUTED") == "1":
+        # CPU processes need a collectives implementation; no effect on GPU/TPU
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        kw = {k: v for k, v in dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                    process_id=args.process_id).items() if v is not None}
+        jax.distributed.initialize(**kw)
+        log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def run(trainer, args: argparse.Namespace) -> dict:
+    """`trainer.run()` with a tqdm bar (process 0) showing loss and images/s; closes the trainer."""
+    import jax
+
+    cfg = trainer.cfg
+    bar = None
+    if not args.no_progress and jax.process_index() == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=trainer.step, desc=trainer.task.name, unit="step", dynamic_ncols=True)
+
+    def on_step(step):
+        if bar is not None:
+            bar.update(1)
+
+    def on_log(info):
+        if bar is not None:
+            bar.set_postfix(loss=f"{info.metrics['loss']:.4f}", img_s=f"{info.images_per_s:.1f}")
+        if bar is None or info.step % (10 * cfg.log_every) == 0:
+            log.info("step %d: loss %.4f, %.1f images/s", info.step, info.metrics["loss"], info.images_per_s)
+
+    t0 = time.perf_counter()
+    try:
+        result = trainer.run(on_log=on_log, on_step=on_step, kill_at_step=args.kill_at_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    trainer.close()
+    log.info("done: step %d, last loss %.4f, %.1fs; checkpoints in %s", result["step"], result["loss"],
+             time.perf_counter() - t0, trainer.checkpointer.directory)
+    if trainer.checkpointer.best_step() is not None:
+        log.info("best checkpoint (by %s on the %s split): %s/%d", cfg.best_metric, cfg.eval_split,
+                 trainer.checkpointer.best.directory, trainer.checkpointer.best_step())
+    return result
+
+
+def write_config(cfg: TrainConfig, name: str = "train_config.json") -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.workdir) / name).write_text(cfg.to_json())

@@ -1,0 +1,413 @@
+"""Training: sharded steps vs one device, partition rules, trainable subset, kill-and-resume,
+restore onto another mesh, real multi-process training, and the loss going down.
+
+Everything uses ModelConfig.tiny() on the generated dataset at 64 px; the in-process tests run on
+the 8 forced CPU devices conftest.py sets up; subprocess tests set their own XLA_FLAGS."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from diad_jax import data
+from diad_jax import sharding as shd
+from diad_jax.configs import ModelConfig, TrainConfig
+from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
+from diad_jax.train import Checkpointer, StepFactory, model_metadata, read_metrics
+
+# one xdist worker for the whole module: its fixtures (compiled steps, the reference run) are shared
+pytestmark = pytest.mark.xdist_group("train")
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTH = dict(train_per_class=8, test_per_class=4)   # 40 train images, 20 test
+BATCH = 8
+LR = 1e-3  # larger than the reference's 1e-5 so a few steps visibly train
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth_data")
+    ds = data.prepare("synthetic", d, image_size=64, **SYNTH)
+    return d, ds
+
+
+@pytest.fixture(scope="module")
+def setup(synth):
+    """Model, initial host params, context, and three fixed global batches (host numpy). The
+    zero-initialised layers are filled with random values so every parameter gets a gradient."""
+    _, ds = synth
+    cfg = TrainConfig.tiny(batch_size=BATCH, learning_rate=LR)
+    model = DiAD(ModelConfig.tiny())
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: x if np.any(x) else rng.normal(0, 0.02, x.shape).astype(np.float32),
+                          jax.device_get(model.init(seed=0)))
+    ctx = rng.standard_normal((1, model.config.context_len, model.config.unet.context_dim)).astype(np.float32)
+    it = iter(data.train_dataset(ds, BATCH, seed=0, shard_index=0, shard_count=1))
+    batches = []
+    for _ in range(3):
+        b = next(it)
+        batches.append({"image": b["image"], "index": b["index"]})
+    return cfg, model, params, ctx, batches
+
+
+_FACTORIES: dict = {}
+
+
+def factory(setup, data_size: int, fsdp: int) -> StepFactory:
+    """One StepFactory (one compiled step) per mesh for the whole module."""
+    cfg, model, *_ = setup
+    key = (data_size, fsdp)
+    if key not in _FACTORIES:
+        mesh = shd.make_mesh(data_size, fsdp, jax.devices()[:data_size * fsdp])
+        _FACTORIES[key] = StepFactory(model, cfg, mesh)
+    return _FACTORIES[key]
+
+
+def run_steps(f: StepFactory, params, ctx, batches, n: int, snapshot_after: int | None = None):
+    """n steps; also returns a host copy of the state after `snapshot_after` steps."""
+    trainable, frozen = f.split(params)
+    state = f.init_state(trainable)
+    context = f.place_context(ctx)
+    losses, snap = [], None
+    for i, b in enumerate(batches[:n]):
+        state, m = f.step(state, frozen, context, shd.shard_batch(b, f.mesh))
+        losses.append(float(m["loss"]))
+        if i + 1 == snapshot_after:
+            snap = jax.device_get(state)
+    return state, frozen, losses, snap
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    """Two single-device steps: (host state after step 1, host frozen, both losses)."""
+    cfg, model, params, ctx, batches = setup
+    f = factory(setup, 1, 1)
+    _, frozen, losses, snap = run_steps(f, params, ctx, batches, 2, snapshot_after=1)
+    return snap, jax.device_get(frozen), losses
+
+
+def _flat(tree):
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+# ---- mesh --------------------------------------------------------------------------------------
+def test_make_mesh_sizes_and_errors():
+    assert jax.device_count() == 8, "conftest forces 8 CPU devices"
+    assert dict(shd.make_mesh().shape) == {"data": 8, "fsdp": 1}
+    assert dict(shd.make_mesh(2, -1).shape) == {"data": 2, "fsdp": 4}
+    assert dict(shd.make_mesh(-1, 8).shape) == {"data": 1, "fsdp": 8}
+    for bad, msg in [((3, -1), "cannot be split"), ((-1, -1), "only one"), ((2, 2), "product must equal"),
+                     ((0, 8), "positive size")]:
+        with pytest.raises(shd.MeshError, match=msg):
+            shd.make_mesh(*bad)
+    mesh = shd.make_mesh(2, 4)
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+# ---- sharded step == single-device step --------------------------------------------------------
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (8, 1)], ids=["data2_fsdp4", "data8"])
+def test_sharded_step_matches_single_device(setup, single, mesh_shape):
+    cfg, model, params, ctx, batches = setup
+    ref_state, _, ref_losses = single
+    _, _, losses, state = run_steps(factory(setup, *mesh_shape), params, ctx, batches, 2, snapshot_after=1)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    # the state after the first step
+    got, want = _flat(jax.device_get(state.params)), _flat(ref_state.params)
+    assert got.keys() == want.keys()
+    # Adam's moments are linear in the gradients: they must agree to float tolerance
+    for name in ("mu", "nu"):
+        m_got = _flat(jax.device_get(getattr(state.opt_state[0], name)))
+        m_want = _flat(getattr(ref_state.opt_state[0], name))
+        scale = max(float(np.max(np.abs(v))) for v in m_want.values())
+        for k in m_want:
+            np.testing.assert_allclose(m_got[k], m_want[k], rtol=1e-3, atol=1e-5 * scale, err_msg=f"{name} {k}")
+    # Params: Adam's first update is lr * g / (|g| + eps), i.e. lr * sign(g) once |g| >> eps = 1e-8;
+    # where |g| is near the rounding level (biases right before a GroupNorm: ~1e-10) its sign is
+    # noise, and the update's slope lr * eps / |g|^2 amplifies rounding. Where |g| > 1e-5 the
+    # update is lr * sign(g) to 1e-3 and insensitive to rounding: the params must agree there.
+    mu = _flat(ref_state.opt_state[0].mu)  # = 0.1 g after one step
+    n_noise = n_total = 0
+    for k in want:
+        d = np.abs(got[k] - want[k])
+        real = np.abs(mu[k]) > 1e-6
+        n_noise += int((~real).sum())
+        n_total += d.size
+        assert np.all(d[real] <= 1e-6 * LR + 1e-6 * np.abs(want[k][real])), \
+            f"{k}: max |sharded - single| = {d[real].max():.3g}"
+        assert np.all(d <= 2 * LR), k
+    assert n_noise < 0.6 * n_total, f"only {n_total - n_noise} of {n_total} params checked"
+
+
+def test_params_and_optimizer_state_sharded_as_rules_say(setup):
+    _, _, params, ctx, batches = setup
+    f = factory(setup, 2, 4)
+    trainable, frozen = f.split(params)
+    state = f.init_state(trainable)
+    n_sharded = 0
+    for tree in (trainable, frozen):
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            name = shd.path_str(path)
+            want = shd.spec_for(name, x.shape, f.mesh)
+            assert x.sharding.spec == want, name
+            if "fsdp" in want:
+                n_sharded += 1
+                dim = list(want).index("fsdp")
+                assert x.addressable_shards[0].data.shape[dim] == x.shape[dim] // 4, name
+    assert n_sharded > 20
+    # concrete rule outcomes: large kernels split on their largest fsdp-divisible dim, small/bias replicated
+    flat_t = {shd.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(trainable)}
+    k = flat_t["unet/output_blocks_0_0/in_layers_2/kernel"]          # (3, 3, 128, 64)
+    assert k.shape == (3, 3, 128, 64) and k.sharding.spec == P(None, None, "fsdp")
+    assert flat_t["unet/output_blocks_0_0/in_layers_2/bias"].sharding.spec == P()
+    assert flat_t["sg/input_hint_block_0/kernel"].sharding.spec == P()    # (3, 3, 3, 16): small
+    # Adam moments follow their param; the counter is replicated
+    adam = state.opt_state[0]
+    for tree in (adam.mu, adam.nu):
+        for (pp, p), (mp, m) in zip(jax.tree_util.tree_leaves_with_path(trainable),
+                                    jax.tree_util.tree_leaves_with_path(tree)):
+            assert shd.path_str(pp) == shd.path_str(mp)
+            assert m.sharding.spec == p.sharding.spec, shd.path_str(pp)
+    assert adam.count.sharding.spec == P()
+    # the batch is split over every device
+    gb = shd.shard_batch(batches[0], f.mesh)
+    assert gb["image"].sharding.spec == P(("data", "fsdp"), None, None, None)
+    assert gb["image"].addressable_shards[0].data.shape[0] == BATCH // 8
+
+
+def test_only_trainable_params_change(setup, single):
+    _, model, params, _, _ = setup
+    state, frozen_after, _ = single
+    mask = _flat(trainable_mask(params))
+    before = _flat(params)
+    after = _flat(combine(state.params, frozen_after))
+    assert after.keys() == before.keys()
+    train_keys = {k for k, t in mask.items() if t}
+    assert set(_flat(state.params)) == train_keys                      # state holds only trainable params
+    assert set(_flat(state.opt_state[0].mu)) == train_keys             # ... and so does the optimizer
+    for k, t in mask.items():
+        if not t:
+            assert np.array_equal(after[k], before[k]), f"frozen {k} changed"
+    assert any(k.startswith("unet/input_blocks") for k in before if not mask[k])
+    assert any(k.startswith("vae/") for k in before)
+    changed = [k for k in train_keys if not np.array_equal(after[k], before[k])]
+    assert any(k.startswith("sg/") for k in changed) and any(k.startswith("unet/output_blocks") for k in changed)
+    assert len(changed) > 0.5 * len(train_keys)
+
+
+def test_loss_goes_down(setup, synth):
+    """A fixed held-out batch and noise: the loss after 30 steps (lr 1e-3) is clearly lower."""
+    cfg, model, params, ctx, batches = setup
+    _, ds = synth
+    f = factory(setup, 1, 1)
+    trainable, frozen = f.split(params)
+    state = f.init_state(trainable)
+    context = f.place_context(ctx)
+    held = shd.shard_batch({"image": batches[2]["image"], "index": np.arange(BATCH) + 1000}, f.mesh)
+
+    def held_loss(state):
+        # the step reports the loss before its update; on a copy with a fixed step number the
+        # noise (keyed by step and example index) is the same every time
+        probe = jax.device_put(state, f.state_shardings, may_alias=False)  # the step donates it
+        probe = probe.replace(step=jax.device_put(jnp.int32(10_000), f.state_shardings.step))
+        return float(f.step(probe, frozen, context, held)[1]["loss"])
+
+    before = held_loss(state)
+    it = iter(data.train_dataset(ds, BATCH, seed=1, shard_index=0, shard_count=1))
+    losses = []
+    for _ in range(30):
+        b = next(it)
+        state, m = f.step(state, frozen, context, shd.shard_batch({"image": b["image"], "index": b["index"]}, f.mesh))
+        losses.append(float(m["loss"]))
+    after = held_loss(state)
+    assert np.isfinite(losses).all()
+    assert after < 0.8 * before, (before, after)
+    assert np.mean(losses[-10:]) < np.mean(losses[:5])
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+def test_restore_onto_a_different_mesh(setup, single, tmp_path):
+    """Save from a data=8 mesh, restore onto data=2 x fsdp=4: same values, the new mesh's shardings."""
+    cfg, model, params, ctx, batches = setup
+    f8, f24 = factory(setup, 8, 1), factory(setup, 2, 4)
+    state, frozen, _, _ = run_steps(f8, params, ctx, batches, 1)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=2, async_save=True)
+    meta = model_metadata(model.config, False)
+    ckpt.save(1, state=state, frozen=frozen, context=f8.place_context(ctx), resnet=None, model_meta=meta,
+              train_config={"step": 1})
+    ckpt.wait()
+    a_params = shd.with_shardings(combine(f24.abstract_trainable, f24.abstract_frozen),
+                                  combine(f24.trainable_shardings, f24.frozen_shardings))
+    a_ctx = jax.ShapeDtypeStruct(ctx.shape, jnp.float32, sharding=shd.replicated(f24.mesh))
+    r_state, r_params, r_ctx, _, _ = ckpt.restore(1, abstract_state=f24.abstract_state_with_shardings(),
+                                                  abstract_params=a_params, abstract_context=a_ctx)
+    ckpt.close()
+    assert int(r_state.step) == 1
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(r_state))):
+        assert np.array_equal(a, b)
+    for (path, x), want in zip(jax.tree_util.tree_leaves_with_path(r_params),
+                               jax.tree.leaves(combine(f24.trainable_shardings, f24.frozen_shardings))):
+        assert x.sharding == want, shd.path_str(path)
+    np.testing.assert_array_equal(np.asarray(r_ctx), ctx)
+    # the restored state trains on the new mesh exactly like the original on its own
+    _, r_frozen = partition(r_params)
+    s_new, m_new = f24.step(r_state, r_frozen, r_ctx, shd.shard_batch(batches[1], f24.mesh))
+    s_old, m_old = f8.step(state, frozen, f8.place_context(ctx), shd.shard_batch(batches[1], f8.mesh))
+    np.testing.assert_allclose(float(m_new["loss"]), float(m_old["loss"]), rtol=2e-5)
+    # a training checkpoint is also a model checkpoint
+    from diad_jax.checkpoints import load_model
+    m = load_model(tmp_path / "ckpt" / "1")
+    assert m.config == model.config and m.resnet is None
+    np.testing.assert_array_equal(m.params["vae"]["encoder"]["conv_in"]["kernel"],
+                                  params["vae"]["encoder"]["conv_in"]["kernel"])
+
+
+# ---- subprocess helpers ------------------------------------------------------------------------
+def _env(devices: int, cache: Path | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
+
+
+def _train_cmd(workdir, data_dir, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--workdir", str(workdir), "--data-dir",
+            str(data_dir), "--dataset-option", f"train_per_class={SYNTH['train_per_class']}",
+            "--dataset-option", f"test_per_class={SYNTH['test_per_class']}", "--lr", str(LR),
+            "--log-every", "1", "--eval-split", "none", "--no-progress", *extra]
+
+
+def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str, expect: int = 0):
+    assert proc.returncode == expect, f"exit {proc.returncode}, expected {expect}:\n{out[-6000:]}"
+
+
+def _losses(workdir) -> dict[int, float]:
+    """step -> loss, the last logged value of each step (a resumed run re-logs steps after its checkpoint)."""
+    return {r["step"]: r["loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl")}
+
+
+def _final_params(path):
+    """Params of a checkpoint saved on any topology (here: 2 processes), onto one local device."""
+    from diad_jax.checkpoints import load_model
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return _flat(jax.device_get(load_model(path, sharding=lambda p, x: one).params))
+
+
+# The subprocess runs share one persistent compilation cache and these settings, so the
+# single-process program compiles once (the two-process one once per process).
+REFERENCE_ARGS = ("--steps", "7", "--save-every", "2", "--batch-size", "8", "--mesh-data", "1", "--mesh-fsdp", "2")
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """A compilation cache directory, holding also the subprocess tests' config file."""
+    d = tmp_path_factory.mktemp("jax_cache")
+    # Adam with eps 1e-3 (instead of 1e-8): its update g / (|g| + eps) is then Lipschitz in g, so
+    # the different summation order of cross-process reductions stays at rounding level instead of
+    # turning gradients that are zero up to rounding into +-lr steps (the in-process test covers
+    # the default eps after one step). Everything else is the default optimiser.
+    (d / "eps.json").write_text(json.dumps({"eps": 1e-3}))
+    return d
+
+
+def _ref_args(jax_cache) -> tuple[str, ...]:
+    return (*REFERENCE_ARGS, "--config", str(jax_cache / "eps.json"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(synth, jax_cache, tmp_path_factory):
+    """One uninterrupted single-process run: 7 steps on 2 devices (fsdp=2), checkpoints
+    every 2 steps. Both subprocess tests compare with it (and it fills the compilation cache)."""
+    data_dir, _ = synth
+    workdir = tmp_path_factory.mktemp("reference_run")
+    proc = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache)), env=_env(2, jax_cache),
+                          capture_output=True, text=True, timeout=400)
+    _check(proc, proc.stdout + proc.stderr)
+    return workdir
+
+
+@pytest.mark.slow
+def test_kill_and_resume_continues_exactly(synth, jax_cache, reference_run):
+    """A run SIGKILLed at step 5 and restarted resumes from its step-4 checkpoint and ends exactly
+    like the uninterrupted run (7 steps; 5 steps make an epoch, so the data iterator's state
+    crosses an epoch boundary)."""
+    data_dir, _ = synth
+    workdir = jax_cache.parent / "killed_run"
+    killed = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache), "--kill-at-step", "5"),
+                            env=_env(2, jax_cache), capture_output=True, text=True, timeout=300)
+    _check(killed, killed.stdout + killed.stderr, expect=-9)
+    before = _losses(workdir)
+    assert max(before) == 5, "the killed run logged steps 1..5"
+    resumed = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache)), env=_env(2, jax_cache),
+                             capture_output=True, text=True, timeout=300)
+    _check(resumed, resumed.stdout + resumed.stderr)
+    log = resumed.stdout + resumed.stderr
+    assert "resumed from" in log, log[-3000:]
+    resumed_from = int(log.split("resumed from ")[1].split("(step ")[1].split(")")[0])
+    assert resumed_from == 4
+    want, got = _losses(reference_run), _losses(workdir)
+    assert sorted(want) == sorted(got) == list(range(1, 8))
+    assert got == want, (got, want)
+    for s in range(1, 6):  # the steps the killed run did before dying are the same too
+        assert before[s] == want[s]
+    a, b = _final_params(reference_run / "checkpoints" / "7"), _final_params(workdir / "checkpoints" / "7")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(synth, jax_cache, reference_run, tmp_path):
+    """Two processes (jax.distributed on 127.0.0.1, gloo), one CPU device each, the same mesh
+    (fsdp=2: params and optimizer state split ACROSS the processes) and global batch 8, each
+    reading its half of every batch through the per-host pipeline, train 4 steps and save a
+    checkpoint together; losses and params equal the single-process run on the full batch."""
+    data_dir, _ = synth
+    args = (*_ref_args(jax_cache), "--steps", "4", "--save-every", "4")
+    port = _free_port()
+    procs = [subprocess.Popen(_train_cmd(tmp_path / "multi", data_dir, *args, "--distributed", "--coordinator",
+                                         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)),
+                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=400)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        _check(p, out)
+    assert "process 1 of 2, 1 local / 2 global devices" in outs[1]
+    want, got = _losses(reference_run), _losses(tmp_path / "multi")
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+    a, b = _final_params(reference_run / "checkpoints" / "4"), _final_params(tmp_path / "multi" / "checkpoints" / "4")
+    mask = _flat(trainable_mask(DiAD(ModelConfig.tiny()).abstract_params()))
+    for k in a:
+        if not mask[k]:
+            assert np.array_equal(a[k], b[k]), k  # frozen: untouched by both
+            continue
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-4 * LR, err_msg=k)
+    # each process saved its own data iterator state (its half of the data)
+    data_dir_4 = tmp_path / "multi" / "checkpoints" / "4" / "data"
+    assert sorted(p.name for p in data_dir_4.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
