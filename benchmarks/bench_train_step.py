@@ -10,6 +10,12 @@ machine whose memory cannot hold SD-size AdamW state: about 11 GiB of fp32 param
 the AdamW update it leaves out is elementwise over the trainable params.
 Random images (normalised range), fresh reference-style init, one process, `--devices` forced
 host devices when on CPU. Prints a markdown table.
+
+--torch adds the PyTorch baseline, run after ours in the same process with the same weights: the
+reference's training step (sgn.py / ldm ddpm.py p_losses) on diffusers' PyTorch ControlNet + the SFF
+block + UNet2DConditionModel + AutoencoderKL (tests/oracle.py), same trainable subset (ControlNet,
+SFF convs, UNet up blocks and output layers), torch.optim.AdamW, fp32, same batch; with
+--grads-only it times loss + backward only, like ours.
 """
 from __future__ import annotations
 
@@ -31,7 +37,11 @@ def main(argv=None):
     ap.add_argument("--grads-only", action="store_true", help="time loss + gradients only (no optimizer state)")
     ap.add_argument("--mesh-data", type=int, default=-1)
     ap.add_argument("--mesh-fsdp", type=int, default=1)
+    ap.add_argument("--torch", action="store_true", help="also time the PyTorch baseline (needs the dev extra)")
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
+    if args.torch:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import jax
     import jax.numpy as jnp
@@ -54,7 +64,13 @@ def main(argv=None):
         f = StepFactory(model, cfg, mesh)
         if params_host is None:
             t0 = time.perf_counter()
-            params_host = jax.device_get(model.init(seed=0))
+            if args.torch:  # the same random weights in both: an ldm state dict converted for us
+                from tests import oracle
+                from diad_jax.convert.ldm import ldm_to_params
+                ldm_sd = oracle.random_ldm_state_dict(config, seed=0)
+                params_host, _ = ldm_to_params(ldm_sd, model.abstract_params())
+            else:
+                params_host = jax.device_get(model.init(seed=0))
             print(f"# init {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         trainable, frozen = f.split(params_host)
         context = f.place_context(default_context(config))
@@ -83,6 +99,12 @@ def main(argv=None):
         rows.append((dt, first, dt_step, args.batch / dt_step))
         print(f"# {dt}: first call {first:.1f}s, {dt_step:.3f}s/step", file=sys.stderr, flush=True)
         del trainable, frozen, run
+    if args.torch:
+        del params_host
+        import gc
+        gc.collect()
+        first, dt_step = torch_baseline(config, ldm_sd, args)
+        rows.append((f"PyTorch {__import__('torch').__version__} float32", first, dt_step, args.batch / dt_step))
 
     print(f"Train step ({'loss + grads only' if args.grads_only else 'full AdamW step'}), model={args.model}, "
           f"batch {args.batch}, remat={'on' if args.remat else 'off'}, grad_accum={args.grad_accum}, "
@@ -93,6 +115,69 @@ def main(argv=None):
     print("|---|---:|---:|---:|")
     for dt, first, step, ips in rows:
         print(f"| {dt} | {first:.1f} | {step:.3f} | {ips:.1f} |")
+    if args.torch:
+        base = rows[-1][2]
+        print("\n" + ", ".join(f"{dt}: {base / step:.2f}x PyTorch's images/s" for dt, _, step, _ in rows[:-1]))
+
+
+def torch_baseline(config, ldm_sd, args):
+    """(first step s, s/step) of the reference's train step in PyTorch (see the module docstring)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from tests.torch_reference import TorchDiAD
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    ref = TorchDiAD(config, ldm_sd)
+    for m in (ref.controlnet, ref.unet):
+        m.train()
+        m.requires_grad_(False)
+    ref.vae.requires_grad_(False)
+    # the SFF convs as trainable tensors (oracle.torch_sff reads them from the state dict)
+    sff = {k: torch.nn.Parameter(torch.from_numpy(np.array(v))) for k, v in ldm_sd.items()
+           if k.startswith("control_model.down") and k.endswith(".0.weight")}
+    ref.sd = {**ldm_sd, **sff}
+    u = ref.unet
+    trainable = list(ref.controlnet.parameters()) + list(u.up_blocks.parameters()) + \
+        list(u.conv_norm_out.parameters()) + list(u.conv_out.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    trainable += list(sff.values())
+    opt = None if args.grads_only else torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01)
+    acp = torch.tensor(np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2), dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((args.batch, 3, config.image_size, config.image_size), np.float32))
+    ctx = torch.zeros(args.batch, config.context_len, config.unet.context_dim)
+
+    def step():
+        with torch.no_grad():
+            dist = ref.vae.encode(x).latent_dist
+            z = config.scale_factor * dist.sample()
+        t = torch.randint(0, 1000, (args.batch,))
+        noise = torch.randn_like(z)
+        a = acp[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        loss = F.mse_loss(ref.apply_model(x_t, t, ctx, x, only_mid_control=config.only_mid_control), noise)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            for p in trainable:
+                p.grad = None
+        return float(loss)
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    dt_step = (time.perf_counter() - t0) / args.steps
+    print(f"# PyTorch: first step {first:.1f}s, {dt_step:.3f}s/step", file=sys.stderr, flush=True)
+    return first, dt_step
 
 
 if __name__ == "__main__":

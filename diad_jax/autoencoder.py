@@ -24,6 +24,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diad_jax.configs import TrainConfig
 from diad_jax.models.diad import combine, to_nchw, to_nhwc
@@ -81,6 +82,36 @@ def autoencoder_task(cfg: TrainConfig, lpips_params: dict | None = None) -> Task
                 extra_frozen=extra)
 
 
+def latent_std(model, params, dataset, *, n_images: int | None = None, batch_size: int = 16, seed: int = 0,
+               split: str = "train") -> float:
+    """Standard deviation of VAE posterior samples (unscaled) over the first `n_images` training
+    images: ldm's `scale_by_std` sets `scale_factor = 1 / latent_std` so that the diffusion model
+    sees unit-variance latents. SD's VAE has the fixed 0.18215 for this; a VAE trained from scratch
+    (the demo's) needs it measured. `n_images=None`: the whole split."""
+    from diad_jax import data as data_lib
+
+    @jax.jit
+    def sample(vae_params, x, key):
+        mean, logvar = model.encode_moments({"vae": vae_params}, x)
+        std = jnp.exp(0.5 * jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0))
+        return mean.astype(jnp.float32) + std * jax.random.normal(key, mean.shape, jnp.float32)
+
+    ds = data_lib.eval_dataset(dataset, batch_size, split=split, image_size=model.config.image_size,
+                               shard_index=0, shard_count=1)
+    total, total_sq, count = 0.0, 0.0, 0
+    key = jax.random.PRNGKey(seed)
+    for i, batch in enumerate(ds):
+        v = np.asarray(batch["valid"], bool)
+        z = np.asarray(sample(params["vae"], jnp.asarray(batch["image"]), jax.random.fold_in(key, i)), np.float64)[v]
+        total, total_sq, count = total + z.sum(), total_sq + np.square(z).sum(), count + z.size
+        if n_images is not None and count >= n_images * np.prod(z.shape[1:]):
+            break
+    if count == 0:
+        raise ValueError(f"latent_std: the {split!r} split of {dataset.path} is empty")
+    mean = total / count
+    return float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+
+
 def reference_config(**overrides) -> TrainConfig:
     """finetune_autoencoder.py's settings: batch 4 x accumulation 8, Adam(0.5, 0.9), lr 4.5e-5 x 4,
     no weight decay, fp32, about 25k steps, no evaluation."""
@@ -100,4 +131,4 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**kw)
 
 
-__all__ = ["autoencoder_loss", "autoencoder_task", "reference_config", "tiny_config"]
+__all__ = ["autoencoder_loss", "autoencoder_task", "latent_std", "reference_config", "tiny_config"]

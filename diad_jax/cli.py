@@ -41,6 +41,9 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
                    help="converted model checkpoint dir (convert/torch_to_flax.py): params, CLIP context, ResNet")
     g.add_argument("--dtype", dest="compute_dtype", choices=["float32", "bfloat16"], default=S,
                    help="compute dtype; master weights and optimizer state stay float32")
+    g.add_argument("--trainable", choices=["reference", "sg+unet"], default=S,
+                   help="what trains: 'reference' = SG network + UNet decoder (default); 'sg+unet' also the "
+                        "UNet encoder (for a model trained from scratch)")
     g.add_argument("--remat", type=_bool, nargs="?", const=True, default=S,
                    help="rematerialise blocks in the backward pass (less memory, more compute)")
 

@@ -190,6 +190,19 @@ class ModelConfig:
         kw.update(overrides)
         return cls(**kw)
 
+    @classmethod
+    def demo(cls, **overrides) -> "ModelConfig":
+        """The embedded default that `make demo` trains from scratch on CPU: `tiny()` with a
+        4x-downsampling VAE (16/32/32 channels, 16x16x4 latents of 64x64 images) and a hint encoder
+        downsampling 4x to match. A from-scratch VAE must be trained first; its latent std then
+        sets `scale_factor` (ldm's scale_by_std)."""
+        kw: dict[str, Any] = dict(
+            vae=VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+            hint_block_channels=(16, 32, 64),
+        )
+        kw.update(overrides)
+        return cls.tiny(**kw)
+
     # ---- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -250,6 +263,7 @@ class TrainConfig:
     only_mid_control: bool | None = None  # override the model config's (None: keep it; released: True)
     compute_dtype: str = "float32"      # "float32" or "bfloat16" (fp32 master weights either way)
     remat: bool = False                 # rematerialise res/transformer blocks in the backward pass
+    trainable: str = "reference"        # "reference": SG network + UNet decoder; "sg+unet": also the UNet encoder
     # ---- data ------------------------------------------------------------------------------------
     dataset: str = "synthetic"          # "synthetic", "mvtec_ad", "visa", "folder"
     data_dir: str | None = None         # prepared datasets; None: $DIAD_DATA_DIR or ~/.cache/diad_jax/data
@@ -288,6 +302,9 @@ class TrainConfig:
     eval_seed: int = 0
     best_metric: str = "p_auroc+i_auroc"  # sum of mean metrics (reference val_acc = P-AUROC + I-AUROC)
     metrics_variant: str = "standard"   # "standard" or "reference" (compute_metrics)
+    eval_schedule: str = "official"     # DiffusionConfig.schedule of the evaluation ("official" | "consistent")
+    eval_sigma: float = 5.0             # anomaly-map blur (reference 5 at 256 px; Scorer.footprint scales it)
+    eval_pool_window: int = 8           # image-score pool window (reference 8 at 256 px)
     # ---- autoencoder fine-tuning only (scripts/finetune_autoencoder.py) --------------------------
     kl_weight: float = 1e-6
     perceptual_weight: float = 1.0      # LPIPS weight, when its weights are given
@@ -308,6 +325,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eval_every must be >= 0, got {self.eval_every}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.trainable not in ("reference", "sg+unet"):
+            raise ValueError(f"TrainConfig.trainable must be 'reference' or 'sg+unet', got {self.trainable!r}")
+        if self.eval_schedule not in ("official", "consistent"):
+            raise ValueError(f"TrainConfig.eval_schedule must be 'official' or 'consistent', got {self.eval_schedule!r}")
         if self.metrics_variant not in ("standard", "reference"):
             raise ValueError(f"TrainConfig.metrics_variant must be 'standard' or 'reference', "
                              f"got {self.metrics_variant!r}")

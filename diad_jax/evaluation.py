@@ -93,16 +93,18 @@ def evaluate(bundle: dict, config: ModelConfig, data, *, batch_size: int = 8,
              variant: str = "standard", dtype=jnp.float32, mesh=None, seed: int = 0,
              classes: Iterable[str] | str | None = None, heatmaps_per_class: int = 0,
              limit_per_class: int | None = None, progress: bool = True, dedupe_guidance: bool = True,
-             split: str = "test") -> EvalResult:
+             split: str = "test", sigma: float = 5.0, pool_window: int = 8) -> EvalResult:
     """Score the `split` of a prepared dataset (diad_jax.data) and compute the seven metrics.
 
     The rng of batch i is fold_in(key(seed), i), so a run is reproducible for a given batch size.
-    With a mesh, the batch is sharded over its `data` axis (batch_size must divide evenly)."""
+    With a mesh, the batch is sharded over its `data` axis (batch_size must divide evenly).
+    `sigma`/`pool_window`: the map blur and image-score pool (reference: 5 and 8 at 256 px; see
+    `Scorer.footprint` to scale them to a smaller image size)."""
     from diad_jax import data as dataio
     from tqdm import tqdm
 
     scorer = Scorer(config, diffusion, image_score=image_score, dtype=dtype, mesh=mesh,
-                    dedupe_guidance=dedupe_guidance)
+                    dedupe_guidance=dedupe_guidance, sigma=sigma, pool_window=pool_window)
     if mesh is not None and batch_size % mesh.shape["data"]:
         raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data axis ({mesh.shape['data']})")
     if data.image_size != config.image_size:

@@ -113,9 +113,9 @@ def pooled_max(maps, pools: int = 8, window: int = 8):
     return jnp.max(x, axis=(1, 2))
 
 
-def image_scores(maps, mode: str = "pooled"):
+def image_scores(maps, mode: str = "pooled", window: int = 8):
     if mode == "pooled":
-        return pooled_max(maps)
+        return pooled_max(maps, window=window)
     if mode == "max":
         return jnp.max(maps, axis=(1, 2))
     raise ValueError(f"image score mode must be 'pooled' (the reference) or 'max', got {mode!r}")
@@ -148,11 +148,21 @@ class Scorer:
     data_axis: str | tuple[str, ...] = "data"
     sigma: float = 5.0
     dedupe_guidance: bool = True
+    pool_window: int = 8
+
+    @staticmethod
+    def footprint(image_size: int) -> dict:
+        """The reference's blur sigma (5) and image-score pool window (8) are for 256 px maps;
+        this scales both to `image_size` so they cover the same fraction of the image:
+        `Scorer(config, **Scorer.footprint(64))` = sigma 1.25, window 2. At 256 px: the reference."""
+        return {"sigma": 5.0 * image_size / 256, "pool_window": max(1, round(8 * image_size / 256))}
 
     def __post_init__(self):
         self.model = DiAD(self.config, dtype=self.dtype)
         self.resnet = ResNet50Features(dtype=self.dtype)
-        image_scores(jnp.zeros((1, 64, 64)), self.image_score)  # validate the mode early
+        image_scores(jnp.zeros((1, 64, 64)), self.image_score, 1)  # validate the mode early
+        if self.pool_window < 1 or self.sigma <= 0:
+            raise ValueError(f"Scorer: pool_window must be >= 1 and sigma > 0, got {self.pool_window}, {self.sigma}")
         fn = partial(self._score, uncond=None)
         fn2 = self._score
         if self.mesh is not None:
@@ -195,7 +205,7 @@ class Scorer:
         b = images.shape[0]
         maps = anomaly_map([f[:b] for f in feats], [f[b:] for f in feats],
                            (images.shape[2], images.shape[3]), self.sigma)
-        return ScoreOutput(maps, image_scores(maps, self.image_score), recon)
+        return ScoreOutput(maps, image_scores(maps, self.image_score, self.pool_window), recon)
 
     def __call__(self, bundle, images, rng, uncond_context=None) -> ScoreOutput:
         cfg = self.config

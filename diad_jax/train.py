@@ -43,7 +43,7 @@ from jax.sharding import Mesh
 from diad_jax import sharding as shd
 from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
 from diad_jax.diffusion import q_sample
-from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
+from diad_jax.models.diad import TRAINABLE_MASKS, DiAD, combine, partition, trainable_mask
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,8 @@ def _tune_orbax_array_handler(min_slice_bytes: int = 4 * 2**20) -> None:
 class Checkpointer:
     """Training checkpoints under `directory`:
 
-        <directory>/<step>/state         {"params": full params, "context", "resnet"?}  (a model checkpoint)
+        <directory>/<step>/state         {"params": full params (EMA ones when on), "context", "resnet"?}
+                                         (a model checkpoint)
         <directory>/<step>/model_config  JSON: ModelConfig + has_resnet      (a model checkpoint)
         <directory>/<step>/train_state   {"step", "params" (trainable), "opt_state", "ema"?, "rng"}
         <directory>/<step>/data          grain iterator state, one JSON file per process
@@ -320,7 +321,9 @@ class Checkpointer:
 
     def save(self, step: int, *, state: TrainState, frozen: Params, context, resnet, model_meta: dict,
              data_iterator=None, train_config: dict | None = None) -> None:
-        items = self._model_items(combine(state.params, frozen), context, resnet, model_meta)
+        # the model items hold what evaluation uses: the EMA of the trained params when it is on
+        trained = state.ema if state.ema is not None else state.params
+        items = self._model_items(combine(trained, frozen), context, resnet, model_meta)
         items["train_state"] = ocp.args.StandardSave(state.as_dict())
         items["train_config"] = ocp.args.JsonSave(train_config or {})
         if data_iterator is not None:
@@ -470,11 +473,11 @@ def evaluate_split(scorer, bundle, dataset, *, split: str, batch_size: int, mesh
 
 # ---- the loop ----------------------------------------------------------------------------------
 def resolve_model_config(spec: str) -> ModelConfig:
-    if spec in ("sd15", "tiny"):
+    if spec in ("sd15", "tiny", "demo"):
         return getattr(ModelConfig, spec)()
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"model {spec!r}: neither 'sd15', 'tiny' nor an existing ModelConfig JSON file")
+        raise FileNotFoundError(f"model {spec!r}: neither 'sd15', 'tiny', 'demo' nor an existing ModelConfig JSON file")
     d = json.loads(path.read_text())
     return ModelConfig.from_dict(d.get("model_config", d))
 
@@ -499,6 +502,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, mesh: Mesh | None = None, task: Task = DIAD_TASK):
         self.cfg = cfg
+        if task.name == "diad" and cfg.trainable != "reference":
+            task = dataclasses.replace(task, mask_fn=TRAINABLE_MASKS[cfg.trainable])
         self.task = task
         self.mesh = mesh or shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
         log.info("mesh: %s", shd.describe_mesh(self.mesh))
@@ -694,8 +699,9 @@ class Trainer:
             return None
         from diad_jax.scoring import Scorer, make_bundle
         if self._scorer is None:
-            self._scorer = Scorer(self.model_config, dtype=DTYPES[cfg.compute_dtype], mesh=self.mesh,
-                                  data_axis=shd.BATCH_AXES)
+            self._scorer = Scorer(self.model_config, DiffusionConfig(schedule=cfg.eval_schedule),
+                                  dtype=DTYPES[cfg.compute_dtype], mesh=self.mesh, data_axis=shd.BATCH_AXES,
+                                  sigma=cfg.eval_sigma, pool_window=cfg.eval_pool_window)
             if cfg.eval_data_dir:
                 from diad_jax import data as data_lib
                 self._eval_dataset = data_lib.load_from_directory(cfg.eval_data_dir)

@@ -52,6 +52,13 @@ def build_parser():
                     help="run the reference's duplicate guidance half even though both contexts are equal")
     ap.add_argument("--image-score", choices=["pooled", "max"], default="pooled",
                     help="pooled: max after eight 8x8 average pools (the reference); max: plain max")
+    ap.add_argument("--sigma", type=float, default=None,
+                    help="anomaly-map Gaussian blur sigma (default: the reference's 5, or scaled with --scaled-footprint)")
+    ap.add_argument("--pool-window", type=int, default=None,
+                    help="image-score average-pool window (default: the reference's 8, or scaled)")
+    ap.add_argument("--scaled-footprint", action="store_true",
+                    help="scale sigma and the pool window with the image size (5 and 8 at 256 px; the demo "
+                         "model's 64 px: 1.25 and 2)")
     ap.add_argument("--variant", choices=["standard", "reference"], default="standard",
                     help="metric definitions: standard, or the reference's (AUROC flip, AUPRO normalisation)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 compute (maps and metrics stay float32)")
@@ -91,7 +98,13 @@ def main(argv=None) -> int:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("data",))
     diffusion = DiffusionConfig(ddim_steps=args.ddim_steps, schedule=args.schedule, ddim_eta=args.eta,
                                 guidance_scale=args.guidance_scale)
-    result = evaluate(bundle, config, prepared, batch_size=args.batch_size, diffusion=diffusion,
+    from diad_jax.scoring import Scorer
+    footprint = Scorer.footprint(config.image_size) if args.scaled_footprint else {"sigma": 5.0, "pool_window": 8}
+    if args.sigma is not None:
+        footprint["sigma"] = args.sigma
+    if args.pool_window is not None:
+        footprint["pool_window"] = args.pool_window
+    result = evaluate(bundle, config, prepared, batch_size=args.batch_size, diffusion=diffusion, **footprint,
                       image_score=args.image_score, variant=args.variant,
                       dtype=jnp.bfloat16 if args.bf16 else jnp.float32, mesh=mesh, seed=args.seed,
                       classes=args.classes, heatmaps_per_class=args.heatmaps,

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=S, help="global evaluation batch")
     g.add_argument("--best-metric", default=S, help="'+'-joined mean metrics (default p_auroc+i_auroc)")
     g.add_argument("--metrics-variant", choices=["standard", "reference"], default=S)
+    g.add_argument("--eval-schedule", choices=["official", "consistent"], default=S,
+                   help="DDIM schedule of the evaluation (default official = the reference's 801-step quirk)")
+    g.add_argument("--eval-sigma", type=float, default=S, help="anomaly-map blur sigma (reference 5 at 256 px)")
+    g.add_argument("--eval-pool-window", type=int, default=S, help="image-score pool window (reference 8)")
     return ap
 
 

@@ -121,7 +121,8 @@ def torch_sff(outs: list, sd: dict, cfg: ModelConfig) -> list:
     for j, t in enumerate(targets):
         acc = outs[t]
         for i, s in enumerate(sources):
-            w = torch.from_numpy(sd[f"control_model.down{i + 1}{j + 1}.0.weight"])
+            w = sd[f"control_model.down{i + 1}{j + 1}.0.weight"]
+            w = w if isinstance(w, torch.Tensor) else torch.from_numpy(w)
             y = F.conv2d(outs[s], w, bias=None, stride=2, padding=1)
             y = torch.nn.InstanceNorm2d(y.shape[1])(y)  # affine=False, eps=1e-5
             acc = acc + F.silu(y)

@@ -196,6 +196,16 @@ def trainable_mask(params: Params):
     return {g: mark(g, t) for g, t in params.items()}
 
 
+def sg_and_unet_mask(params: Params):
+    """Pytree of bools: True for the SG network and the WHOLE UNet. Not the reference's recipe
+    (its UNet encoder is pretrained SD and stays frozen); for models trained from scratch, such as
+    the embedded demo, whose random UNet encoder would otherwise stay random."""
+    return {g: jax.tree.map(lambda _, on=g in ("sg", "unet"): on, t) for g, t in params.items()}
+
+
+TRAINABLE_MASKS = {"reference": trainable_mask, "sg+unet": sg_and_unet_mask}
+
+
 def partition(params: Params, mask=None):
     """Split params into (trainable, frozen) dicts of the same nesting (missing leaves absent)."""
     mask = trainable_mask(params) if mask is None else mask

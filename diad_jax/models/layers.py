@@ -35,18 +35,21 @@ def _torch_bias_init(fan_in: int):
 
 # Convolution kernel choice. XLA:CPU's convolution is 2-3x slower than its matrix multiply on
 # small feature maps with many channels (the UNet's 8x8 and 4x4 levels at 1280 channels), so on the
-# CPU backend such convs run as im2col + one matmul; larger maps, and every other backend (cuDNN,
-# TPU), use lax.conv. "lax" or "im2col" force one implementation.
+# CPU backend such convs run as im2col + one matmul; larger maps, few channels (there im2col's
+# copies, and in training its backward, cost more than they save: the tiny models' train steps
+# are ~1.5x slower with it) and every other backend (cuDNN, TPU) use lax.conv. "lax" or "im2col"
+# force one implementation.
 CONV_IMPL = "auto"
 IM2COL_MAX_PIXELS = 256
+IM2COL_MIN_CHANNELS = 256
 
 
-def _use_im2col(h: int, w: int, k: int) -> bool:
+def _use_im2col(h: int, w: int, k: int, c: int) -> bool:
     if CONV_IMPL == "im2col":
         return k > 1
     if CONV_IMPL == "lax" or k == 1:
         return False
-    return jax.default_backend() == "cpu" and h * w <= IM2COL_MAX_PIXELS
+    return jax.default_backend() == "cpu" and h * w <= IM2COL_MAX_PIXELS and c >= IM2COL_MIN_CHANNELS
 
 
 def conv2d(x, kernel, stride: int, pad) -> jax.Array:
@@ -55,7 +58,7 @@ def conv2d(x, kernel, stride: int, pad) -> jax.Array:
     n, h, w, c = x.shape
     ho = (h + pad[0][0] + pad[0][1] - kh) // stride + 1
     wo = (w + pad[1][0] + pad[1][1] - kw) // stride + 1
-    if not _use_im2col(ho, wo, kh * kw):
+    if not _use_im2col(ho, wo, kh * kw, c):
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
     xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))

@@ -1,0 +1,109 @@
+"""The embedded default end to end (scripts/demo.py) with a handful of steps, and its pieces:
+the extra trainable mask, the latent std (scale_by_std) and the scaled scoring footprint."""
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diad_jax import autoencoder
+from diad_jax import data as dataio
+from diad_jax.checkpoints import load_model
+from diad_jax.configs import ModelConfig
+from diad_jax.models.diad import DiAD, TRAINABLE_MASKS, partition
+from diad_jax.scoring import Scorer, pooled_max
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_main(argv):
+    spec = importlib.util.spec_from_file_location("demo_cli", ROOT / "scripts" / "demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main([str(a) for a in argv])
+
+
+def test_scaled_footprint_is_the_reference_at_256_px():
+    assert Scorer.footprint(256) == {"sigma": 5.0, "pool_window": 8}
+    assert Scorer.footprint(64) == {"sigma": 1.25, "pool_window": 2}
+    maps = jnp.asarray(np.random.default_rng(0).random((2, 64, 64)), jnp.float32)
+    # window 2, eight pools: 64 -> 56 px; a different window gives different scores
+    x = np.asarray(maps)
+    for _ in range(8):
+        x = (x[:, :-1, :-1] + x[:, 1:, :-1] + x[:, :-1, 1:] + x[:, 1:, 1:]) / 4
+    assert x.shape == (2, 56, 56)
+    np.testing.assert_allclose(np.asarray(pooled_max(maps, window=2)), x.max(axis=(1, 2)), rtol=1e-5)
+    assert not np.allclose(np.asarray(pooled_max(maps, window=8)), x.max(axis=(1, 2)))
+    with pytest.raises(ValueError, match="pool_window"):
+        Scorer(ModelConfig.tiny(), pool_window=0)
+
+
+def test_sg_and_unet_mask():
+    params = DiAD(ModelConfig.demo()).abstract_params()
+    ref, full = TRAINABLE_MASKS["reference"](params), TRAINABLE_MASKS["sg+unet"](params)
+    assert all(jax.tree.leaves(full["sg"])) and all(jax.tree.leaves(full["unet"]))
+    assert not any(jax.tree.leaves(full["vae"]))
+    # the reference mask trains the UNet decoder only; the full one adds the encoder and middle block
+    assert 0 < sum(jax.tree.leaves(ref["unet"])) < len(jax.tree.leaves(full["unet"]))
+    tr, fr = partition(params, full)
+    assert set(tr) == {"sg", "unet"} and set(fr) == {"vae"}
+
+
+def test_latent_std_is_the_std_of_posterior_samples(tmp_path):
+    cfg = ModelConfig.demo()
+    model = DiAD(cfg)
+    params = model.init(seed=1)
+    ds = dataio.prepare("synthetic", tmp_path, image_size=cfg.image_size, train_per_class=3, test_per_class=2)
+    std = autoencoder.latent_std(model, params, ds, batch_size=4, seed=5)
+    # the same samples by hand: batch i uses fold_in(key(seed), i)
+    zs = []
+    for i, batch in enumerate(dataio.eval_dataset(ds, 4, split="train", image_size=cfg.image_size,
+                                                  shard_index=0, shard_count=1)):
+        mean, logvar = model.encode_moments(params, jnp.asarray(batch["image"]))
+        noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(5), i), mean.shape)
+        z = np.asarray(mean + jnp.exp(0.5 * logvar) * noise)[np.asarray(batch["valid"], bool)]
+        zs.append(z)
+    z = np.concatenate(zs)
+    assert len(z) == 15
+    np.testing.assert_allclose(std, z.std(), rtol=1e-5)
+    assert latent_std_changes_with_the_vae(model, params, ds, std)
+
+
+def latent_std_changes_with_the_vae(model, params, ds, std):
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * 3 if "quant_conv" in jax.tree_util.keystr(p) and "post" not in jax.tree_util.keystr(p)
+        else x, params)
+    return abs(autoencoder.latent_std(model, scaled, ds, batch_size=4, seed=5) - std) > 0.1 * std
+
+
+def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
+    wd, data = tmp_path / "demo", tmp_path / "data"
+    argv = ["--workdir", wd, "--data-dir", data, "--vae-steps", 4, "--diad-steps", 4, "--batch-size", 8,
+            "--limit-per-class", 2, "--heatmaps", 1, "--no-progress"]
+    assert demo_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| **mean** |" in out and "RANDOMLY initialised" in out
+    res = json.loads((wd / "eval" / "results.json").read_text())
+    assert len(res["images"]) == 10 and np.isfinite(res["metrics"]["mean"]["p_auroc"])
+    assert len(list((wd / "eval" / "heatmaps").rglob("*.png"))) == 5
+    # scale_factor = 1 / latent std of the trained VAE, carried into the DiAD checkpoint
+    init = load_model(wd / "init")
+    vae = load_model(wd / "autoencoder" / "checkpoints" / "4")
+    ds = dataio.prepare("synthetic", data, image_size=64)
+    std = autoencoder.latent_std(DiAD(vae.config), vae.params, ds)
+    assert init.config.scale_factor == pytest.approx(1 / std, rel=1e-5)
+    final = load_model(wd / "diad" / "checkpoints" / "4")
+    assert final.config == init.config
+    # the VAE was trained in stage 1 and is frozen in stage 2; the UNet encoder trained in stage 2
+    for a, b in zip(jax.tree.leaves(final.params["vae"]), jax.tree.leaves(init.params["vae"])):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(final.params["unet"]["input_blocks_0_0"]["kernel"],
+                              init.params["unet"]["input_blocks_0_0"]["kernel"])
+    # a rerun finds every stage done (no new checkpoints, none rewritten) and only re-evaluates
+    before = {p: p.stat().st_mtime_ns for p in wd.glob("*/checkpoints/*")} | {wd / "init": (wd / "init").stat().st_mtime_ns}
+    assert demo_main(argv) == 0
+    after = {p: p.stat().st_mtime_ns for p in wd.glob("*/checkpoints/*")} | {wd / "init": (wd / "init").stat().st_mtime_ns}
+    assert after == before
