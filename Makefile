@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BASE   := $(VENV)/.installed-base
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install test demo clean
 
@@ -16,13 +18,18 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[dev,convert]'
 	touch $(STAMP)
 
+# The demo needs only the library (no torch, diffusers or pytest).
+$(BASE): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
+
 install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
-demo: install
-	$(PY) scripts/demo.py
+demo: $(BASE)
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

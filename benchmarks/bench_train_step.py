@@ -130,6 +130,7 @@ def torch_baseline(config, ldm_sd, args):
 
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
+    torch.set_grad_enabled(True)  # tests/oracle.py turns autograd off for the parity tests
     ref = TorchDiAD(config, ldm_sd)
     for m in (ref.controlnet, ref.unet):
         m.train()

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="checkpoints, logs, results")
     ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="where the generated dataset goes")
     ap.add_argument("--vae-steps", type=int, default=400, help="autoencoder steps (batch --batch-size)")
-    ap.add_argument("--diad-steps", type=int, default=1500, help="DiAD steps (batch --batch-size)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--diad-steps", type=int, default=3000, help="DiAD steps (batch --batch-size)")
+    ap.add_argument("--batch-size", type=int, default=8, help="DiAD training batch (and evaluation batch)")
+    ap.add_argument("--vae-batch-size", type=int, default=16, help="autoencoder training batch")
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--lr", type=float, default=3e-4, help="DiAD AdamW learning rate")
     ap.add_argument("--ema-decay", type=float, default=0.995)
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--heatmaps", type=int, default=4, help="heat-map PNGs per class")
     ap.add_argument("--limit-per-class", type=int, default=None,
                     help="evaluate a balanced subset of N test images per class (default: all 40)")
-    ap.add_argument("--quick", action="store_true", help="60 + 150 steps: checks that everything runs")
+    ap.add_argument("--quick", action="store_true", help="60 + 200 steps: checks that everything runs")
     ap.add_argument("--fresh", action="store_true", help="delete --workdir first")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -63,7 +64,7 @@ def _run_trainer(trainer, no_progress: bool) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.vae_steps, args.diad_steps = 60, 150
+        args.vae_steps, args.diad_steps = 60, 200
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -91,12 +92,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     prepared = dataio.prepare("synthetic", args.data_dir, image_size=config.image_size)
     times["data"] = time.perf_counter() - t0
-    common = dict(model="demo", data_dir=str(args.data_dir), batch_size=args.batch_size, grad_accum=1,
-                  dataset_options={}, log_every=10, eval_split=None, eval_at_end=False)
+    common = dict(model="demo", data_dir=str(args.data_dir), grad_accum=1, dataset_options={}, log_every=10,
+                  eval_split=None, eval_at_end=False)
 
     # 2. autoencoder
     t0 = time.perf_counter()
-    vae_cfg = autoencoder.tiny_config(**common, steps=args.vae_steps, learning_rate=args.vae_lr,
+    vae_cfg = autoencoder.tiny_config(**common, batch_size=args.vae_batch_size, steps=args.vae_steps,
+                                      learning_rate=args.vae_lr,
                                       workdir=str(args.workdir / "autoencoder"),
                                       save_every=max(1, args.vae_steps // 2))
     log.info("stage 1/3: autoencoder, %d steps", args.vae_steps)
@@ -117,7 +119,8 @@ def main(argv=None) -> int:
 
     # 4. DiAD
     t0 = time.perf_counter()
-    diad_cfg = TrainConfig.tiny(**common, init_checkpoint=str(init_dir), trainable="sg+unet", steps=args.diad_steps,
+    diad_cfg = TrainConfig.tiny(**common, batch_size=args.batch_size, init_checkpoint=str(init_dir),
+                                trainable="sg+unet", steps=args.diad_steps,
                                 learning_rate=args.lr, ema_decay=args.ema_decay, workdir=str(args.workdir / "diad"),
                                 save_every=max(1, args.diad_steps // 4))
     log.info("stage 2/3: DiAD (SG network + UNet), %d steps", args.diad_steps)

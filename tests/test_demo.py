@@ -81,7 +81,7 @@ def latent_std_changes_with_the_vae(model, params, ds, std):
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     wd, data = tmp_path / "demo", tmp_path / "data"
-    argv = ["--workdir", wd, "--data-dir", data, "--vae-steps", 4, "--diad-steps", 4, "--batch-size", 8,
+    argv = ["--workdir", wd, "--data-dir", data, "--vae-steps", 4, "--diad-steps", 4, "--batch-size", 8, "--vae-batch-size", 8,
             "--limit-per-class", 2, "--heatmaps", 1, "--no-progress"]
     assert demo_main(argv) == 0
     out = capsys.readouterr().out
