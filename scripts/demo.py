@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="checkpoints, logs, results")
     ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="where the generated dataset goes")
     ap.add_argument("--vae-steps", type=int, default=400, help="autoencoder steps (batch --batch-size)")
-    ap.add_argument("--diad-steps", type=int, default=3000, help="DiAD steps (batch --batch-size)")
+    ap.add_argument("--diad-steps", type=int, default=2250, help="DiAD steps (batch --batch-size)")
     ap.add_argument("--batch-size", type=int, default=8, help="DiAD training batch (and evaluation batch)")
     ap.add_argument("--vae-batch-size", type=int, default=16, help="autoencoder training batch")
     ap.add_argument("--vae-lr", type=float, default=2e-3)
