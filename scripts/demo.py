@@ -16,7 +16,7 @@ printed at the end. The ResNet-50 that compares input and reconstruction is RAND
 (no ImageNet weights are downloaded): the anomaly maps compare random features.
 
 Examples:
-  python scripts/demo.py                        # the whole thing, ~10 minutes on 2 CPU cores
+  python scripts/demo.py                        # the whole thing, ~13 minutes on 2 CPU cores
   python scripts/demo.py --quick                # a 2-minute smoke run (the model barely learns)
   python scripts/demo.py --diad-steps 3000      # longer training (resumes from a finished run)
 """
