@@ -114,11 +114,16 @@ def config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig
     return TrainConfig.from_dict(d)
 
 
-def init_runtime(args: argparse.Namespace) -> None:
-    """Logging, then jax.distributed (if asked) and the compilation cache. Call before touching devices."""
+def setup_logging() -> None:
+    """INFO logging with timestamps; the chatty libraries at WARNING."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_runtime(args: argparse.Namespace) -> None:
+    """Logging, then jax.distributed (if asked) and the compilation cache. Call before touching devices."""
+    setup_logging()
     import jax
 
     if args.distributed or os.environ.get("DIAD_DISTRIBUTED") == "1":

@@ -234,11 +234,16 @@ def _same(a, b) -> bool:
         return False
 
 
+def random_resnet(seed: int = 0) -> dict:
+    """A randomly initialised ResNet-50 (host numpy), used when no weights are given."""
+    from diad_jax.models.init import init_params
+    from diad_jax.models.resnet import resnet_abstract_params
+    return init_params({"resnet": resnet_abstract_params()}, seed)["resnet"]
+
+
 def make_bundle(params: dict, resnet: dict | None, context, seed: int = 0) -> dict:
     """Everything the scorer needs in one pytree. Without ResNet weights a randomly initialised
     ResNet-50 is used (the maps are then a structural comparison, not ImageNet features)."""
     if resnet is None:
-        from diad_jax.models.init import init_params as _init
-        from diad_jax.models.resnet import resnet_abstract_params
-        resnet = _init({"resnet": resnet_abstract_params()}, seed)["resnet"]
+        resnet = random_resnet(seed)
     return {**params, "resnet": resnet, "context": jnp.asarray(context, jnp.float32)}

@@ -194,9 +194,11 @@ def place(tree, shardings):
     leaves, treedef = jax.tree.flatten(tree)
     shard_leaves = treedef.flatten_up_to(shardings)
     out = [None] * len(leaves)
-    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    on_device = []
     for i, x in enumerate(leaves):
-        if i not in on_device:
+        if isinstance(x, jax.Array):
+            on_device.append(i)
+        else:
             arr = np.asarray(x)
             out[i] = jax.make_array_from_callback(arr.shape, shard_leaves[i], lambda idx, a=arr: a[idx])
     if on_device:

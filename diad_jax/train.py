@@ -676,9 +676,8 @@ class Trainer:
         if getattr(self, "_eval_resnet", None) is None:
             resnet = self._resnet_for_save()
             if resnet is None:
-                from diad_jax.models.init import init_params
-                from diad_jax.models.resnet import resnet_abstract_params
-                host = init_params({"resnet": resnet_abstract_params()}, 0)["resnet"]
+                from diad_jax.scoring import random_resnet
+                host = random_resnet(0)
                 resnet = shd.place(host, jax.tree.map(lambda _: shd.replicated(self.mesh), host))
             self._eval_resnet = resnet
         return self._eval_resnet

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="checkpoints, logs, results")
     ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="where the generated dataset goes")
-    ap.add_argument("--vae-steps", type=int, default=400, help="autoencoder steps (batch --batch-size)")
+    ap.add_argument("--vae-steps", type=int, default=400, help="autoencoder steps (batch --vae-batch-size)")
     ap.add_argument("--diad-steps", type=int, default=2250, help="DiAD steps (batch --batch-size)")
     ap.add_argument("--batch-size", type=int, default=8, help="DiAD training batch (and evaluation batch)")
     ap.add_argument("--vae-batch-size", type=int, default=16, help="autoencoder training batch")
@@ -65,9 +65,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.vae_steps, args.diad_steps = 60, 200
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from diad_jax import cli
+    cli.setup_logging()
 
     import jax
 

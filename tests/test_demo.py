@@ -1,8 +1,6 @@
 """The embedded default end to end (scripts/demo.py) with a handful of steps, and its pieces:
 the extra trainable mask, the latent std (scale_by_std) and the scaled scoring footprint."""
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +14,11 @@ from diad_jax.configs import ModelConfig
 from diad_jax.models.diad import DiAD, TRAINABLE_MASKS, partition
 from diad_jax.scoring import Scorer, pooled_max
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import run_script
 
 
 def demo_main(argv):
-    spec = importlib.util.spec_from_file_location("demo_cli", ROOT / "scripts" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main([str(a) for a in argv])
+    return run_script("demo", argv)
 
 
 def test_scaled_footprint_is_the_reference_at_256_px():

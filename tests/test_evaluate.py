@@ -1,7 +1,5 @@
 """scripts/evaluate.py end to end on the embedded default and on a saved checkpoint."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -10,14 +8,11 @@ from diad_jax.configs import ModelConfig
 from diad_jax.metrics import METRIC_NAMES
 from diad_jax.models.diad import DiAD
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import run_script
 
 
 def evaluate_main(argv):
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "scripts" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main([str(a) for a in argv])
+    return run_script("evaluate", argv)
 
 
 def test_evaluate_cli_writes_table_json_and_heatmaps(tmp_path, capsys):
