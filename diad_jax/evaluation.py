@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diad_jax.configs import DiffusionConfig, ModelConfig
+from diad_jax.configs import REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, ModelConfig
 from diad_jax.metrics import compute_metrics, format_table
 from diad_jax.scoring import Scorer
 
@@ -93,7 +93,8 @@ def evaluate(bundle: dict, config: ModelConfig, data, *, batch_size: int = 8,
              variant: str = "standard", dtype=jnp.float32, mesh=None, seed: int = 0,
              classes: Iterable[str] | str | None = None, heatmaps_per_class: int = 0,
              limit_per_class: int | None = None, progress: bool = True, dedupe_guidance: bool = True,
-             split: str = "test", sigma: float = 5.0, pool_window: int = 8) -> EvalResult:
+             split: str = "test", sigma: float = REFERENCE_SIGMA,
+             pool_window: int = REFERENCE_POOL_WINDOW) -> EvalResult:
     """Score the `split` of a prepared dataset (diad_jax.data) and compute the seven metrics.
 
     The rng of batch i is fold_in(key(seed), i), so a run is reproducible for a given batch size.

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diad_jax.configs import DiffusionConfig, ModelConfig
+from diad_jax.configs import REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, ModelConfig
 from diad_jax.diffusion import ddim_plan, ddim_sample, guided_eps, q_sample
 from diad_jax.models.diad import DiAD, to_nchw, to_nhwc
 from diad_jax.models.resnet import ResNet50Features
@@ -43,7 +43,7 @@ def _reflect_index(n: int, radius: int) -> np.ndarray:
     return np.where(idx >= n, period - 1 - idx, idx)
 
 
-def gaussian_blur(maps, sigma: float = 5.0, truncate: float = 4.0):
+def gaussian_blur(maps, sigma: float = REFERENCE_SIGMA, truncate: float = 4.0):
     """scipy.ndimage.gaussian_filter(map, sigma, truncate=truncate, mode='reflect') on each map of
     a (B, H, W) batch (separable, float32)."""
     k = jnp.asarray(gaussian_kernel1d(sigma, truncate), jnp.float32)
@@ -96,7 +96,7 @@ def cosine_distance_map(a, b, eps: float = 1e-8):
     return 1.0 - dot / jnp.maximum(norm, eps)
 
 
-def anomaly_map(feats_in, feats_out, size: tuple[int, int], sigma: float = 5.0):
+def anomaly_map(feats_in, feats_out, size: tuple[int, int], sigma: float = REFERENCE_SIGMA):
     """Sum over scales of upsampled (1 - cos) maps, then the Gaussian blur (amap_mode 'a')."""
     total = 0.0
     for fi, fo in zip(feats_in, feats_out):
@@ -104,7 +104,7 @@ def anomaly_map(feats_in, feats_out, size: tuple[int, int], sigma: float = 5.0):
     return gaussian_blur(total, sigma)
 
 
-def pooled_max(maps, pools: int = 8, window: int = 8):
+def pooled_max(maps, pools: int = 8, window: int = REFERENCE_POOL_WINDOW):
     """The reference's image score (EvalImageMax): `pools` successive window x window, stride 1,
     unpadded average pools (256 -> 200 px per side for 8 x 8), then the max."""
     x = maps.astype(jnp.float32)
@@ -113,7 +113,7 @@ def pooled_max(maps, pools: int = 8, window: int = 8):
     return jnp.max(x, axis=(1, 2))
 
 
-def image_scores(maps, mode: str = "pooled", window: int = 8):
+def image_scores(maps, mode: str = "pooled", window: int = REFERENCE_POOL_WINDOW):
     if mode == "pooled":
         return pooled_max(maps, window=window)
     if mode == "max":
@@ -146,16 +146,17 @@ class Scorer:
     dtype: Any = jnp.float32
     mesh: jax.sharding.Mesh | None = None
     data_axis: str | tuple[str, ...] = "data"
-    sigma: float = 5.0
+    sigma: float = REFERENCE_SIGMA
     dedupe_guidance: bool = True
-    pool_window: int = 8
+    pool_window: int = REFERENCE_POOL_WINDOW
 
     @staticmethod
     def footprint(image_size: int) -> dict:
         """The reference's blur sigma (5) and image-score pool window (8) are for 256 px maps;
         this scales both to `image_size` so they cover the same fraction of the image:
         `Scorer(config, **Scorer.footprint(64))` = sigma 1.25, window 2. At 256 px: the reference."""
-        return {"sigma": 5.0 * image_size / 256, "pool_window": max(1, round(8 * image_size / 256))}
+        return {"sigma": REFERENCE_SIGMA * image_size / 256,
+                "pool_window": max(1, round(REFERENCE_POOL_WINDOW * image_size / 256))}
 
     def __post_init__(self):
         self.model = DiAD(self.config, dtype=self.dtype)

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     diffusion = DiffusionConfig(ddim_steps=args.ddim_steps, schedule=args.schedule, ddim_eta=args.eta,
                                 guidance_scale=args.guidance_scale)
     from diad_jax.scoring import Scorer
-    footprint = Scorer.footprint(config.image_size) if args.scaled_footprint else {"sigma": 5.0, "pool_window": 8}
+    footprint = Scorer.footprint(config.image_size if args.scaled_footprint else 256)
     if args.sigma is not None:
         footprint["sigma"] = args.sigma
     if args.pool_window is not None:
