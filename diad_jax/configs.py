@@ -12,8 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# The reference's anomaly-map blur sigma and image-score max-pool window, both for 256 px maps
+# The reference's anomaly-map blur sigma and image-score max-pool window, both for its 256 px maps
 # (diad_jax.scoring.Scorer.footprint scales them to other sizes).
+REFERENCE_MAP_SIZE = 256
 REFERENCE_SIGMA = 5.0
 REFERENCE_POOL_WINDOW = 8
 
@@ -308,8 +309,8 @@ class TrainConfig:
     best_metric: str = "p_auroc+i_auroc"  # sum of mean metrics (reference val_acc = P-AUROC + I-AUROC)
     metrics_variant: str = "standard"   # "standard" or "reference" (compute_metrics)
     eval_schedule: str = "official"     # DiffusionConfig.schedule of the evaluation ("official" | "consistent")
-    eval_sigma: float = REFERENCE_SIGMA             # anomaly-map blur (reference 5 at 256 px; Scorer.footprint scales it)
-    eval_pool_window: int = REFERENCE_POOL_WINDOW           # image-score pool window (reference 8 at 256 px)
+    eval_sigma: float = REFERENCE_SIGMA  # anomaly-map blur (reference 5 at 256 px; Scorer.footprint scales it)
+    eval_pool_window: int = REFERENCE_POOL_WINDOW  # image-score pool window (reference 8 at 256 px)
     # ---- autoencoder fine-tuning only (scripts/finetune_autoencoder.py) --------------------------
     kl_weight: float = 1e-6
     perceptual_weight: float = 1.0      # LPIPS weight, when its weights are given

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diad_jax.configs import REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, ModelConfig
+from diad_jax.configs import REFERENCE_MAP_SIZE, REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, ModelConfig
 from diad_jax.diffusion import ddim_plan, ddim_sample, guided_eps, q_sample
 from diad_jax.models.diad import DiAD, to_nchw, to_nhwc
 from diad_jax.models.resnet import ResNet50Features
@@ -155,8 +155,8 @@ class Scorer:
         """The reference's blur sigma (5) and image-score pool window (8) are for 256 px maps;
         this scales both to `image_size` so they cover the same fraction of the image:
         `Scorer(config, **Scorer.footprint(64))` = sigma 1.25, window 2. At 256 px: the reference."""
-        return {"sigma": REFERENCE_SIGMA * image_size / 256,
-                "pool_window": max(1, round(REFERENCE_POOL_WINDOW * image_size / 256))}
+        scale = image_size / REFERENCE_MAP_SIZE
+        return {"sigma": REFERENCE_SIGMA * scale, "pool_window": max(1, round(REFERENCE_POOL_WINDOW * scale))}
 
     def __post_init__(self):
         self.model = DiAD(self.config, dtype=self.dtype)

@@ -98,8 +98,9 @@ def main(argv=None) -> int:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("data",))
     diffusion = DiffusionConfig(ddim_steps=args.ddim_steps, schedule=args.schedule, ddim_eta=args.eta,
                                 guidance_scale=args.guidance_scale)
+    from diad_jax.configs import REFERENCE_MAP_SIZE
     from diad_jax.scoring import Scorer
-    footprint = Scorer.footprint(config.image_size if args.scaled_footprint else 256)
+    footprint = Scorer.footprint(config.image_size if args.scaled_footprint else REFERENCE_MAP_SIZE)
     if args.sigma is not None:
         footprint["sigma"] = args.sigma
     if args.pool_window is not None:
