@@ -73,14 +73,14 @@ def worker(args) -> None:
     import jax.numpy as jnp
 
     from diad_jax import sharding as shd
-    from diad_jax.configs import TrainConfig
+    from diad_jax.configs import ModelConfig, TrainConfig
     from diad_jax.models.diad import DiAD
-    from diad_jax.train import StepFactory, resolve_model_config
+    from diad_jax.train import StepFactory
 
     from diad_jax.models import layers
     layers.CONV_IMPL = args.conv_impl
     cases = [parse_case(c) for c in args._worker.split(",")]
-    config = resolve_model_config(args.model)
+    config = ModelConfig.from_spec(args.model)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     rows = []
     for devices, data, fsdp, batch in cases:

@@ -48,12 +48,12 @@ def main(argv=None):
     import numpy as np
 
     from diad_jax import sharding as shd
-    from diad_jax.configs import TrainConfig
+    from diad_jax.configs import ModelConfig, TrainConfig
     from diad_jax.models.diad import DiAD
     from diad_jax.checkpoints import default_context
-    from diad_jax.train import StepFactory, resolve_model_config
+    from diad_jax.train import StepFactory
 
-    config = resolve_model_config(args.model)
+    config = ModelConfig.from_spec(args.model)
     mesh = shd.make_mesh(args.mesh_data, args.mesh_fsdp)
     rows = []
     params_host = None

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from diad_jax.checkpoints import load_model
+from diad_jax import cli
+from diad_jax.checkpoints import load_model, resolve
 from diad_jax.convert.ldm import params_to_ldm
+from diad_jax.errors import ConfigError
 
 log = logging.getLogger("diad_jax.convert")
 
 
+@cli.entry_point
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, required=True, help="diad_jax model checkpoint directory")
@@ -30,18 +33,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-resnet", action="store_true", help="leave out pretrained_model.*")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.setup_logging()
     if args.out.exists() and not args.overwrite:
-        print(f"error: {args.out} exists (pass --overwrite)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--out {args.out} exists; pass --overwrite to replace it")
     if args.out.suffix != ".safetensors":
-        print(f"error: {args.out}: the output must be a .safetensors file", file=sys.stderr)
-        return 2
-    try:
-        ckpt = load_model(args.checkpoint)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--out {args.out}: the output must be a .safetensors file")
+    ckpt = load_model(resolve(args.checkpoint, "--checkpoint"))
     tree = dict(ckpt.params)
     if ckpt.resnet is not None and not args.no_resnet:
         tree["resnet"] = ckpt.resnet

@@ -17,29 +17,21 @@ missing / unexpected / mis-shaped keys unless allowed with --allow-missing / --a
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
 
+from diad_jax import cli
 from diad_jax.checkpoints import save_model
 from diad_jax.configs import ModelConfig
 from diad_jax.convert import pipeline
-from diad_jax.convert.ldm import IGNORED_PATTERNS, ConversionError
-from diad_jax.convert.torch_io import CheckpointReadError, read_state_dict
+from diad_jax.convert.ldm import IGNORED_PATTERNS
+from diad_jax.convert.torch_io import read_state_dict
+from diad_jax.errors import ConfigError
 
 log = logging.getLogger("diad_jax.convert")
-
-
-def model_config(spec: str) -> ModelConfig:
-    if spec in ("sd15", "tiny"):
-        return getattr(ModelConfig, spec)()
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"--config {spec}: neither 'sd15', 'tiny' nor an existing JSON file")
-    d = json.loads(path.read_text())
-    return ModelConfig.from_dict(d.get("model_config", d))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="glob of target keys that may be absent (filled with zeros); repeatable")
     ap.add_argument("--allow-unexpected", action="append", default=[], metavar="PATTERN",
                     help="glob of source keys that may be left unused; repeatable")
+    ap.add_argument("--allow-non-finite", action="store_true",
+                    help="convert tensors holding NaN or inf instead of refusing them (they will score nonsense)")
     ap.add_argument("--unsafe-pickle", action="store_true",
                     help="load pickles with full unpickling (only for files you trust)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -66,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli.entry_point
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.setup_logging()
     if args.list_ignored:
         print("\n".join(IGNORED_PATTERNS))
         return 0
@@ -77,43 +72,42 @@ def main(argv=None) -> int:
         ap.error("give exactly one of --diad-ckpt or --sd-ckpt")
     if args.vae_ckpt and not args.sd_ckpt:
         ap.error("--vae-ckpt goes with --sd-ckpt")
+    if args.out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {args.out} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    try:
-        config = model_config(args.config)
-        if args.only_mid_control is not None:
-            from dataclasses import replace
-            config = replace(config, only_mid_control=args.only_mid_control == "true")
-        ctx = pipeline.load_prompt_context(args.prompt_context, config) if args.prompt_context else None
-        allow = dict(allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected)
-        if args.diad_ckpt:
-            log.info("reading %s", args.diad_ckpt)
-            sd = read_state_dict(args.diad_ckpt, args.unsafe_pickle)
-            conv = pipeline.convert_diad(sd, config, source=str(args.diad_ckpt), prompt_context=ctx,
-                                         consume=True, **allow)
-            sources = {"diad_ckpt": str(args.diad_ckpt)}
-        else:
-            log.info("reading %s", args.sd_ckpt)
-            sd = read_state_dict(args.sd_ckpt, args.unsafe_pickle)
-            vae = read_state_dict(args.vae_ckpt, args.unsafe_pickle) if args.vae_ckpt else None
-            conv = pipeline.convert_start_of_training(
-                sd, vae, config, seed=args.seed, sd_source=str(args.sd_ckpt),
-                vae_source=str(args.vae_ckpt), prompt_context=ctx, consume=True, **allow)
-            sources = {"sd_ckpt": str(args.sd_ckpt), "vae_ckpt": str(args.vae_ckpt) if args.vae_ckpt else None}
-        if args.resnet:
-            log.info("reading %s", args.resnet)
-            conv.resnet, conv.reports["resnet"] = pipeline.convert_resnet(
-                read_state_dict(args.resnet, args.unsafe_pickle), source=str(args.resnet), **allow)
-            sources["resnet"] = str(args.resnet)
-        elif conv.resnet is None:
-            conv.notes.append("no ResNet-50 weights: scoring will use a randomly initialised feature extractor "
-                              "unless --resnet is given")
-        t_conv = time.perf_counter() - t0
-        save_model(args.out, config=config, params=conv.params, context=conv.context, resnet=conv.resnet,
-                   metadata={"sources": sources, "converted_at": time.strftime("%Y-%m-%d %H:%M:%S")},
-                   overwrite=args.overwrite)
-    except (ConversionError, CheckpointReadError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = ModelConfig.from_spec(args.config, "--config")
+    if args.only_mid_control is not None:
+        config = dataclasses.replace(config, only_mid_control=args.only_mid_control == "true")
+    allow = dict(allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
+                 allow_non_finite=args.allow_non_finite)
+    ctx = (pipeline.load_prompt_context(args.prompt_context, config, args.allow_non_finite)
+           if args.prompt_context else None)
+    if args.diad_ckpt:
+        log.info("reading %s", args.diad_ckpt)
+        sd = read_state_dict(args.diad_ckpt, args.unsafe_pickle)
+        conv = pipeline.convert_diad(sd, config, source=str(args.diad_ckpt), prompt_context=ctx,
+                                     consume=True, **allow)
+        sources = {"diad_ckpt": str(args.diad_ckpt)}
+    else:
+        log.info("reading %s", args.sd_ckpt)
+        sd = read_state_dict(args.sd_ckpt, args.unsafe_pickle)
+        vae = read_state_dict(args.vae_ckpt, args.unsafe_pickle) if args.vae_ckpt else None
+        conv = pipeline.convert_start_of_training(
+            sd, vae, config, seed=args.seed, sd_source=str(args.sd_ckpt),
+            vae_source=str(args.vae_ckpt), prompt_context=ctx, consume=True, **allow)
+        sources = {"sd_ckpt": str(args.sd_ckpt), "vae_ckpt": str(args.vae_ckpt) if args.vae_ckpt else None}
+    if args.resnet:
+        log.info("reading %s", args.resnet)
+        conv.resnet, conv.reports["resnet"] = pipeline.convert_resnet(
+            read_state_dict(args.resnet, args.unsafe_pickle), source=str(args.resnet), **allow)
+        sources["resnet"] = str(args.resnet)
+    elif conv.resnet is None:
+        conv.notes.append("no ResNet-50 weights: scoring will use a randomly initialised feature extractor "
+                          "unless --resnet is given")
+    t_conv = time.perf_counter() - t0
+    save_model(args.out, config=config, params=conv.params, context=conv.context, resnet=conv.resnet,
+               metadata={"sources": sources, "converted_at": time.strftime("%Y-%m-%d %H:%M:%S")},
+               overwrite=args.overwrite)
     log.info("converted in %.1fs, written in %.1fs to %s\n%s", t_conv, time.perf_counter() - t0 - t_conv,
              args.out, pipeline.summarize(conv))
     return 0

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diad_jax.configs import TrainConfig
+from diad_jax.errors import ConfigError
 from diad_jax.models.diad import combine, to_nchw, to_nhwc
 from diad_jax.models.sd import AutoencoderKL
 from diad_jax.train import Task, make_optimizer
@@ -64,11 +65,16 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
     return nll + kl_weight * kl, aux
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuses a run the implemented loss does not cover (the discriminator's phase)."""
+    if cfg.steps >= cfg.disc_start:
+        raise ConfigError(f"--steps {cfg.steps} reaches --disc-start {cfg.disc_start}: the patch discriminator "
+                          f"would engage, and it is not implemented (the reference's never does in its ~25k steps)")
+
+
 def autoencoder_task(cfg: TrainConfig, lpips_params: dict | None = None) -> Task:
     """The VAE fine-tuning task for diad_jax.train.Trainer."""
-    if cfg.steps >= cfg.disc_start:
-        raise ValueError(f"steps={cfg.steps} reaches disc_start={cfg.disc_start}: the patch discriminator would "
-                         f"engage, and it is not implemented (the reference's never does in its ~25k steps)")
+    check_config(cfg)
     if lpips_params is None:
         log.warning("no LPIPS weights given (--lpips-vgg16 and --lpips-lin): fine-tuning with L1 + %g KL only "
                     "(the reference adds LPIPS with weight %g)", cfg.kl_weight, cfg.perceptual_weight)
@@ -131,4 +137,4 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**kw)
 
 
-__all__ = ["autoencoder_loss", "autoencoder_task", "latent_std", "reference_config", "tiny_config"]
+__all__ = ["autoencoder_loss", "autoencoder_task", "check_config", "latent_std", "reference_config", "tiny_config"]

@@ -10,8 +10,12 @@ naming, so a converted checkpoint initialises training and a trained one evaluat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diad_jax.configs import ModelConfig
+from diad_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +67,102 @@ def save_model(path: str | Path, *, config: ModelConfig, params: dict, context, 
     return path
 
 
-def read_metadata(path: str | Path) -> dict:
+def step_dirs(directory: Path) -> list[Path]:
+    """The finished step folders (`<directory>/<int>`) of a training run's checkpoint folder, oldest first."""
+    if not directory.is_dir():
+        return []
+    steps = [p for p in directory.iterdir() if p.name.isdigit() and (p / "model_config").exists()]
+    return sorted(steps, key=lambda p: int(p.name))
+
+
+def resolve(path: str | Path, flag: str | None = None) -> Path:
+    """A model checkpoint folder from what a user may pass: the checkpoint itself, a training
+    directory (scripts/train.py --workdir: its best checkpoint if it has one, else the newest), or
+    its checkpoints/ folder (the newest). Raises CheckpointError naming `flag` and the path."""
     path = Path(path).absolute()
-    if not (path / "model_config").exists():
-        raise FileNotFoundError(f"{path}: not a diad_jax model checkpoint (no model_config item); "
-                                f"create one with `python convert/torch_to_flax.py`")
-    meta = _checkpointer().restore(path, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+    where = f"{flag} {path}" if flag else str(path)
+    if (path / "model_config").exists():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{where}: no such checkpoint folder")
+    for candidates, which in ((step_dirs(path / "best"), "best"), (step_dirs(path / "checkpoints"), "newest"),
+                              (step_dirs(path), "newest")):
+        if candidates:
+            log.info("%s is a training directory: using its %s checkpoint %s", path, which, candidates[-1])
+            return candidates[-1]
+    raise CheckpointError(f"{where}: not a diad_jax model checkpoint (no model_config item) nor a training "
+                          f"directory (no checkpoints/<step>); create one with `python convert/torch_to_flax.py` "
+                          f"or `python scripts/train.py`")
+
+
+def read_metadata(path: str | Path, flag: str | None = None) -> dict:
+    """The model_config item of a model checkpoint (`path` as `resolve` accepts it)."""
+    path = resolve(path, flag)
+    with restoring(path, "the model_config item"):
+        meta = _checkpointer().restore(path, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
     return dict(meta["model_config"])
 
 
+@contextlib.contextmanager
+def restoring(path: str | Path, what: str):
+    """Turns any failure of the orbax restore inside into one CheckpointError naming the checkpoint,
+    the item and, where the storage layer says so, the array and the cause (a missing or damaged
+    file). A failed read aborts orbax's other pending reads; their echoes are silenced."""
+    try:
+        yield
+    except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, FileNotFoundError, Exception
+        _silence_aborted_reads()
+        raise CheckpointError(f"{path}: cannot restore {what}: {_storage_reason(e)}") from e
+
+
+def _storage_reason(e: BaseException) -> str:
+    """One line from an orbax/tensorstore exception chain: the array that failed and why."""
+    messages = []
+    while e is not None and len(messages) < 10:
+        messages.append(str(e) or type(e).__name__)
+        e = e.__cause__ or e.__context__
+    for m in messages:
+        hit = re.search(r'Error (?:reading|opening)[^"]*"([^"]+)".*?: (.+?)(?:;|\[tensorstore_spec|$)', m, re.S)
+        if hit:
+            return (f'array "{hit.group(1).split("/")[0]}" is unreadable ({hit.group(2).strip()}): a file of the '
+                    f"checkpoint is missing, truncated or damaged")
+    return messages[-1].strip().splitlines()[0][:300]
+
+
+_SILENCED = False
+
+
+def _silence_aborted_reads() -> None:
+    """When one read of an orbax restore fails, orbax closes its event loop while tensorstore still
+    completes the other reads: each one then reports 'Event loop is closed' (through
+    sys.unraisablehook), 'exception was never retrieved' (asyncio's logger) or 'coroutine was never
+    awaited' (a warning) -- hundreds of tracebacks after the one error that matters. Drop exactly
+    those; everything else passes through. Installed once, on the first failed restore."""
+    global _SILENCED
+    if _SILENCED:
+        return
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+    _SILENCED = True
+
+
 def load_model(path: str | Path, sharding: Callable[[tuple, Any], Any] | None = None) -> ModelCheckpoint:
-    """Load a model checkpoint. `sharding(path, shape_dtype) -> Sharding` places each leaf
-    (default: numpy arrays on the host)."""
-    path = Path(path).absolute()
+    """Load a model checkpoint (`path` as `resolve` accepts it). `sharding(path, shape_dtype) ->
+    Sharding` places each leaf (default: numpy arrays on the host)."""
+    path = resolve(path)
     meta = read_metadata(path)
     config = ModelConfig.from_dict(meta["model_config"])
     if sharding is None:
-        restored = _checkpointer().restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        with restoring(path, "the model weights (state item)"):
+            restored = _checkpointer().restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     else:
         from diad_jax.models.diad import DiAD
         from diad_jax.models.resnet import resnet_abstract_params
@@ -88,7 +172,9 @@ def load_model(path: str | Path, sharding: Callable[[tuple, Any], Any] | None = 
             abstract["resnet"] = resnet_abstract_params()
         abstract = jax.tree_util.tree_map_with_path(
             lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding(p, x)), abstract)
-        restored = _checkpointer().restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        with restoring(path, "the model weights (state item)"):
+            restored = _checkpointer().restore(path, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))
     state = restored["state"]
     return ModelCheckpoint(config=config, params=state["params"], context=state["context"],
                            resnet=state.get("resnet"), metadata=meta)

@@ -1,21 +1,52 @@
-"""Command-line plumbing shared by scripts/train.py and scripts/finetune_autoencoder.py: the flags
-that map onto TrainConfig fields, runtime set-up (logging, multi-host, compilation cache), and a
-tqdm progress loop around `Trainer.run`."""
+"""Command-line plumbing shared by the entry points (scripts/*.py, convert/*.py): one logging
+set-up, one error boundary (`entry_point`), and for the two training scripts the flags that map
+onto TrainConfig fields, the checks made before any expensive work (`preflight`), runtime set-up
+(multi-host, compilation cache) and a tqdm progress loop around `Trainer.run`."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import math
 import os
+import re
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-from diad_jax.configs import TrainConfig
+from diad_jax.configs import ModelConfig, TrainConfig
+from diad_jax.errors import ConfigError, UserError
 
 log = logging.getLogger("diad_jax.train")
 
 _RUNTIME = {"preset", "config", "print_config", "no_progress", "distributed", "coordinator", "num_processes",
-            "process_id", "compilation_cache", "kill_at_step"}
+            "process_id", "compilation_cache", "kill_at_step", "overwrite_data"}
+
+
+def entry_point(main):
+    """Wraps a script's `main(argv) -> int`: a user error (`UserError`: a bad flag, config, file or
+    dataset; `OSError`: a missing or unwritable path) prints `error: <message>` on stderr and returns
+    2, Ctrl-C returns 130, both without a traceback. DIAD_TRACEBACK=1 re-raises instead (for bug
+    reports)."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None) -> int:
+        try:
+            return main(argv)
+        except (UserError, OSError) as e:
+            if os.environ.get("DIAD_TRACEBACK") == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if os.environ.get("DIAD_TRACEBACK") == "1":
+                raise
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper
 
 
 def _bool(s: str) -> bool:
@@ -26,13 +57,31 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def _number(kind, minimum, strict: bool):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)
+nonnegative_int = _number(int, 0, strict=False)
+positive_float = _number(float, 0.0, strict=True)
+
+
 def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> None:
     """Flags shared by both scripts. Every flag defaults to "not given" (argparse.SUPPRESS), so only
     what is typed overrides the preset and the --config file."""
     S = argparse.SUPPRESS
     ap.add_argument("--preset", choices=presets, default=presets[0],
                     help=f"starting values (default {presets[0]}); see the description above")
-    ap.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (applied after the preset)")
+    ap.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (applied after the preset; "
+                    "see --print-config)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved TrainConfig as JSON and exit")
 
     g = ap.add_argument_group("model")
@@ -55,6 +104,11 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
     g.add_argument("--dataset-option", action="append", default=S, metavar="KEY=JSON",
                    help="a data.prepare option, e.g. train_per_class=60 or exclude='[\"screw/train/good/232.png\"]'")
     g.add_argument("--classes", nargs="+", default=S, help="train on these classes only (default: all, mixed)")
+    g.add_argument("--skip-bad", action="store_true", default=S,
+                   help="skip unreadable images and anomalous images without a mask (each one logged and listed "
+                        "in the prepared copy's metadata.json) instead of stopping at the first")
+    g.add_argument("--overwrite-data", action="store_true",
+                   help="delete the prepared copy of the dataset and prepare it again from --manual-dir")
 
     g = ap.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=S, help="GLOBAL batch per step (all devices and hosts)")
@@ -91,39 +145,107 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
     g.add_argument("--kill-at-step", type=int, help=S)  # testing: SIGKILL itself at this step
 
 
-def config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The JSON object of a --config file, or a ConfigError naming the file (and the line of a syntax error)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from e
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of config fields, got {type(d).__name__}")
+    return d
+
+
+def config_from_args(base: TrainConfig, args: argparse.Namespace, ap: argparse.ArgumentParser) -> TrainConfig:
+    """The preset `base`, then the --config file, then the flags given (`ap` parsed them). A preset's
+    dataset options belong to the preset's dataset: choosing another dataset (by file or flag)
+    without options starts from none. An invalid value is reported with the flag or file it came from."""
     d = base.to_dict()
-    if args.config:
-        d.update(json.loads(Path(args.config).read_text()))
-    for k, v in vars(args).items():
-        if k in _RUNTIME:
-            continue
-        if k == "dataset_option":
-            opts = dict(d.get("dataset_options") or {})
-            for item in v:
-                key, _, val = item.partition("=")
-                try:
-                    opts[key] = json.loads(val)
-                except json.JSONDecodeError:
-                    opts[key] = val
-            d["dataset_options"] = opts
-            continue
-        d[k] = v
+    from_file = read_config_file(args.config) if args.config else {}
+    d.update(from_file)
+    flags = {k: v for k, v in vars(args).items() if k not in _RUNTIME}
+    d.update({k: v for k, v in flags.items() if k != "dataset_option"})
+    if d["dataset"] != base.dataset and "dataset_options" not in from_file:
+        d["dataset_options"] = {}
+    for item in flags.get("dataset_option", ()):
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--dataset-option {item!r}: expected KEY=VALUE (VALUE as JSON), e.g. train_per_class=60")
+        try:
+            value = json.loads(val)
+        except json.JSONDecodeError:
+            value = val
+        if key == "skip_bad":  # older spelling of --skip-bad
+            d["skip_bad"] = value in (True, "true", "1", 1)
+        else:
+            d["dataset_options"] = {**d["dataset_options"], key: value}
     if isinstance(d.get("eval_split"), str) and d["eval_split"].lower() in ("none", ""):
         d["eval_split"] = None
-    return TrainConfig.from_dict(d)
+    try:
+        return TrainConfig.from_dict(d)
+    except ConfigError as e:
+        field = re.search(r"TrainConfig\.(\w+)", str(e))
+        field = field.group(1) if field else None
+        options = {a.dest: a.option_strings[0] for a in ap._actions if a.option_strings}
+        if field in flags and field in options:
+            origin = f"{options[field]} {flags[field]}"
+        elif field in from_file or (field is None and args.config):
+            origin = f"--config {args.config}"
+        else:
+            origin = f"--preset {args.preset}"
+        raise ConfigError(f"{origin}: {e}") from e
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Creates `path` if needed and checks that a file can be written in it (before hours of work)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: not a writable folder ({e.strerror or e})") from e
+
+
+def check_exists(path: str | os.PathLike | None, flag: str, folder: bool) -> None:
+    """A ConfigError naming `flag` unless `path` (if given) is an existing folder / file."""
+    if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
+        raise ConfigError(f"{flag} {path}: no such {'folder' if folder else 'file'}")
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """What can be checked before devices, weights or data are touched: every file and folder the
+    config names exists, the dataset options are known, the model spec resolves, the workdir is
+    writable. (Mesh and batch sizes are checked first thing in `Trainer`.)"""
+    from diad_jax import data
+    from diad_jax.checkpoints import read_metadata
+
+    data.check_options(cfg.dataset, cfg.dataset_options)
+    if cfg.init_checkpoint:
+        read_metadata(cfg.init_checkpoint, flag="--init-checkpoint")
+    else:
+        ModelConfig.from_spec(cfg.model)
+    check_exists(cfg.manual_dir, "--manual-dir", folder=True)
+    check_exists(cfg.eval_data_dir, "--eval-data-dir", folder=True)
+    check_exists(cfg.lpips_vgg16, "--lpips-vgg16", folder=False)
+    check_exists(cfg.lpips_lin, "--lpips-lin", folder=False)
+    check_writable(cfg.workdir, "--workdir")
 
 
 def setup_logging() -> None:
-    """INFO logging with timestamps; the chatty libraries at WARNING."""
+    """INFO logging with timestamps for every entry point; the chatty libraries at WARNING.
+    `force=True`: importing orbax/absl may already have configured the root logger, which would
+    make a plain basicConfig a no-op (and the INFO lines silently lost)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def init_runtime(args: argparse.Namespace) -> None:
-    """Logging, then jax.distributed (if asked) and the compilation cache. Call before touching devices."""
-    setup_logging()
+    """jax.distributed (if asked) and the compilation cache. Call before touching devices."""
     import jax
 
     if args.distributed or os.environ.get("DIAD_DISTRIBUTED") == "1":
@@ -165,7 +287,7 @@ def run(trainer, args: argparse.Namespace) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    trainer.close()
+        trainer.close()
     log.info("done: step %d, last loss %.4f, %.1fs; checkpoints in %s", result["step"], result["loss"],
              time.perf_counter() - t0, trainer.checkpointer.directory)
     if trainer.checkpointer.best_step() is not None:

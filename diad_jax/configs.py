@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from diad_jax.errors import ConfigError
 
 # The reference's anomaly-map blur sigma and image-score max-pool window, both for its 256 px maps
 # (diad_jax.scoring.Scorer.footprint scales them to other sizes).
@@ -18,9 +21,18 @@ REFERENCE_MAP_SIZE = 256
 REFERENCE_SIGMA = 5.0
 REFERENCE_POOL_WINDOW = 8
 
+# The dataset builders of diad_jax.data (named here so a config can be checked without importing them).
+DATASETS = ("mvtec_ad", "visa", "folder", "synthetic")
+
 
 def _tuple(x):
     return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _check_finite(owner: str, **values: float) -> None:
+    for name, v in values.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ConfigError(f"{owner}.{name} must be a finite number, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -43,15 +55,15 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", _tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", _tuple(self.attention_resolutions))
         if len(self.channel_mult) < 2:
-            raise ValueError(f"UNetConfig.channel_mult needs at least 2 levels (got {self.channel_mult}): "
+            raise ConfigError(f"UNetConfig.channel_mult needs at least 2 levels (got {self.channel_mult}): "
                              "the SFF block fuses the two lowest resolutions")
         for level, mult in enumerate(self.channel_mult):
             ch = mult * self.model_channels
             if ch % self.norm_groups:
-                raise ValueError(f"UNetConfig: level {level} has {ch} channels, not divisible by "
+                raise ConfigError(f"UNetConfig: level {level} has {ch} channels, not divisible by "
                                  f"norm_groups={self.norm_groups}")
             if (2 ** level) in self.attention_resolutions and ch % self.num_heads:
-                raise ValueError(f"UNetConfig: level {level} has {ch} channels, not divisible by "
+                raise ConfigError(f"UNetConfig: level {level} has {ch} channels, not divisible by "
                                  f"num_heads={self.num_heads}")
 
     @property
@@ -115,7 +127,7 @@ class VAEConfig:
         object.__setattr__(self, "ch_mult", _tuple(self.ch_mult))
         for mult in self.ch_mult:
             if (mult * self.ch) % self.norm_groups:
-                raise ValueError(f"VAEConfig: {mult * self.ch} channels not divisible by "
+                raise ConfigError(f"VAEConfig: {mult * self.ch} channels not divisible by "
                                  f"norm_groups={self.norm_groups}")
 
     @property
@@ -144,16 +156,16 @@ class ModelConfig:
         object.__setattr__(self, "hint_block_channels", _tuple(self.hint_block_channels))
         hint_factor = 2 ** (len(self.hint_block_channels) - 1)
         if hint_factor != self.vae.downsample_factor:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig: the hint encoder downsamples by {hint_factor} "
                 f"(hint_block_channels={self.hint_block_channels}) but the VAE by "
                 f"{self.vae.downsample_factor}; they must agree so the hint lands on the latent grid")
         if self.vae.embed_dim != self.unet.in_channels:
-            raise ValueError(f"ModelConfig: vae.embed_dim={self.vae.embed_dim} != unet.in_channels="
+            raise ConfigError(f"ModelConfig: vae.embed_dim={self.vae.embed_dim} != unet.in_channels="
                              f"{self.unet.in_channels}")
         lat = self.latent_size
         if self.image_size % self.vae.downsample_factor or lat % self.unet.downsample_factor:
-            raise ValueError(f"ModelConfig: image_size={self.image_size} must be divisible by "
+            raise ConfigError(f"ModelConfig: image_size={self.image_size} must be divisible by "
                              f"{self.vae.downsample_factor * self.unet.downsample_factor}")
 
     @property
@@ -222,7 +234,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
+            raise ConfigError(f"ModelConfig: unknown keys {sorted(unknown)}")
         if "unet" in d and isinstance(d["unet"], dict):
             d["unet"] = UNetConfig(**d["unet"])
         if "vae" in d and isinstance(d["vae"], dict):
@@ -232,6 +244,22 @@ class ModelConfig:
     @classmethod
     def from_json(cls, s: str) -> "ModelConfig":
         return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def from_spec(cls, spec: str, flag: str = "--model") -> "ModelConfig":
+        """'sd15', 'tiny', 'demo', or a JSON file holding a ModelConfig (or a checkpoint's
+        model_config.json); errors name `flag`, the command-line option the spec came from."""
+        if spec in ("sd15", "tiny", "demo"):
+            return getattr(cls, spec)()
+        try:
+            with open(spec) as f:
+                d = json.load(f)
+            return cls.from_dict(d.get("model_config", d))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{flag} {spec}: neither 'sd15', 'tiny', 'demo' nor an existing ModelConfig JSON "
+                              f"file") from e
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{flag} {spec}: not a ModelConfig JSON file ({e})") from e
 
 
 @dataclass(frozen=True)
@@ -250,8 +278,25 @@ class DiffusionConfig:
 
     def __post_init__(self):
         if self.schedule not in ("official", "consistent"):
-            raise ValueError(f"DiffusionConfig.schedule must be 'official' or 'consistent', "
-                             f"got {self.schedule!r}")
+            raise ConfigError(f"DiffusionConfig.schedule must be 'official' or 'consistent', "
+                              f"got {self.schedule!r}")
+        if not 0.0 < self.linear_start < self.linear_end < 1.0:
+            raise ConfigError(f"DiffusionConfig: need 0 < linear_start < linear_end < 1, got "
+                              f"{self.linear_start}, {self.linear_end}")
+        _check_finite("DiffusionConfig", ddim_eta=self.ddim_eta, guidance_scale=self.guidance_scale)
+        if self.ddim_eta < 0:
+            raise ConfigError(f"DiffusionConfig.ddim_eta must be >= 0, got {self.ddim_eta}")
+        T, S = self.num_train_timesteps, self.ddim_steps
+        if not 1 <= S <= T:
+            raise ConfigError(f"DiffusionConfig.ddim_steps must be in 1..{T}, got {S}")
+        # ldm's 'uniform' spacing range(0, T, T // S) + 1 gives S timesteps, all < T, only for some S
+        spaced = range(1, T + 1, T // S)
+        if len(spaced) != S or spaced[-1] >= T:
+            good = [d for d in range(max(1, S - 5), S + 6) if len(range(1, T + 1, T // d)) == d
+                    and range(1, T + 1, T // d)[-1] < T]
+            raise ConfigError(f"DiffusionConfig.ddim_steps={S}: ldm's uniform spacing (every {T // S} of {T} "
+                              f"timesteps, from 1) gives {len(spaced)} steps ending at timestep {spaced[-1]} "
+                              f"(valid: 0..{T - 1}); nearby valid values: {good}")
 
 
 @dataclass(frozen=True)
@@ -275,6 +320,7 @@ class TrainConfig:
     data_dir: str | None = None         # prepared datasets; None: $DIAD_DATA_DIR or ~/.cache/diad_jax/data
     manual_dir: str | None = None       # the downloaded dataset's root (not for "synthetic")
     dataset_options: dict = field(default_factory=dict)  # data.prepare(**options), e.g. train_per_class
+    skip_bad: bool = False              # skip (and list) unreadable files and images without a mask
     classes: tuple[str, ...] | None = None
     train_split: str = "train"
     # ---- optimisation ----------------------------------------------------------------------------
@@ -319,24 +365,43 @@ class TrainConfig:
     disc_start: int = 50_001            # the reference's discriminator start (not implemented: must exceed steps)
 
     def __post_init__(self):
+        if not isinstance(self.dataset_options, dict):
+            raise ConfigError(f"TrainConfig.dataset_options must be a mapping, got {self.dataset_options!r}")
         object.__setattr__(self, "dataset_options", dict(self.dataset_options))
         if self.classes is not None:
             object.__setattr__(self, "classes", _tuple(self.classes))
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"TrainConfig.dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"TrainConfig.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+            raise ConfigError(f"TrainConfig.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         for name in ("batch_size", "grad_accum", "steps", "save_every", "keep", "log_every", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise ValueError(f"TrainConfig.eval_every must be >= 0, got {self.eval_every}")
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "seed", "eval_seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        _check_finite("TrainConfig", learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+                      eps=self.eps, eval_sigma=self.eval_sigma, kl_weight=self.kl_weight,
+                      perceptual_weight=self.perceptual_weight)
+        for name in ("learning_rate", "eps", "eval_sigma"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "kl_weight", "perceptual_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:  # also false for NaN
+                raise ConfigError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eval_pool_window < 1:
+            raise ConfigError(f"TrainConfig.eval_pool_window must be >= 1, got {self.eval_pool_window}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+            raise ConfigError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.trainable not in ("reference", "sg+unet"):
-            raise ValueError(f"TrainConfig.trainable must be 'reference' or 'sg+unet', got {self.trainable!r}")
+            raise ConfigError(f"TrainConfig.trainable must be 'reference' or 'sg+unet', got {self.trainable!r}")
         if self.eval_schedule not in ("official", "consistent"):
-            raise ValueError(f"TrainConfig.eval_schedule must be 'official' or 'consistent', got {self.eval_schedule!r}")
+            raise ConfigError(f"TrainConfig.eval_schedule must be 'official' or 'consistent', got {self.eval_schedule!r}")
         if self.metrics_variant not in ("standard", "reference"):
-            raise ValueError(f"TrainConfig.metrics_variant must be 'standard' or 'reference', "
+            raise ConfigError(f"TrainConfig.metrics_variant must be 'standard' or 'reference', "
                              f"got {self.metrics_variant!r}")
 
     @classmethod
@@ -367,8 +432,11 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**d)
+            raise ConfigError(f"TrainConfig: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        try:
+            return cls(**d)
+        except TypeError as e:  # a value of the wrong kind, e.g. a string where a number goes
+            raise ConfigError(f"TrainConfig: {e}") from e
 
     @classmethod
     def from_json(cls, s: str) -> "TrainConfig":

@@ -21,7 +21,7 @@ import numpy as np
 
 from diad_jax.configs import REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, ModelConfig
 from diad_jax.metrics import compute_metrics, format_table
-from diad_jax.scoring import Scorer
+from diad_jax.scoring import Scorer, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def evaluate(bundle: dict, config: ModelConfig, data, *, batch_size: int = 8,
     t_score = time.perf_counter() - t0
     if not maps:
         raise ValueError(f"no images to evaluate in split {split!r} (classes={classes})")
+    check_finite(np.stack(maps), np.asarray(scores), files.__getitem__)
     t1 = time.perf_counter()
     metrics = compute_metrics(np.asarray(scores), np.asarray(labels), np.stack(maps), np.stack(masks),
                               cls_names, variant=variant)

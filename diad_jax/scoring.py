@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diad_jax.configs import REFERENCE_MAP_SIZE, REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, ModelConfig
 from diad_jax.diffusion import ddim_plan, ddim_sample, guided_eps, q_sample
+from diad_jax.errors import NonFiniteError
 from diad_jax.models.diad import DiAD, to_nchw, to_nhwc
 from diad_jax.models.resnet import ResNet50Features
 
@@ -162,7 +163,7 @@ class Scorer:
         self.model = DiAD(self.config, dtype=self.dtype)
         self.resnet = ResNet50Features(dtype=self.dtype)
         image_scores(jnp.zeros((1, 64, 64)), self.image_score, 1)  # validate the mode early
-        if self.pool_window < 1 or self.sigma <= 0:
+        if self.pool_window < 1 or not 0 < self.sigma < float("inf"):
             raise ValueError(f"Scorer: pool_window must be >= 1 and sigma > 0, got {self.pool_window}, {self.sigma}")
         fn = partial(self._score, uncond=None)
         fn2 = self._score
@@ -226,6 +227,16 @@ class Scorer:
             return self._jit.lower(bundle, images, rng)
         u = bundle["context"] if uncond_context is None else uncond_context
         return self._jit2.lower(bundle, images, rng, u)
+
+
+def check_finite(maps: np.ndarray, scores: np.ndarray, name_of: Callable[[int], str]) -> None:
+    """Raises NonFiniteError naming the images (`name_of(i)`, the first ten) whose anomaly map or
+    score holds NaN or inf -- usually weights that are not finite, or a diverged model."""
+    bad = np.flatnonzero(~(np.isfinite(scores) & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)))
+    if len(bad):
+        raise NonFiniteError(f"{len(bad)} of {len(scores)} images have non-finite anomaly maps or scores "
+                             f"(the model's weights or its reconstructions are not finite): "
+                             f"{', '.join(name_of(int(i)) for i in bad[:10])}{' ...' if len(bad) > 10 else ''}")
 
 
 def _same(a, b) -> bool:

@@ -36,6 +36,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diad_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp")
@@ -55,7 +57,7 @@ PARTITION_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """A mesh that cannot be built on these devices."""
 
 
@@ -79,7 +81,7 @@ def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int
     elif fixed != num_devices:
         raise MeshError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} = {fixed} devices, but "
                         f"{num_devices} are available; the product must equal the device count "
-                        f"(or set one axis to -1)")
+                        f"(or set one axis to -1; --mesh-data / --mesh-fsdp)")
     return sizes["data"], sizes["fsdp"]
 
 

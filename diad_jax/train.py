@@ -41,8 +41,10 @@ from flax import struct
 from jax.sharding import Mesh
 
 from diad_jax import sharding as shd
+from diad_jax.checkpoints import restoring
 from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
 from diad_jax.diffusion import q_sample
+from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from diad_jax.models.diad import TRAINABLE_MASKS, DiAD, combine, partition, trainable_mask
 
 log = logging.getLogger(__name__)
@@ -343,8 +345,9 @@ class Checkpointer:
         return None if self.best is None else self.best.best_step()
 
     def restore_meta(self, step: int) -> tuple[dict, dict]:
-        r = self.manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore(),
-                                                               train_config=ocp.args.JsonRestore()))
+        with restoring(self.directory / str(step), "the model_config and train_config items"):
+            r = self.manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore(),
+                                                                   train_config=ocp.args.JsonRestore()))
         return dict(r["model_config"]), dict(r["train_config"])
 
     def restore(self, step: int, *, abstract_state: TrainState, abstract_params: Params, abstract_context,
@@ -356,7 +359,8 @@ class Checkpointer:
             target["resnet"] = abstract_resnet
         items = dict(state=ocp.args.StandardRestore(target),
                      train_state=ocp.args.StandardRestore(abstract_state.as_dict()))
-        r = self.manager.restore(step, args=ocp.args.Composite(**items))
+        with restoring(self.directory / str(step), "the model weights and train state"):
+            r = self.manager.restore(step, args=ocp.args.Composite(**items))
         restored_iter = None
         if data_iterator is not None:
             import grain.checkpoint
@@ -370,6 +374,21 @@ class Checkpointer:
         st = r["state"]
         return (TrainState.from_dict(r["train_state"]), st["params"], st["context"], st.get("resnet"),
                 restored_iter)
+
+    def set_aside(self, step: int) -> Path:
+        """Moves an unrestorable step out of the manager's folder (to <directory>_unrestorable/<step>),
+        so that nothing is deleted and training can save that step number again."""
+        aside = self.directory.with_name(self.directory.name + "_unrestorable") / str(step)
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                aside = aside.with_name(f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"diad_jax.train: set aside step {step}")
+        self.manager.reload()
+        return aside
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -443,6 +462,7 @@ def evaluate_split(scorer, bundle, dataset, *, split: str, batch_size: int, mesh
     then `compute_metrics` on the gathered maps. Returns {class: {metric: value}, "mean": ...}."""
     from diad_jax import data as data_lib
     from diad_jax.metrics import compute_metrics
+    from diad_jax.scoring import check_finite
 
     n_proc = jax.process_count()
     if batch_size % n_proc:
@@ -451,35 +471,65 @@ def evaluate_split(scorer, bundle, dataset, *, split: str, batch_size: int, mesh
     ds = data_lib.eval_dataset(dataset, local_b, split=split, classes=classes, image_size=scorer.config.image_size,
                                shard_index=jax.process_index(), shard_count=n_proc)
     key = jax.random.PRNGKey(seed)
-    maps, scores, masks, labels, cls, valid = [], [], [], [], [], []
+    maps, scores, masks, labels, cls, index = [], [], [], [], [], []
     for i, batch in enumerate(ds):
         g = shd.shard_batch({"image": batch["image"]}, mesh)
         out = scorer(bundle, g["image"], jax.random.fold_in(key, i))
         m, s = shd.gather_to_host((out.maps, out.scores))
         meta = shd.gather_to_host({"mask": batch["mask"][:, 0] > 0, "label": batch["label"],
-                                   "class_index": batch["class_index"], "valid": batch["valid"]})
+                                   "class_index": batch["class_index"], "index": batch["index"],
+                                   "valid": batch["valid"]})
         v = np.asarray(meta["valid"], bool)
         maps.append(np.asarray(m, np.float32)[v])
         scores.append(np.asarray(s, np.float32)[v])
         masks.append(np.asarray(meta["mask"])[v])
         labels.append(np.asarray(meta["label"])[v])
         cls.append(np.asarray(meta["class_index"])[v])
+        index.append(np.asarray(meta["index"])[v])
         if progress is not None:
             progress(int(v.sum()))
+    maps, scores, index = np.concatenate(maps), np.concatenate(scores), np.concatenate(index)
+    check_finite(maps, scores, lambda i: data_lib.as_text(dataset[split][int(index[i])]["filename"]))
     class_names = np.asarray(dataset.class_names)[np.concatenate(cls)]
-    return compute_metrics(np.concatenate(scores), np.concatenate(labels), np.concatenate(maps),
-                           np.concatenate(masks), class_names, variant=variant)
+    return compute_metrics(scores, np.concatenate(labels), maps, np.concatenate(masks), class_names,
+                           variant=variant)
 
 
 # ---- the loop ----------------------------------------------------------------------------------
-def resolve_model_config(spec: str) -> ModelConfig:
-    if spec in ("sd15", "tiny", "demo"):
-        return getattr(ModelConfig, spec)()
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"model {spec!r}: neither 'sd15', 'tiny', 'demo' nor an existing ModelConfig JSON file")
-    d = json.loads(path.read_text())
-    return ModelConfig.from_dict(d.get("model_config", d))
+def check_batch(cfg: TrainConfig, mesh: Mesh, evaluates: bool) -> None:
+    """The global batch sizes split evenly over the mesh's devices and the processes."""
+    n_dev, n_proc = shd.batch_size_multiple(mesh), jax.process_count()
+    if cfg.batch_size % n_dev:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the {n_dev} devices of the mesh "
+                          f"({shd.describe_mesh(mesh)})")
+    if cfg.batch_size % n_proc:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the {n_proc} processes")
+    if evaluates and cfg.eval_batch_size % n_dev:
+        raise ConfigError(f"--eval-batch-size {cfg.eval_batch_size} must be a multiple of the {n_dev} devices")
+
+
+# TrainConfig fields that shape the train state: a checkpoint restores only into a run that agrees.
+def _state_layout(tc: dict) -> dict:
+    return {"--ema-decay (on/off)": tc.get("ema_decay") is not None,
+            "--grad-accum (1 or more)": (tc.get("grad_accum") or 1) > 1,
+            "--trainable": tc.get("trainable", "reference")}
+
+
+def check_resume_compatible(saved: dict, cfg: TrainConfig, where: str) -> None:
+    """Refuses to resume from a checkpoint whose train state has another layout than this run's
+    (EMA added or removed, gradient accumulation switched on or off, another trainable subset)
+    and says which flag; a changed value that keeps the layout (e.g. another EMA decay) is logged."""
+    if not saved:
+        return
+    old, new = _state_layout(saved), _state_layout(cfg.to_dict())
+    diff = [f"{k}: checkpoint {old[k]}, this run {new[k]}" for k in old if old[k] != new[k]]
+    if diff:
+        raise ConfigError(f"{where} was saved by a run with another train-state layout ({'; '.join(diff)}); "
+                          f"resume with the checkpoint's settings (see its train_config item) or use a new --workdir")
+    for key in ("ema_decay", "learning_rate", "grad_accum", "batch_size", "weight_decay"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            log.warning("resuming %s with %s = %s (the checkpoint's run used %s)", where, key, getattr(cfg, key),
+                        saved[key])
 
 
 @dataclasses.dataclass
@@ -500,20 +550,21 @@ class Trainer:
         trainer.close()
     """
 
-    def __init__(self, cfg: TrainConfig, mesh: Mesh | None = None, task: Task = DIAD_TASK):
+    def __init__(self, cfg: TrainConfig, mesh: Mesh | None = None, task: Task = DIAD_TASK,
+                 overwrite_data: bool = False):
         self.cfg = cfg
         if task.name == "diad" and cfg.trainable != "reference":
             task = dataclasses.replace(task, mask_fn=TRAINABLE_MASKS[cfg.trainable])
         self.task = task
         self.mesh = mesh or shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
         log.info("mesh: %s", shd.describe_mesh(self.mesh))
+        check_batch(cfg, self.mesh, self._evaluates())
         self.workdir = Path(cfg.workdir).absolute()
         self._load_model_source()
         dtype = DTYPES[cfg.compute_dtype]
         self.model = DiAD(self.model_config, dtype=dtype, remat=cfg.remat)
         self.factory = StepFactory(self.model, cfg, self.mesh, task=task)
-        self._check_batch()
-        self.dataset = self._prepare_data()
+        self.dataset = self._prepare_data(overwrite_data)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.keep, async_save=cfg.async_checkpoint,
                                          best_directory=(self.workdir / "best") if self._evaluates() else None)
         self.writer = MetricWriter(self.workdir)
@@ -535,7 +586,7 @@ class Trainer:
             log.info("initialising from %s (context and%s ResNet from the checkpoint)", cfg.init_checkpoint,
                      "" if ckpt.resnet is not None else " NO")
         else:
-            config = resolve_model_config(cfg.model)
+            config = ModelConfig.from_spec(cfg.model)
             self.init_params_host = None
             from diad_jax.checkpoints import default_context
             self.context_host = default_context(config)
@@ -549,26 +600,16 @@ class Trainer:
         if self.resnet_host is None and cfg.init_checkpoint and self._evaluates():
             log.warning("the checkpoint has no ResNet-50 weights: evaluation uses a RANDOM ResNet-50")
 
-    def _check_batch(self):
-        cfg, n_dev, n_proc = self.cfg, shd.batch_size_multiple(self.mesh), jax.process_count()
-        if cfg.batch_size % n_dev:
-            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {n_dev} devices of the mesh "
-                             f"({shd.describe_mesh(self.mesh)})")
-        if cfg.batch_size % n_proc:
-            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {n_proc} processes")
-        if self._evaluates() and cfg.eval_batch_size % n_dev:
-            raise ValueError(f"eval_batch_size {cfg.eval_batch_size} must be a multiple of the {n_dev} devices")
-
     def _data_dir(self) -> str:
         return self.cfg.data_dir or default_data_dir()
 
-    def _prepare_data(self):
+    def _prepare_data(self, overwrite: bool):
         from diad_jax import data as data_lib
         cfg = self.cfg
         kw = dict(manual_dir=cfg.manual_dir, classes=cfg.classes, image_size=self.model_config.image_size,
-                  **cfg.dataset_options)
+                  skip_bad=cfg.skip_bad, **cfg.dataset_options)
         if jax.process_index() == 0:
-            ds = data_lib.prepare(cfg.dataset, self._data_dir(), **kw)
+            ds = data_lib.prepare(cfg.dataset, self._data_dir(), overwrite=overwrite, **kw)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("diad_jax.train: dataset prepared")
@@ -606,37 +647,26 @@ class Trainer:
     def _restore_or_init(self):
         cfg, f = self.cfg, self.factory
         self.iterator = self._make_iterator()
-        latest = self.checkpointer.latest_step() if cfg.resume else None
-        if latest is None and self.checkpointer.latest_step() is not None:
-            raise FileExistsError(f"{self.checkpointer.directory} holds checkpoints (latest step "
-                                  f"{self.checkpointer.latest_step()}) but resume is off; use another workdir")
-        rep = shd.replicated(self.mesh)
-        if latest is not None:
-            meta, tmeta = self.checkpointer.restore_meta(latest)
-            saved_cfg = ModelConfig.from_dict(meta["model_config"])
-            if saved_cfg != self.model_config:
-                raise ValueError(f"{self.checkpointer.directory}/{latest}: the checkpoint's model config differs "
-                                 f"from this run's ({saved_cfg} vs {self.model_config})")
-            abstract_resnet = None
-            if meta.get("has_resnet"):
-                from diad_jax.models.resnet import resnet_abstract_params
-                abstract_resnet = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                                               resnet_abstract_params())
-            a_params, a_ctx = self._abstract_full()
-            state, params, ctx, resnet, it = self.checkpointer.restore(
-                latest, abstract_state=f.abstract_state_with_shardings(), abstract_params=a_params,
-                abstract_context=a_ctx, abstract_resnet=abstract_resnet, data_iterator=self.iterator)
-            _, frozen = f.split(params)
-            self.others = {g: v for g, v in params.items() if g not in self.task.groups}
-            self.state, self.frozen, self.context = state, frozen, ctx
-            if resnet is not None:
-                self.resnet_host = resnet
-            if it is not None:
-                self.iterator = it
-            best = tmeta.get("best_value")
-            self.best_value = -math.inf if best is None else float(best)
-            log.info("resumed from %s/%d (step %d)", self.checkpointer.directory, latest, int(state.step))
+        steps = sorted(self.checkpointer.all_steps(), reverse=True)
+        if steps and not cfg.resume:
+            raise CheckpointError(f"{self.checkpointer.directory} holds checkpoints (latest step {steps[0]}) but "
+                                  f"--no-resume was given; use another --workdir")
+        failed: list[tuple[int, CheckpointError]] = []
+        for step in steps:  # newest first; a checkpoint that does not restore is set aside
+            try:
+                self._restore(step)
+                break
+            except CheckpointError as e:
+                failed.append((step, e))
         else:
+            if failed:
+                raise CheckpointError(f"none of the checkpoints in {self.checkpointer.directory} restores:\n"
+                                      + "\n".join(f"  step {s}: {e}" for s, e in failed))
+        for step, e in failed:
+            aside = self.checkpointer.set_aside(step)
+            log.warning("%s\n  -> moved to %s; resumed from the newest checkpoint that restores (step %d)", e, aside,
+                        self.step)
+        if not steps:
             if self.init_params_host is None:
                 t0 = time.perf_counter()
                 params = self.model.init(seed=cfg.seed)
@@ -653,6 +683,36 @@ class Trainer:
         n_frozen = sum(x.size for x in jax.tree.leaves(self.frozen))
         log.info("params: %.2fM trainable, %.2fM frozen; trainable + optimizer state: %s",
                  n_train / 1e6, n_frozen / 1e6, shd.shard_summary((self.state.params, self.state.opt_state)))
+
+    def _restore(self, step: int) -> None:
+        """Restores the train state, params, context, ResNet and data iterator of `step`."""
+        f, where = self.factory, f"{self.checkpointer.directory}/{step}"
+        meta, tmeta = self.checkpointer.restore_meta(step)
+        saved_cfg = ModelConfig.from_dict(meta["model_config"])
+        if saved_cfg != self.model_config:
+            raise ConfigError(f"{where}: the checkpoint's model config differs from this run's ({saved_cfg} vs "
+                              f"{self.model_config}); use its --model/--init-checkpoint or a new --workdir")
+        check_resume_compatible(tmeta.get("train_config", {}), self.cfg, where)
+        abstract_resnet = None
+        if meta.get("has_resnet"):
+            from diad_jax.models.resnet import resnet_abstract_params
+            rep = shd.replicated(self.mesh)
+            abstract_resnet = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                                           resnet_abstract_params())
+        a_params, a_ctx = self._abstract_full()
+        state, params, ctx, resnet, it = self.checkpointer.restore(
+            step, abstract_state=f.abstract_state_with_shardings(), abstract_params=a_params,
+            abstract_context=a_ctx, abstract_resnet=abstract_resnet, data_iterator=self.iterator)
+        _, frozen = f.split(params)
+        self.others = {g: v for g, v in params.items() if g not in self.task.groups}
+        self.state, self.frozen, self.context = state, frozen, ctx
+        if resnet is not None:
+            self.resnet_host = resnet
+        if it is not None:
+            self.iterator = it
+        best = tmeta.get("best_value")
+        self.best_value = -math.inf if best is None else float(best)
+        log.info("resumed from %s (step %d)", where, int(state.step))
 
     # ---- checkpoint / eval ---------------------------------------------------------------------
     def save(self, step: int, metrics: dict | None = None):
@@ -746,14 +806,16 @@ class Trainer:
     def run(self, on_log: Callable[[StepInfo], None] | None = None,
             on_step: Callable[[int], None] | None = None, kill_at_step: int | None = None) -> dict:
         """Train until `cfg.steps`. Saves every `save_every` steps and at the end (also on
-        KeyboardInterrupt); evaluates every `eval_every` steps and/or at the end.
+        KeyboardInterrupt, unless that step is saved already); evaluates every `eval_every` steps
+        and/or at the end. Stops with NonFiniteError at the first step whose loss or gradient norm
+        is not finite, before any checkpoint of it is written.
         Returns {"step", "loss" (last interval's mean), "eval": last eval results or None}."""
         cfg, f = self.cfg, self.factory
         step = self.step
         if step >= cfg.steps:
             log.info("already at step %d >= steps=%d; nothing to do", step, cfg.steps)
         pending: list[tuple[int, dict]] = []
-        last_eval, last_loss = None, float("nan")
+        last_eval, last_loss, saved_step = None, float("nan"), None
         t_last, imgs = time.perf_counter(), 0
         try:
             while step < cfg.steps:
@@ -770,36 +832,64 @@ class Trainer:
                 pending.append((step, metrics))
                 if on_step is not None:
                     on_step(step)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    host = jax.device_get([m for _, m in pending])
-                    dt = time.perf_counter() - t_last
-                    per_step = [(s, float(h["loss"])) for (s, _), h in zip(pending, host)]
-                    mean = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-                    for (s, _), h in zip(pending, host):
-                        self.writer.write(s, {k: float(v) for k, v in h.items()})
-                    info = StepInfo(step, mean, imgs / dt, per_step)
-                    self.writer.write(step, {"images_per_s": info.images_per_s}, kind="perf")
-                    self.writer.flush()
-                    last_loss = mean["loss"]
+                do_eval = self._evaluates() and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                                 or (cfg.eval_at_end and step == cfg.steps))
+                do_save = step % cfg.save_every == 0 or step == cfg.steps
+                # the metrics are fetched (a device sync) at log intervals, and before an evaluation
+                # or a save, so that a non-finite loss never reaches a checkpoint
+                if step % cfg.log_every == 0 or do_eval or do_save:
+                    info = self._log(pending, imgs / (time.perf_counter() - t_last))
+                    last_loss = info.metrics["loss"]
                     if on_log is not None:
                         on_log(info)
                     pending, t_last, imgs = [], time.perf_counter(), 0
-                do_eval = self._evaluates() and ((cfg.eval_every and step % cfg.eval_every == 0)
-                                              or (cfg.eval_at_end and step == cfg.steps))
                 if do_eval:
                     last_eval = self.evaluate()
                     self._after_eval(step, last_eval)
                     t_last, imgs = time.perf_counter(), 0
-                if step % cfg.save_every == 0 or step == cfg.steps:
+                if do_save:
                     self.save(step, {"loss": last_loss})
+                    saved_step = step
         except KeyboardInterrupt:
-            log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
-            if step not in self.checkpointer.all_steps():
-                self.save(step, {"loss": last_loss})
+            self.checkpointer.wait()  # a save in flight finishes first: never write the same step twice
+            if step != saved_step and step not in self.checkpointer.all_steps():
+                log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
+                try:
+                    self.save(step, {"loss": last_loss})
+                    self.checkpointer.wait()
+                except Exception as e:  # e.g. the interrupt cut a save of this step short
+                    log.error("could not save step %d (%s); the newest checkpoint is step %s", step, e,
+                              max(self.checkpointer.all_steps(), default=None))
+            else:
+                log.warning("interrupted at step %d, which is saved in %s", step, self.checkpointer.directory)
+            raise
+        except NonFiniteError:
             self.checkpointer.wait()
             raise
         self.checkpointer.wait()
         return {"step": step, "loss": last_loss, "eval": last_eval}
+
+    def _log(self, pending: list[tuple[int, dict]], images_per_s: float) -> StepInfo:
+        """Fetches the pending steps' metrics, writes them, and stops at the first non-finite one."""
+        host = jax.device_get([m for _, m in pending])
+        for (s, _), h in zip(pending, host):
+            self.writer.write(s, {k: float(v) for k, v in h.items()})
+        self.writer.flush()
+        for (s, _), h in zip(pending, host):
+            bad = {k: float(h[k]) for k in ("loss", "grad_norm") if k in h and not np.isfinite(h[k])}
+            if bad:
+                self.checkpointer.wait()
+                saved = self.checkpointer.all_steps()
+                last = (f"the last good checkpoint is {self.checkpointer.directory}/{max(saved)} (kept; "
+                        f"a rerun resumes from it)") if saved else "no checkpoint was saved before it"
+                raise NonFiniteError(
+                    f"training stopped at step {s}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; {last}. "
+                    f"Lower --lr, check the data, or start from another checkpoint")
+        mean = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+        info = StepInfo(pending[-1][0], mean, images_per_s, [(s, float(h["loss"])) for (s, _), h in zip(pending, host)])
+        self.writer.write(info.step, {"images_per_s": images_per_s}, kind="perf")
+        self.writer.flush()
+        return info
 
     def close(self):
         self.checkpointer.wait()

@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from diad_jax import cli
+
 log = logging.getLogger("diad_jax.demo")
 
 
@@ -38,17 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="checkpoints, logs, results")
     ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="where the generated dataset goes")
-    ap.add_argument("--vae-steps", type=int, default=400, help="autoencoder steps (batch --vae-batch-size)")
-    ap.add_argument("--diad-steps", type=int, default=2250, help="DiAD steps (batch --batch-size)")
-    ap.add_argument("--batch-size", type=int, default=8, help="DiAD training batch (and evaluation batch)")
-    ap.add_argument("--vae-batch-size", type=int, default=16, help="autoencoder training batch")
-    ap.add_argument("--vae-lr", type=float, default=2e-3)
-    ap.add_argument("--lr", type=float, default=3e-4, help="DiAD AdamW learning rate")
+    ap.add_argument("--vae-steps", type=cli.positive_int, default=400, help="autoencoder steps (batch --vae-batch-size)")
+    ap.add_argument("--diad-steps", type=cli.positive_int, default=2250, help="DiAD steps (batch --batch-size)")
+    ap.add_argument("--batch-size", type=cli.positive_int, default=8, help="DiAD training batch (and evaluation batch)")
+    ap.add_argument("--vae-batch-size", type=cli.positive_int, default=16, help="autoencoder training batch")
+    ap.add_argument("--vae-lr", type=cli.positive_float, default=2e-3)
+    ap.add_argument("--lr", type=cli.positive_float, default=3e-4, help="DiAD AdamW learning rate")
     ap.add_argument("--ema-decay", type=float, default=0.995)
     ap.add_argument("--schedule", choices=["official", "consistent"], default="consistent",
                     help="evaluation DDIM schedule (see README, 'Differences from the reference')")
-    ap.add_argument("--heatmaps", type=int, default=4, help="heat-map PNGs per class")
-    ap.add_argument("--limit-per-class", type=int, default=None,
+    ap.add_argument("--heatmaps", type=cli.nonnegative_int, default=4, help="heat-map PNGs per class")
+    ap.add_argument("--limit-per-class", type=cli.positive_int, default=None,
                     help="evaluate a balanced subset of N test images per class (default: all 40)")
     ap.add_argument("--quick", action="store_true", help="60 + 200 steps: checks that everything runs")
     ap.add_argument("--fresh", action="store_true", help="delete --workdir first")
@@ -57,31 +59,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_trainer(trainer, no_progress: bool) -> dict:
-    from diad_jax import cli
     return cli.run(trainer, argparse.Namespace(no_progress=no_progress, kill_at_step=None))
 
 
+@cli.entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.vae_steps, args.diad_steps = 60, 200
-    from diad_jax import cli
     cli.setup_logging()
 
     import jax
 
     from diad_jax import autoencoder
     from diad_jax import data as dataio
+    from diad_jax import sharding as shd
     from diad_jax.checkpoints import load_model, save_model
     from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
     from diad_jax.evaluation import evaluate
     from diad_jax.models.diad import DiAD
     from diad_jax.scoring import Scorer, make_bundle
-    from diad_jax.train import Trainer
+    from diad_jax.train import Trainer, check_batch
 
+    # every configuration is built and checked before the first (long) stage starts
+    init_dir = args.workdir / "init"
+    common = dict(model="demo", data_dir=str(args.data_dir), grad_accum=1, dataset_options={}, log_every=10,
+                  eval_split=None, eval_at_end=False)
+    vae_cfg = autoencoder.tiny_config(**common, batch_size=args.vae_batch_size, steps=args.vae_steps,
+                                      learning_rate=args.vae_lr,
+                                      workdir=str(args.workdir / "autoencoder"),
+                                      save_every=max(1, args.vae_steps // 2))
+    diad_cfg = TrainConfig.tiny(**common, batch_size=args.batch_size, init_checkpoint=str(init_dir),
+                                trainable="sg+unet", steps=args.diad_steps,
+                                learning_rate=args.lr, ema_decay=args.ema_decay, workdir=str(args.workdir / "diad"),
+                                save_every=max(1, args.diad_steps // 4))
+    for cfg in (vae_cfg, diad_cfg):
+        check_batch(cfg, shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp), evaluates=False)
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    cli.check_writable(args.workdir, "--workdir")
+    cli.check_writable(args.data_dir, "--data-dir")
     times = {}
     config = ModelConfig.demo()
     log.info("backend %s, %d device(s); demo model: 64x64 images -> 16x16x4 latents", jax.default_backend(),
@@ -91,24 +108,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     prepared = dataio.prepare("synthetic", args.data_dir, image_size=config.image_size)
     times["data"] = time.perf_counter() - t0
-    common = dict(model="demo", data_dir=str(args.data_dir), grad_accum=1, dataset_options={}, log_every=10,
-                  eval_split=None, eval_at_end=False)
 
     # 2. autoencoder
     t0 = time.perf_counter()
-    vae_cfg = autoencoder.tiny_config(**common, batch_size=args.vae_batch_size, steps=args.vae_steps,
-                                      learning_rate=args.vae_lr,
-                                      workdir=str(args.workdir / "autoencoder"),
-                                      save_every=max(1, args.vae_steps // 2))
     log.info("stage 1/3: autoencoder, %d steps", args.vae_steps)
     trainer = Trainer(vae_cfg, task=autoencoder.autoencoder_task(vae_cfg))
     _run_trainer(trainer, args.no_progress)
     times["autoencoder"] = time.perf_counter() - t0
 
     # 3. scale_factor from the latent std -> the initial DiAD checkpoint
-    init_dir = args.workdir / "init"
     vae_ckpt = args.workdir / "autoencoder" / "checkpoints" / str(args.vae_steps)
-    if not (init_dir / "model_config").exists() or _source(init_dir) != str(vae_ckpt):
+    if _source(init_dir) != str(vae_ckpt):
         ckpt = load_model(vae_ckpt)
         std = autoencoder.latent_std(DiAD(ckpt.config), ckpt.params, prepared)
         config = dataclasses.replace(ckpt.config, scale_factor=1.0 / std)
@@ -118,10 +128,6 @@ def main(argv=None) -> int:
 
     # 4. DiAD
     t0 = time.perf_counter()
-    diad_cfg = TrainConfig.tiny(**common, batch_size=args.batch_size, init_checkpoint=str(init_dir),
-                                trainable="sg+unet", steps=args.diad_steps,
-                                learning_rate=args.lr, ema_decay=args.ema_decay, workdir=str(args.workdir / "diad"),
-                                save_every=max(1, args.diad_steps // 4))
     log.info("stage 2/3: DiAD (SG network + UNet), %d steps", args.diad_steps)
     trainer = Trainer(diad_cfg)
     _run_trainer(trainer, args.no_progress)
@@ -163,10 +169,11 @@ def main(argv=None) -> int:
 
 
 def _source(ckpt_dir: Path) -> str | None:
+    from diad_jax.checkpoints import read_metadata
+    from diad_jax.errors import CheckpointError
     try:
-        from diad_jax.checkpoints import read_metadata
         return read_metadata(ckpt_dir).get("source")
-    except Exception:  # noqa: BLE001 - a missing or unreadable init checkpoint is rebuilt
+    except CheckpointError:  # a missing or unreadable init checkpoint is rebuilt
         return None
 
 

@@ -44,24 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cli.init_runtime(args)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    cli.setup_logging()
     from diad_jax import autoencoder
 
     base = autoencoder.tiny_config() if args.preset == "tiny" else autoencoder.reference_config()
-    cfg = cli.config_from_args(base, args)
+    cfg = cli.config_from_args(base, args, ap)
     if args.print_config:
         print(cfg.to_json())
         return 0
     if (cfg.lpips_vgg16 is None) != (cfg.lpips_lin is None):
-        raise SystemExit("give both --lpips-vgg16 and --lpips-lin, or neither (L1 + KL only)")
+        ap.error("give both --lpips-vgg16 and --lpips-lin, or neither (L1 + KL only)")
+    autoencoder.check_config(cfg)
+    cli.preflight(cfg)
+    cli.init_runtime(args)
     from diad_jax.models.lpips import load_lpips_params
     from diad_jax.train import Trainer
 
     lpips = load_lpips_params(cfg.lpips_vgg16, cfg.lpips_lin) if cfg.lpips_vgg16 else None
     cli.write_config(cfg)
-    cli.run(Trainer(cfg, task=autoencoder.autoencoder_task(cfg, lpips)), args)
+    cli.run(Trainer(cfg, task=autoencoder.autoencoder_task(cfg, lpips), overwrite_data=args.overwrite_data), args)
     return 0
 
 

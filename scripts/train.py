@@ -64,18 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    cli.setup_logging()
     base = TrainConfig.tiny() if args.preset == "tiny" else TrainConfig.reference()
-    cfg = cli.config_from_args(base, args)
+    cfg = cli.config_from_args(base, args, ap)
     if args.print_config:
         print(cfg.to_json())
         return 0
+    cli.preflight(cfg)
     cli.init_runtime(args)
     from diad_jax.train import Trainer
 
     cli.write_config(cfg)
-    cli.run(Trainer(cfg), args)
+    cli.run(Trainer(cfg, overwrite_data=args.overwrite_data), args)
     return 0
 
 

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from diad_jax.errors import UserError
 from diad_jax.convert.keys import (
     GROUP_TO_PREFIX, flax_key_to_ldm, flax_leaf_to_torch, ldm_to_flax_path, split_group,
     torch_leaf_to_flax,
@@ -41,12 +42,22 @@ IGNORED_PATTERNS: tuple[str, ...] = (
 )
 
 
-class ConversionError(ValueError):
-    """A conversion that does not match its target exactly."""
+class ConversionError(UserError):
+    """A conversion that does not match its target exactly, or whose weights are not finite."""
 
-    def __init__(self, source: str, missing=(), unexpected=(), mismatched=()):
+    def __init__(self, source: str, missing=(), unexpected=(), mismatched=(), non_finite=(),
+                 matched: int | None = None):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        self.non_finite = list(non_finite)
         lines = [f"conversion of {source} failed:"]
+        wrong = len(self.missing) + len(self.unexpected) + len(self.mismatched)
+        if matched is not None and len(self.mismatched) >= 3 and wrong > matched:
+            lines.append(f"  {wrong} keys disagree with the model and only {matched} match: the model config "
+                         f"(--config) most likely does not fit this checkpoint (e.g. tiny vs sd15)")
+        if self.non_finite:
+            lines.append(f"  {len(self.non_finite)} tensor(s) hold NaN or inf (pass --allow-non-finite, "
+                         f"allow_non_finite=True in Python, to convert them anyway):")
+            lines += [f"    {k}" for k in self.non_finite]
         if self.missing:
             lines.append(f"  {len(self.missing)} missing key(s) (expected by the model, absent from the source):")
             lines += [f"    {k}" for k in self.missing]
@@ -56,7 +67,9 @@ class ConversionError(ValueError):
         if self.mismatched:
             lines.append(f"  {len(self.mismatched)} key(s) with the wrong shape (key: source vs expected):")
             lines += [f"    {k}: {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched]
-        lines.append("  (pass allow_missing / allow_unexpected patterns to accept known differences)")
+        if wrong:
+            lines.append("  (pass --allow-missing / --allow-unexpected PATTERN, or allow_missing= / allow_unexpected= "
+                         "in Python, to accept known differences)")
         super().__init__("\n".join(lines))
 
 
@@ -101,7 +114,7 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
                   groups: Iterable[str] | None = None, source: str = "state dict",
                   allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
                   ignore: Iterable[str] = IGNORED_PATTERNS, dtype=np.float32,
-                  consume: bool = False, as_jax: bool = True,
+                  consume: bool = False, as_jax: bool = True, allow_non_finite: bool = False,
                   ) -> tuple[dict, ConversionReport]:
     """Convert an ldm state dict to Flax params shaped like `abstract` (restricted to `groups`).
 
@@ -110,13 +123,15 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
 
     Memory: each converted leaf becomes a host (CPU) `jax.Array` right away (orbax saves those
     without another copy), and with `consume=True` every source tensor is removed from
-    `state_dict` once handled, so an SD-size conversion holds about one copy of the weights."""
+    `state_dict` once handled, so an SD-size conversion holds about one copy of the weights.
+
+    A tensor holding NaN or inf is an error unless `allow_non_finite`."""
     groups = tuple(abstract) if groups is None else tuple(groups)
     allow_missing, allow_unexpected, ignore = tuple(allow_missing), tuple(allow_unexpected), tuple(ignore)
     expected = {g: traverse_util.flatten_dict(abstract[g]) for g in groups}
     report = ConversionReport()
     filled: dict[str, dict] = {g: {} for g in groups}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, non_finite = [], [], []
     cpu = jax.devices("cpu")[0] if as_jax else None
     for key in list(state_dict.keys()):
         value = state_dict.pop(key) if consume else state_dict[key]
@@ -155,6 +170,8 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
             filled[group][fpath] = None  # present, wrong shape: reported once, not also as missing
             continue
         out = np.ascontiguousarray(arr_f, dtype=dtype)
+        if not allow_non_finite and not np.isfinite(out).all():
+            non_finite.append(key)
         filled[group][fpath] = jax.device_put(out, cpu) if as_jax else out
         del value, arr, arr_f, out
         report.consumed.append(key)
@@ -168,8 +185,9 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
                     filled[g][fpath] = np.zeros(leaf.shape, dtype)
                 else:
                     missing.append(key)
-    if missing or unexpected or mismatched:
-        raise ConversionError(source, sorted(missing), sorted(unexpected), sorted(mismatched))
+    if missing or unexpected or mismatched or non_finite:
+        raise ConversionError(source, sorted(missing), sorted(unexpected), sorted(mismatched), sorted(non_finite),
+                              matched=len(report.consumed))
     params = {g: traverse_util.unflatten_dict(filled[g]) for g in groups}
     return params, report
 

@@ -22,6 +22,8 @@ from diad_jax.configs import ModelConfig
 from diad_jax.convert.ldm import (
     IGNORED_PATTERNS, ConversionError, ConversionReport, ldm_to_params, to_numpy,
 )
+from diad_jax.convert.torch_io import CheckpointReadError
+from diad_jax.errors import ConfigError
 from diad_jax.models.diad import DiAD, copy_unet_into_sg
 from diad_jax.models.init import init_params
 from diad_jax.models.resnet import resnet_abstract_params
@@ -54,8 +56,13 @@ def clip_context(state_dict: Mapping[str, Any], prefix: str = CLIP_PREFIX, sourc
 
     The architecture is read off the weights (vocab, width, depth, MLP width, positions); heads =
     width / 64 as in every OpenAI CLIP text tower unless `num_heads` is given."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    try:
+        import torch
+        from transformers import CLIPTextConfig, CLIPTextModel
+    except ImportError as e:
+        raise CheckpointReadError(f"{source}: computing the text context with its CLIP text tower needs torch and "
+                                  f"transformers: pip install 'diad-jax[convert]' (or pass a precomputed (1, 77, 768) "
+                                  f"context with --prompt-context)") from e
 
     # ldm checkpoints carry transformers-4 names (`text_model.embeddings...`); normalise to that.
     sd = {}
@@ -96,32 +103,35 @@ def clip_context(state_dict: Mapping[str, Any], prefix: str = CLIP_PREFIX, sourc
     return out.float().numpy()
 
 
-def load_prompt_context(path, config: ModelConfig) -> np.ndarray:
-    ctx = np.load(path)
+def load_prompt_context(path, config: ModelConfig, allow_non_finite: bool = False) -> np.ndarray:
+    try:
+        ctx = np.load(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointReadError(f"--prompt-context {path}: not a readable .npy file ({e})") from e
     ctx = ctx[None] if ctx.ndim == 2 else ctx
-    expected = (1, config.context_len, config.unet.context_dim)
-    if ctx.shape != expected:
-        raise ValueError(f"{path}: prompt context has shape {ctx.shape}, expected {expected}")
-    return ctx.astype(np.float32)
+    return _check_context(ctx.astype(np.float32), config, f"--prompt-context {path}", allow_non_finite)
 
 
-def _check_context(ctx: np.ndarray, config: ModelConfig, source: str) -> np.ndarray:
+def _check_context(ctx: np.ndarray, config: ModelConfig, source: str, allow_non_finite: bool) -> np.ndarray:
     expected = (1, config.context_len, config.unet.context_dim)
     if ctx.shape != expected:
-        raise ValueError(f"{source}: the CLIP text tower gives a context of shape {ctx.shape}, but the model "
-                         f"config expects {expected} (context_len, unet.context_dim)")
+        raise ConfigError(f"{source}: prompt context has shape {ctx.shape}, expected {expected} (context_len, "
+                          f"unet.context_dim of the model config)")
+    if not allow_non_finite and not np.isfinite(ctx).all():
+        raise ConversionError(source, non_finite=["text context"])
     return ctx
 
 
 # ---- the conversions ------------------------------------------------------------------------------
 def convert_resnet(state_dict: Mapping[str, Any], source: str = "ResNet-50 state dict",
-                   allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = ()):
+                   allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
+                   allow_non_finite: bool = False):
     """timm / torchvision ResNet-50 (with or without the `pretrained_model.` prefix) -> params."""
     prefixed = state_dict if any(k.startswith("pretrained_model.") for k in state_dict) else \
         _Prefixed(state_dict, "pretrained_model.")
     params, report = ldm_to_params(prefixed, {"resnet": resnet_abstract_params()}, groups=("resnet",),
                                    source=source, allow_missing=allow_missing,
-                                   allow_unexpected=allow_unexpected)
+                                   allow_unexpected=allow_unexpected, allow_non_finite=allow_non_finite)
     return params["resnet"], report
 
 
@@ -144,7 +154,8 @@ class _Prefixed(Mapping):
 
 def convert_diad(state_dict: Mapping[str, Any], config: ModelConfig, *, source: str = "DiAD checkpoint",
                  prompt_context: np.ndarray | None = None, allow_missing: Iterable[str] = (),
-                 allow_unexpected: Iterable[str] = (), consume: bool = False) -> Converted:
+                 allow_unexpected: Iterable[str] = (), allow_non_finite: bool = False,
+                 consume: bool = False) -> Converted:
     """A trained DiAD state dict -> params (+ the ResNet when the checkpoint carries it).
     `consume=True` empties `state_dict` as it converts (lower peak memory)."""
     if prompt_context is not None:
@@ -158,9 +169,10 @@ def convert_diad(state_dict: Mapping[str, Any], config: ModelConfig, *, source: 
     if has_resnet:
         abstract = dict(abstract, resnet=resnet_abstract_params())
     params, report = ldm_to_params(state_dict, abstract, groups=groups, source=source, consume=consume,
-                                   allow_missing=allow_missing, allow_unexpected=allow_unexpected)
+                                   allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+                                   allow_non_finite=allow_non_finite)
     resnet = params.pop("resnet", None)
-    context = _check_context(context, config, source)  # after the key report, which says more
+    context = _check_context(context, config, source, allow_non_finite)  # after the key report, which says more
     return Converted(config, params, context, resnet, {"diad": report}, [note])
 
 
@@ -168,7 +180,7 @@ def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: 
                               config: ModelConfig, *, seed: int = 0, sd_source: str = "SD checkpoint",
                               vae_source: str = "VAE checkpoint", prompt_context: np.ndarray | None = None,
                               allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
-                              consume: bool = False) -> Converted:
+                              allow_non_finite: bool = False, consume: bool = False) -> Converted:
     """SD v1.5 (UNet, CLIP, and its VAE unless a fine-tuned one is given) -> initial DiAD params.
 
     The SG network copies the SD encoder, middle block and time embedding by name; its new layers
@@ -189,14 +201,14 @@ def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: 
         notes.append(f"VAE: from {sd_source} (no fine-tuned autoencoder given)")
     params, sd_report = ldm_to_params(sd_state_dict, abstract, groups=groups, source=sd_source, ignore=ignore,
                                       allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-                                      consume=consume)
+                                      allow_non_finite=allow_non_finite, consume=consume)
     reports = {"sd": sd_report}
     if vae_state_dict is not None:
         prefixed = vae_state_dict if any(k.startswith("first_stage_model.") for k in vae_state_dict) else \
             _Prefixed(vae_state_dict, "first_stage_model.")
         vae, reports["vae"] = ldm_to_params(prefixed, abstract, groups=("vae",), source=vae_source,
                                             allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-                                            consume=consume)
+                                            allow_non_finite=allow_non_finite, consume=consume)
         params["vae"] = vae["vae"]
     fresh = init_params({"sg": abstract["sg"]}, seed)
     params = copy_unet_into_sg({**params, "sg": fresh["sg"]})
@@ -204,7 +216,7 @@ def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: 
     notes.append(f"SG network: {n_copied} tensors copied from the SD UNet encoder/middle; the hint block, "
                  f"zero convs and SFF initialised as the reference does (zero where it uses zero_module)")
     notes.append(ctx_note)
-    context = _check_context(context, config, sd_source)
+    context = _check_context(context, config, sd_source, allow_non_finite)
     return Converted(config, params, context, None, reports, notes)
 
 

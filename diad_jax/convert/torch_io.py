@@ -14,13 +14,15 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from diad_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UserError):
     """A file that cannot be read as a state dict; the message names the file."""
 
 
@@ -116,8 +118,9 @@ def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> Mapping[st
                                   f"{', '.join(PICKLE_SUFFIXES + SAFETENSORS_SUFFIXES)}")
     try:
         import torch
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("reading PyTorch checkpoints needs torch: pip install 'diad-jax[convert]'") from e
+    except ImportError as e:
+        raise CheckpointReadError(f"{path}: reading a PyTorch pickle needs torch: pip install 'diad-jax[convert]' "
+                                  f"(or convert the file to .safetensors)") from e
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not unsafe_pickle)
     except Exception as e:

@@ -12,20 +12,21 @@ Modules: records (Record, DataError), imageio (read + the reference's PIL-biline
 (MVTec-AD / VisA / folder scanning), synthetic (the generated dataset), builders (tfds builders,
 prepare / load), pipeline (grain pipelines).
 """
-from diad_jax.data.builders import DATASETS, DiadConfig, PreparedDataset, load, load_from_directory, prepare
+from diad_jax.data.builders import (DATASETS, DiadConfig, PreparedDataset, check_options, load, load_from_directory,
+                                    prepare, source_fingerprint)
 from diad_jax.data.imageio import read_image, read_mask, resize_image, resize_mask
 from diad_jax.data.layouts import (MVTEC_CLASSES, MVTEC_REFERENCE_EXCLUDE, VISA_CLASSES, scan_folder, scan_mvtec,
                                    scan_visa)
 from diad_jax.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, denormalize, ensure_absl_flags_parsed, eval_dataset,
                                     normalize, preprocess, steps_per_epoch, train_dataset)
-from diad_jax.data.records import GOOD, DataError, Record
+from diad_jax.data.records import GOOD, DataError, Record, as_text
 from diad_jax.data.synthetic import SYNTHETIC_CLASSES, SyntheticExample, defect_types, render
 
 __all__ = [
     "DATASETS", "GOOD", "IMAGENET_MEAN", "IMAGENET_STD", "MVTEC_CLASSES", "MVTEC_REFERENCE_EXCLUDE",
     "SYNTHETIC_CLASSES", "VISA_CLASSES", "DataError", "DiadConfig", "PreparedDataset", "Record",
-    "SyntheticExample", "defect_types", "denormalize", "ensure_absl_flags_parsed", "eval_dataset", "load",
+    "SyntheticExample", "as_text", "check_options", "defect_types", "denormalize", "ensure_absl_flags_parsed", "eval_dataset", "load",
     "load_from_directory", "normalize", "prepare", "preprocess", "read_image", "read_mask", "render",
-    "resize_image", "resize_mask", "scan_folder", "scan_mvtec", "scan_visa", "steps_per_epoch",
+    "resize_image", "resize_mask", "scan_folder", "scan_mvtec", "scan_visa", "source_fingerprint", "steps_per_epoch",
     "train_dataset",
 ]

@@ -19,10 +19,13 @@ Examples are written in a fixed order (classes in the order given, files sorted 
 tfds shuffling is disabled), and metadata.json beside the records holds the class names and, per
 split, the class index and label of every example, so filtering a class never decodes an image.
 
-One prepared copy lives at ``<data_dir>/diad_<dataset>/s<size>-<digest>/1.0.0/``: the config name
-encodes the prepared image size and a digest of the class list and the dataset options, so
-different sizes and subsets coexist in one data_dir. The manual_dir is not part of the name: to
-re-prepare from other source files, pass ``overwrite=True``.
+One prepared copy lives at ``<data_dir>/diad_<dataset>/s<size>-<digest>[-<source>]/1.0.0/``: the
+config name encodes the prepared image size, a digest of the class list and the dataset options,
+and (for the datasets read from disk) a digest of the source folder's absolute path, so different
+sizes, subsets and source folders coexist in one data_dir. metadata.json also records the source
+folder's fingerprint (file count, bytes, a digest of every file's path, size and mtime) when it was
+prepared: a copy whose source folder has changed since is refused (re-prepare it with
+``overwrite=True``), never silently reused; and the files skipped with ``skip_bad=True``.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
+from diad_jax.configs import DATASETS
 from diad_jax.data import layouts, synthetic
 from diad_jax.data.imageio import read_pair
 from diad_jax.data.records import DataError, Record, as_text
@@ -64,7 +68,6 @@ if not any(isinstance(f, _QuietTfds) for f in logging.getLogger("absl").filters)
     logging.getLogger("absl").addFilter(_QuietTfds())
 
 VERSION = "1.0.0"
-DATASETS = ("mvtec_ad", "visa", "folder", "synthetic")
 
 # Options each dataset accepts besides classes / image_size, with their defaults.
 _OPTIONS: dict[str, dict[str, Any]] = {
@@ -92,7 +95,7 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared parts: features, metadata, and turning `Record`s into stored examples."""
 
     VERSION = tfds.core.Version(VERSION)
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass manual_dir=<the dataset's root folder> to prepare()."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the dataset's root folder: --manual-dir (manual_dir= in Python)."
 
     # tfds locates a builder's source through importlib resources, which needs the separate
     # `importlib_resources` package for an editable install; the file path is all it needs.
@@ -131,6 +134,8 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         root = os.fspath(dl_manager.manual_dir)
+        self.info.metadata["source"] = source_fingerprint(root)
+        self.info.metadata["skipped"] = []
         records = self._scan(root)
         class_names = list(dict.fromkeys(r.class_name for s in records.values() for r in s))
         self.info.metadata["class_names"] = class_names
@@ -151,6 +156,7 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 if not skip_bad:
                     raise
                 log.warning("skipping: %s", e)
+                self.info.metadata["skipped"].append(str(e))
                 continue
             if r.label == 1 and not mask.any():
                 log.warning("%s: anomalous image whose mask %s is empty at %dx%d", r.image_path, r.mask_path,
@@ -179,7 +185,7 @@ class DiadMvtecAd(_DiadBuilder):
 
     def _scan(self, root):
         return layouts.scan_mvtec(root, self._cfg.classes or None, exclude=self._opts["exclude"],
-                                  skip_bad=self._cfg.skip_bad)
+                                  skip_bad=self._cfg.skip_bad, skipped=self.info.metadata["skipped"])
 
 
 class DiadVisa(_DiadBuilder):
@@ -189,7 +195,7 @@ class DiadVisa(_DiadBuilder):
 
     def _scan(self, root):
         return layouts.scan_visa(root, self._cfg.classes or None, split_csv=self._opts["split_csv"],
-                                 skip_bad=self._cfg.skip_bad)
+                                 skip_bad=self._cfg.skip_bad, skipped=self.info.metadata["skipped"])
 
 
 class DiadFolder(_DiadBuilder):
@@ -198,7 +204,7 @@ class DiadFolder(_DiadBuilder):
     name = "diad_folder"
 
     def _scan(self, root):
-        return layouts.scan_folder(root, self._cfg.classes or None, skip_bad=self._cfg.skip_bad, **self._opts)
+        return layouts.scan_folder(root, self._cfg.classes or None, skip_bad=self._cfg.skip_bad, **self._opts, skipped=self.info.metadata["skipped"])
 
 
 class DiadSynthetic(_DiadBuilder):
@@ -241,6 +247,9 @@ class PreparedDataset:
       sources: split -> random-access data source (`len`, `[i]` -> dict of numpy arrays / bytes).
       class_index: split -> int32 array, the class index of every example.
       labels: split -> int32 array, 0 good / 1 anomalous of every example.
+      source: the source folder's fingerprint when the copy was prepared (`source_fingerprint`;
+        None for the generated dataset).
+      skipped: what was skipped when the copy was prepared with skip_bad=True, one message per file.
     """
 
     name: str
@@ -250,6 +259,8 @@ class PreparedDataset:
     sources: Mapping[str, Any]
     class_index: Mapping[str, np.ndarray]
     labels: Mapping[str, np.ndarray]
+    source: dict | None = None
+    skipped: tuple[str, ...] = ()
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -284,16 +295,37 @@ class PreparedDataset:
         return self.sources[split]
 
 
-def _make_config(dataset: str, classes, image_size: int, skip_bad: bool, options: dict) -> DiadConfig:
+def check_options(dataset: str, options: Mapping[str, Any]) -> None:
+    """Raises DataError unless `dataset` is known and takes every option in `options`."""
     if dataset not in _BUILDERS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
-    allowed = _OPTIONS[dataset]
-    unknown = sorted(set(options) - set(allowed))
+        raise DataError(f"unknown dataset {dataset!r} (--dataset); choose from {DATASETS}")
+    unknown = sorted(set(options) - set(_OPTIONS[dataset]))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for dataset {dataset!r}; allowed: {sorted(allowed)}")
+        raise DataError(f"unknown option(s) {unknown} for dataset {dataset!r} (--dataset-option; dataset_options in "
+                        f"a config file); it takes {sorted(_OPTIONS[dataset])}")
+
+
+def source_fingerprint(root: str | os.PathLike) -> dict:
+    """What a prepared copy was made from: the folder's absolute path, its number of files and bytes,
+    and a digest of every file's relative path, size and modification time (hidden entries are
+    ignored, as the layouts ignore them). Stat calls only: about 0.1 s for MVTec-AD."""
+    root = os.path.realpath(root)
+    h, files, size = hashlib.sha1(), 0, 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            files, size = files + 1, size + st.st_size
+    return {"path": root, "files": files, "bytes": size, "digest": h.hexdigest()[:16]}
+
+
+def _make_config(dataset: str, classes, image_size: int, skip_bad: bool, options: dict,
+                 source_path: str | None) -> DiadConfig:
+    check_options(dataset, options)
     if not isinstance(image_size, (int, np.integer)) or image_size < 8:
-        raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
-    opts = {**allowed, **options}
+        raise DataError(f"image_size must be an integer >= 8, got {image_size!r}")
+    opts = {**_OPTIONS[dataset], **options}
     for k, v in opts.items():  # canonical, JSON-friendly values (lists -> tuples)
         if isinstance(v, (list, tuple)):
             opts[k] = tuple(v)
@@ -310,19 +342,34 @@ def _make_config(dataset: str, classes, image_size: int, skip_bad: bool, options
     if tuple(classes) == tuple(_DEFAULT_CLASSES[dataset]) and dataset != "synthetic":
         classes = ()  # "all classes" and the explicit full list are the same prepared copy
     identity = json.dumps({"classes": list(classes), "options": opts}, sort_keys=True, default=list)
-    digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
-    return DiadConfig(name=f"s{int(image_size)}-{digest}", description=identity, image_size=int(image_size),
-                      classes=tuple(classes), options=tuple(sorted(opts.items())), skip_bad=skip_bad)
+    name = f"s{int(image_size)}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
+    if source_path is not None:
+        name += "-" + hashlib.sha1(os.path.realpath(source_path).encode()).hexdigest()[:8]
+    return DiadConfig(name=name, description=identity, image_size=int(image_size), classes=tuple(classes),
+                      options=tuple(sorted(opts.items())), skip_bad=skip_bad)
 
 
-def _builder(dataset: str, data_dir, classes, image_size: int, skip_bad: bool, options: dict):
-    config = _make_config(dataset, classes, image_size, skip_bad, options)
+def _builder(dataset: str, data_dir, classes, image_size: int, skip_bad: bool, options: dict,
+             source_path: str | None):
+    config = _make_config(dataset, classes, image_size, skip_bad, options, source_path)
     return _BUILDERS[dataset](data_dir=os.fspath(data_dir), config=config, file_format="array_record"), config
 
 
 def _assert_no_tensorflow() -> None:
     if "tensorflow" in sys.modules:  # pragma: no cover - a guard against regressions
         log.warning("tensorflow was imported; diad_jax.data is meant to run without it")
+
+
+def _source_dir(dataset: str, manual_dir) -> str | None:
+    """The checked source folder of a dataset read from disk (None for the generated one)."""
+    if dataset == "synthetic":
+        if manual_dir is not None:
+            raise DataError(f"{manual_dir}: the generated 'synthetic' dataset takes no source folder "
+                            f"(--manual-dir); pick the dataset it holds with --dataset")
+        return None
+    if manual_dir is not None and not os.path.isdir(manual_dir):
+        raise DataError(f"{manual_dir}: dataset root folder not found (--manual-dir)")
+    return None if manual_dir is None else os.fspath(manual_dir)
 
 
 def prepare(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.PathLike | None = None,
@@ -333,12 +380,14 @@ def prepare(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.P
     Args:
       dataset: "mvtec_ad", "visa", "folder" or "synthetic".
       data_dir: where prepared datasets live.
-      manual_dir: the downloaded dataset's root folder (not used by "synthetic").
+      manual_dir: the downloaded dataset's root folder (not used by "synthetic"). Without it, the
+        one copy prepared earlier with these classes/options/size is opened, if there is exactly one.
       classes: class names to include (default: all; for "folder", every class sub-folder).
       image_size: stored image side length; images are resized with PIL bilinear (the reference's
         resize), masks likewise and then binarised at > 0.
-      skip_bad: skip (with a logged warning) unreadable images, anomalous images without a mask and
-        non-image files, instead of failing. A missing class folder or an empty split always fails.
+      skip_bad: skip (with a logged warning, listed in `PreparedDataset.skipped`) unreadable images,
+        anomalous images without a mask and non-image files, instead of failing. A missing class
+        folder or an empty split always fails.
       overwrite: delete an existing prepared copy with the same configuration first.
       **options: dataset options:
         mvtec_ad: exclude=() (relative paths to leave out, e.g. `MVTEC_REFERENCE_EXCLUDE`);
@@ -351,27 +400,25 @@ def prepare(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.P
       The opened `PreparedDataset`.
 
     Raises:
-      DataError: naming the path at fault (missing folder, missing mask, unreadable image, empty split).
+      DataError: naming the path at fault (missing folder, missing mask, unreadable image, empty
+        split, a prepared copy whose source folder has changed since).
 
     On several hosts sharing one data_dir, prepare on one process (e.g. ``jax.process_index() == 0``),
     wait at a barrier, then `load` everywhere; with host-local data_dirs every host may prepare.
     A failed preparation leaves nothing that `load` would mistake for a prepared copy.
     """
-    builder, config = _builder(dataset, data_dir, classes, image_size, skip_bad, options)
+    source = _source_dir(dataset, manual_dir)
+    if source is None and dataset != "synthetic":
+        return load(dataset, data_dir, classes=classes, image_size=image_size, **options)
+    builder, config = _builder(dataset, data_dir, classes, image_size, skip_bad, options, source)
     if overwrite and os.path.isdir(builder.data_dir):
         log.info("removing the prepared copy at %s", builder.data_dir)
         shutil.rmtree(builder.data_dir)
-        builder, config = _builder(dataset, data_dir, classes, image_size, skip_bad, options)
+        builder, config = _builder(dataset, data_dir, classes, image_size, skip_bad, options, source)
     if not builder.is_prepared():
-        if dataset != "synthetic":
-            if manual_dir is None:
-                raise DataError(f"{builder.data_dir}: not prepared yet, and preparing {dataset!r} needs "
-                                f"manual_dir=<the downloaded dataset's root folder>")
-            if not os.path.isdir(manual_dir):
-                raise DataError(f"{manual_dir}: dataset root folder not found")
-        log.info("preparing %s (%s) into %s", dataset, config.description, builder.data_dir)
-        download_config = tfds.download.DownloadConfig(
-            manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
+        log.info("preparing %s (%s%s) into %s", dataset, config.description,
+                 f", from {source}" if source else "", builder.data_dir)
+        download_config = tfds.download.DownloadConfig(manual_dir=source)
         try:
             builder.download_and_prepare(download_config=download_config)
         except Exception as e:
@@ -380,7 +427,7 @@ def prepare(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.P
                 raise data_error from e
             raise
     _assert_no_tensorflow()
-    return load(dataset, data_dir, classes=classes, image_size=image_size, **options)
+    return load(dataset, data_dir, manual_dir=manual_dir, classes=classes, image_size=image_size, **options)
 
 
 def _find_data_error(e: BaseException | None) -> DataError | None:
@@ -394,20 +441,58 @@ def _find_data_error(e: BaseException | None) -> DataError | None:
     return None
 
 
-def load(dataset: str, data_dir: str | os.PathLike, *, classes: Iterable[str] | str | None = None,
-         image_size: int = 256, **options) -> PreparedDataset:
-    """Opens a dataset prepared by `prepare` with the same dataset, classes, image_size and options.
+def load(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.PathLike | None = None,
+         classes: Iterable[str] | str | None = None, image_size: int = 256, **options) -> PreparedDataset:
+    """Opens a dataset prepared by `prepare` with the same dataset, source folder, classes, image_size
+    and options. Without `manual_dir`, a dataset read from disk opens the one copy prepared from any
+    source folder (an error if there are several: pass the one you mean).
 
     Raises:
-      DataError: if it has not been prepared.
+      DataError: if it has not been prepared, or its source folder has changed since.
     """
-    builder, config = _builder(dataset, data_dir, classes, image_size, False, options)
+    source = _source_dir(dataset, manual_dir)
+    builder, config = _builder(dataset, data_dir, classes, image_size, False, options, source)
+    if source is None and dataset != "synthetic":
+        builder, config = _single_copy(dataset, data_dir, config)
     if not builder.is_prepared():
-        raise DataError(f"{builder.data_dir}: dataset {dataset!r} ({config.description}) is not prepared; "
-                        f"call diad_jax.data.prepare(...) first")
+        how = ("preparing it needs the dataset's root folder (--manual-dir; manual_dir= in Python)"
+               if dataset != "synthetic" and not source else "prepare it first (diad_jax.data.prepare)")
+        raise DataError(f"{builder.data_dir}: dataset {dataset!r} ({config.description}) is not prepared; {how}")
     sources = tfds.data_source(builder.name, data_dir=os.fspath(data_dir), download=False,
                                builder_kwargs=dict(config=config, file_format="array_record"))
-    return _open(dataset, os.fspath(builder.data_dir), sources, config.image_size)
+    ds = _open(dataset, os.fspath(builder.data_dir), sources, config.image_size)
+    if source is not None:
+        now = source_fingerprint(source)
+        if ds.source is None or ds.source["digest"] != now["digest"]:
+            was = ds.source or {"files": "?", "bytes": "?"}
+            raise DataError(f"{ds.path}: this prepared copy was made from {now['path']} when it held {was['files']} "
+                            f"files ({was['bytes']} bytes); the folder has changed since ({now['files']} files, "
+                            f"{now['bytes']} bytes). Prepare it again with --overwrite-data (overwrite=True), or "
+                            f"use another --data-dir")
+    if ds.skipped:
+        log.warning("%s: %d file(s) were skipped when this copy was prepared (skip_bad), e.g. %s", ds.path,
+                    len(ds.skipped), ds.skipped[0])
+    return ds
+
+
+def _single_copy(dataset: str, data_dir, config: DiadConfig):
+    """The builder of the one copy prepared with `config`'s classes/options/size from any source folder."""
+    root = os.path.join(os.fspath(data_dir), f"diad_{dataset}")
+    names = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else ())
+                   if n.startswith(config.name + "-") and os.path.isdir(os.path.join(root, n, VERSION)))
+    if len(names) > 1:
+        made_from = []
+        for n in names:
+            try:
+                with open(os.path.join(root, n, VERSION, "metadata.json")) as f:
+                    made_from.append(json.load(f)["source"]["path"])
+            except (OSError, ValueError, KeyError):
+                made_from.append(f"? ({n})")
+        raise DataError(f"{root}: {len(names)} copies of this dataset were prepared, from {made_from}; pass the "
+                        f"source folder you mean with --manual-dir (manual_dir=)")
+    if names:
+        config = dataclasses.replace(config, name=names[0])
+    return _BUILDERS[dataset](data_dir=os.fspath(data_dir), config=config, file_format="array_record"), config
 
 
 def load_from_directory(path: str | os.PathLike) -> PreparedDataset:
@@ -441,4 +526,5 @@ def _open(name: str, path: str, sources: Mapping[str, Any], image_size: int) -> 
             if as_text(ex["class_name"]) != class_names[class_index[split][i]] or int(ex["label"]) != labels[split][i]:
                 raise DataError(f"{path}: {split} example {i} does not match metadata.json")
     return PreparedDataset(name=name, path=path, image_size=image_size, class_names=class_names,
-                           sources=dict(sources), class_index=class_index, labels=labels)
+                           sources=dict(sources), class_index=class_index, labels=labels,
+                           source=meta.get("source"), skipped=tuple(meta.get("skipped", ())))

@@ -10,15 +10,27 @@ bilinear resize, then ``ToTensor`` (/255); the metrics count every pixel > 0 as 
 We reproduce this exactly: images are resized with PIL bilinear on uint8; masks are resized with
 PIL bilinear on their raw grayscale values and then binarised at > 0 (stored as 0/255). Non-square
 images are squashed to a square, as in the reference (no crop).
+
+Images that are not 8-bit RGB/grayscale are converted explicitly, never silently mangled:
+16-bit grayscale becomes 8-bit by dropping the low byte (v >> 8, what cv2.imread(IMREAD_COLOR)
+does; a plain PIL conversion would clip it to white); an image with transparency is composited
+on white, with a warning naming the file (cv2 would keep whatever colour lies under transparent
+pixels, often black); 32-bit integer or float images are refused. A 16-bit mask is binarised on
+its raw values (any non-zero value is anomalous).
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from PIL import Image
 
 from diad_jax.data.records import DataError
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def is_image_file(name: str) -> bool:
@@ -26,15 +38,46 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _open(path: str, mode: str) -> Image.Image:
+def _open(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
+            return img
     except FileNotFoundError as e:
         raise DataError(f"{path}: file not found") from e
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+
+
+def _high_byte(img: Image.Image, path: str) -> np.ndarray:
+    """A 16-bit grayscale image as uint8 (v >> 8, as cv2 reads it). 32-bit images are refused."""
+    a = np.asarray(img)
+    if img.mode == "I" and (a.min() < 0 or a.max() > 65535):
+        raise DataError(f"{path}: 32-bit integer image (values {a.min()}..{a.max()}); save it as 8- or 16-bit")
+    return (a.astype(np.uint32) >> 8).astype(np.uint8)
+
+
+def _rgb(img: Image.Image, path: str) -> np.ndarray:
+    """uint8 HWC RGB from any PIL mode, converting explicitly (see the module docstring)."""
+    if img.mode in _SIXTEEN_BIT or img.mode == "I":
+        return np.repeat(_high_byte(img, path)[..., None], 3, axis=-1)
+    if img.mode == "F":
+        raise DataError(f"{path}: 32-bit float image; save it as an 8- or 16-bit image")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"))
+        alpha = rgba[..., 3:].astype(np.float32) / 255.0
+        if alpha.min() < 1.0:
+            log.warning("%s: has transparent pixels; composited on white", path)
+            return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        return np.ascontiguousarray(rgba[..., :3])
+    return np.asarray(img.convert("RGB"))
+
+
+def _gray(img: Image.Image, path: str) -> np.ndarray:
+    """uint8 HW grayscale of a mask; a 16-bit mask is binarised on its raw values (non-zero: 255)."""
+    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
+        return np.where(np.asarray(img) > 0, 255, 0).astype(np.uint8)
+    return np.asarray(img.convert("L"))
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -52,7 +95,8 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def read_image(path: str, size: int | None = None) -> np.ndarray:
-    """Reads an image as uint8 HWC RGB (grayscale images are replicated to 3 channels, like cv2).
+    """Reads an image as uint8 HWC RGB (grayscale images are replicated to 3 channels, like cv2;
+    16-bit and transparent images as the module docstring says).
 
     Args:
       path: image file.
@@ -61,7 +105,7 @@ def read_image(path: str, size: int | None = None) -> np.ndarray:
     Raises:
       DataError: naming `path` if the file is missing or cannot be decoded.
     """
-    image = np.asarray(_open(path, "RGB"))
+    image = _rgb(_open(path), path)
     return image if size is None else resize_image(image, size)
 
 
@@ -80,7 +124,7 @@ def read_mask(path: str, size: int | None = None, expected_hw: tuple[int, int] |
     Raises:
       DataError: naming `path` if the file is missing, unreadable or of the wrong size.
     """
-    mask = np.asarray(_open(path, "L"))
+    mask = _gray(_open(path), path)
     if expected_hw is not None and mask.shape != tuple(expected_hw):
         raise DataError(
             f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is "

@@ -3,8 +3,9 @@
 Scanning only lists and checks files; it decodes nothing. Every problem is a `DataError` naming the
 path at fault: a missing class folder, an anomalous image without a mask, a non-image file where
 images are expected, an empty split. With ``skip_bad=True`` the per-file problems (missing mask,
-non-image file, a row pointing at a missing file) are logged as warnings and the file is skipped;
-a missing class folder or an empty split is always an error.
+non-image file, a row pointing at a missing file) are logged as warnings, appended to the
+caller's `skipped` list, and the file is skipped; a missing class folder or an empty split is
+always an error.
 """
 from __future__ import annotations
 
@@ -40,11 +41,14 @@ pass ``exclude=MVTEC_REFERENCE_EXCLUDE`` to train on exactly its 3,628 images in
 SPLITS = ("train", "test")
 
 
-def _problem(message: str, skip_bad: bool) -> None:
-    """Raises `DataError(message)`, or logs it as a warning when the user asked to skip bad files."""
+def _problem(message: str, skip_bad: bool, skipped: list[str] | None) -> None:
+    """Raises `DataError(message)`, or (when the user asked to skip bad files) logs it as a warning
+    and appends it to `skipped`."""
     if not skip_bad:
         raise DataError(message)
     log.warning("skipping: %s", message)
+    if skipped is not None:
+        skipped.append(message)
 
 
 def _require_dir(path: str, what: str) -> None:
@@ -52,7 +56,7 @@ def _require_dir(path: str, what: str) -> None:
         raise DataError(f"{path}: {what} not found")
 
 
-def _list_images(folder: str, skip_bad: bool, recursive: bool = False) -> list[str]:
+def _list_images(folder: str, skip_bad: bool, skipped: list[str] | None, recursive: bool = False) -> list[str]:
     """Sorted absolute paths of the image files in `folder` (hidden entries are ignored).
 
     A sub-folder (unless `recursive`) or a non-image file is an error, or skipped with a warning.
@@ -63,14 +67,14 @@ def _list_images(folder: str, skip_bad: bool, recursive: bool = False) -> list[s
             continue
         if entry.is_dir():
             if recursive:
-                out.extend(_list_images(entry.path, skip_bad, recursive=True))
+                out.extend(_list_images(entry.path, skip_bad, skipped, recursive=True))
             else:
-                _problem(f"{entry.path}: unexpected folder where image files were expected", skip_bad)
+                _problem(f"{entry.path}: unexpected folder where image files were expected", skip_bad, skipped)
         elif is_image_file(entry.name):
             out.append(entry.path)
         else:
             _problem(f"{entry.path}: not an image file (extensions: {', '.join(IMAGE_EXTENSIONS)})",
-                     skip_bad)
+                     skip_bad, skipped)
     return out
 
 
@@ -101,7 +105,8 @@ def _check_nonempty(records: dict[str, list[Record]], where: dict[str, str]) -> 
 
 
 def scan_mvtec(root: str, classes: Iterable[str] | None = None, *, exclude: Iterable[str] = (),
-               skip_bad: bool = False) -> dict[str, list[Record]]:
+               skip_bad: bool = False,
+               skipped: list[str] | None = None) -> dict[str, list[Record]]:
     """Lists an MVTec-AD tree in the official layout.
 
     Layout: ``<root>/<class>/train/good/*.png``, ``<root>/<class>/test/<defect>/*.png`` (``good`` for
@@ -112,6 +117,7 @@ def scan_mvtec(root: str, classes: Iterable[str] | None = None, *, exclude: Iter
       classes: class names to include (default: all 15, `MVTEC_CLASSES`).
       exclude: image paths relative to `root` to leave out (see `MVTEC_REFERENCE_EXCLUDE`).
       skip_bad: skip (with a warning) anomalous images without a mask and non-image files.
+      skipped: a list that collects the message of every skipped file (optional).
 
     Returns:
       {"train": [...], "test": [...]}, classes in the given order, files sorted within a class.
@@ -128,7 +134,7 @@ def scan_mvtec(root: str, classes: Iterable[str] | None = None, *, exclude: Iter
         per_split = {s: [] for s in SPLITS}
         good_dir = os.path.join(cls_dir, "train", "good")
         _require_dir(good_dir, f"training folder of {cls!r}")
-        for path in _list_images(good_dir, skip_bad):
+        for path in _list_images(good_dir, skip_bad, skipped):
             per_split["train"].append(Record(cls, "train", 0, GOOD, path, None, relative_name(path, root)))
         test_dir = os.path.join(cls_dir, "test")
         _require_dir(test_dir, f"test folder of {cls!r}")
@@ -136,11 +142,11 @@ def scan_mvtec(root: str, classes: Iterable[str] | None = None, *, exclude: Iter
             if entry.name.startswith("."):
                 continue
             if not entry.is_dir():
-                _problem(f"{entry.path}: expected defect folders in {test_dir}, found a file", skip_bad)
+                _problem(f"{entry.path}: expected defect folders in {test_dir}, found a file", skip_bad, skipped)
                 continue
             defect = entry.name
             mask_dir = os.path.join(cls_dir, "ground_truth", defect)
-            for path in _list_images(entry.path, skip_bad):
+            for path in _list_images(entry.path, skip_bad, skipped):
                 if defect == GOOD:
                     per_split["test"].append(Record(cls, "test", 0, GOOD, path, None, relative_name(path, root)))
                     continue
@@ -148,7 +154,7 @@ def scan_mvtec(root: str, classes: Iterable[str] | None = None, *, exclude: Iter
                 mask = _find_mask(mask_dir, stem, ("_mask",))
                 if mask is None:
                     _problem(f"{path}: anomalous image has no mask "
-                             f"(expected {os.path.join(mask_dir, stem + '_mask.png')})", skip_bad)
+                             f"(expected {os.path.join(mask_dir, stem + '_mask.png')})", skip_bad, skipped)
                     continue
                 per_split["test"].append(Record(cls, "test", 1, defect, path, mask, relative_name(path, root)))
         for split, where in (("train", good_dir), ("test", test_dir)):
@@ -173,7 +179,8 @@ def _read_visa_annotations(cls_dir: str) -> dict[str, str]:
 
 
 def scan_visa(root: str, classes: Iterable[str] | None = None, *, split_csv: str = "split_csv/1cls.csv",
-              skip_bad: bool = False) -> dict[str, list[Record]]:
+              skip_bad: bool = False,
+              skipped: list[str] | None = None) -> dict[str, list[Record]]:
     """Lists VisA from its official release layout and a split CSV.
 
     The CSV has the columns ``object,split,label,image,mask``: `split` is train/test, `label` is
@@ -187,6 +194,7 @@ def scan_visa(root: str, classes: Iterable[str] | None = None, *, split_csv: str
       split_csv: the split file, relative to `root` or absolute (the official 1-class split by default;
         the reference's training/VisA/visa.csv holds the same split).
       skip_bad: skip (with a warning) rows whose image or mask is missing.
+      skipped: a list that collects the message of every skipped file (optional).
     """
     root = os.path.abspath(root)
     _require_dir(root, "VisA root folder")
@@ -217,7 +225,7 @@ def scan_visa(root: str, classes: Iterable[str] | None = None, *, split_csv: str
             raise DataError(f"{where}: label must be normal or anomaly, got {label_name!r}")
         image = os.path.join(root, row["image"])
         if not os.path.isfile(image):
-            _problem(f"{image}: image listed in {where} not found", skip_bad)
+            _problem(f"{image}: image listed in {where} not found", skip_bad, skipped)
             continue
         if label_name == "normal":
             record = Record(cls, split, 0, GOOD, image, None, row["image"])
@@ -225,7 +233,7 @@ def scan_visa(root: str, classes: Iterable[str] | None = None, *, split_csv: str
             mask = os.path.join(root, row["mask"]) if row["mask"].strip() else None
             if mask is None or not os.path.isfile(mask):
                 _problem(f"{image}: anomalous image has no mask ({where} gives "
-                         f"{row['mask']!r})", skip_bad)
+                         f"{row['mask']!r})", skip_bad, skipped)
                 continue
             defect = annotations[cls].get(row["image"], "anomaly")
             record = Record(cls, split, 1, defect, image, mask, row["image"])
@@ -242,7 +250,8 @@ def scan_visa(root: str, classes: Iterable[str] | None = None, *, split_csv: str
 def scan_folder(root: str, classes: Iterable[str] | None = None, *, normal_dir: str = "normal",
                 test_normal_dir: str = "test_normal", anomalous_dir: str = "anomalous",
                 mask_dir: str = "masks", test_normal_fraction: float = 0.2, split_seed: int = 0,
-                skip_bad: bool = False) -> dict[str, list[Record]]:
+                skip_bad: bool = False,
+                skipped: list[str] | None = None) -> dict[str, list[Record]]:
     """Lists a generic folder dataset: normal images, optionally anomalous images with masks.
 
     Layout, one folder per class (names of the sub-folders configurable)::
@@ -260,6 +269,7 @@ def scan_folder(root: str, classes: Iterable[str] | None = None, *, normal_dir: 
       root: the folder holding the class folders.
       classes: class folder names (default: every non-hidden sub-folder of `root`, sorted).
       skip_bad: skip (with a warning) anomalous images without a mask and non-image files.
+      skipped: a list that collects the message of every skipped file (optional).
     """
     root = os.path.abspath(root)
     _require_dir(root, "dataset root folder")
@@ -276,10 +286,10 @@ def scan_folder(root: str, classes: Iterable[str] | None = None, *, normal_dir: 
         _require_dir(cls_dir, f"class folder of {cls!r}")
         normal_path = os.path.join(cls_dir, normal_dir)
         _require_dir(normal_path, f"normal-image folder of {cls!r}")
-        normals = _list_images(normal_path, skip_bad, recursive=True)
+        normals = _list_images(normal_path, skip_bad, skipped, recursive=True)
         test_normal_path = os.path.join(cls_dir, test_normal_dir)
         if os.path.isdir(test_normal_path):
-            train, test_normals = normals, _list_images(test_normal_path, skip_bad, recursive=True)
+            train, test_normals = normals, _list_images(test_normal_path, skip_bad, skipped, recursive=True)
         else:
             n_hold = int(round(test_normal_fraction * len(normals)))
             rng = np.random.default_rng([split_seed, ci])
@@ -293,7 +303,7 @@ def scan_folder(root: str, classes: Iterable[str] | None = None, *, normal_dir: 
         anomalous_path = os.path.join(cls_dir, anomalous_dir)
         if os.path.isdir(anomalous_path):
             masks_root = os.path.join(cls_dir, mask_dir)
-            for path in _list_images(anomalous_path, skip_bad, recursive=True):
+            for path in _list_images(anomalous_path, skip_bad, skipped, recursive=True):
                 rel = os.path.relpath(path, anomalous_path)
                 sub = os.path.dirname(rel)
                 defect = sub.split(os.sep)[0] if sub else "anomalous"
@@ -301,7 +311,7 @@ def scan_folder(root: str, classes: Iterable[str] | None = None, *, normal_dir: 
                 mask = _find_mask(os.path.join(masks_root, sub), stem, ("", "_mask"))
                 if mask is None:
                     _problem(f"{path}: anomalous image has no mask (looked for "
-                             f"{os.path.join(masks_root, sub, stem)}[_mask].png)", skip_bad)
+                             f"{os.path.join(masks_root, sub, stem)}[_mask].png)", skip_bad, skipped)
                     continue
                 test.append(Record(cls, "test", 1, defect, path, mask, relative_name(path, root)))
         if not test:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from diad_jax.errors import UserError
+
 GOOD = "good"
 """Defect type of every normal example, whatever the dataset calls it."""
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset on disk is not what it should be. The message names the path at fault."""
 
 
