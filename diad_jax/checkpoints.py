@@ -11,6 +11,7 @@ naming, so a converted checkpoint initialises training and a trained one evaluat
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import re
@@ -134,19 +135,22 @@ _SILENCED = False
 
 def _silence_aborted_reads() -> None:
     """When one read of an orbax restore fails, orbax closes its event loop while tensorstore still
-    completes the other reads: each one then reports 'Event loop is closed' (through
-    sys.unraisablehook), 'exception was never retrieved' (asyncio's logger) or 'coroutine was never
-    awaited' (a warning) -- hundreds of tracebacks after the one error that matters. Drop exactly
-    those; everything else passes through. Installed once, on the first failed restore."""
+    completes the other reads: each one then reports 'Event loop is closed' or, when its orbax
+    coroutine is collected, its own read error (both through sys.unraisablehook), 'exception was
+    never retrieved' (asyncio's logger) or 'coroutine was never awaited' (a warning) -- hundreds of
+    tracebacks after the one error that matters. Drop exactly those; everything else passes
+    through. Installed once, on the first failed restore."""
     global _SILENCED
     if _SILENCED:
         return
     previous_hook = sys.unraisablehook
 
     def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
-            return
-        previous_hook(unraisable)
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+            unraisable.exc_value)
+        orbax_read = inspect.iscoroutine(unraisable.object) and "orbax" in unraisable.object.cr_code.co_filename
+        if not (closed_loop or orbax_read):
+            previous_hook(unraisable)
 
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())

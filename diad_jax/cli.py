@@ -235,11 +235,25 @@ def preflight(cfg: TrainConfig) -> None:
     check_writable(cfg.workdir, "--workdir")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (a redirect, a test's capture),
+    not to the stream that was current when logging was set up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def setup_logging() -> None:
     """INFO logging with timestamps for every entry point; the chatty libraries at WARNING.
     `force=True`: importing orbax/absl may already have configured the root logger, which would
     make a plain basicConfig a no-op (and the INFO lines silently lost)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[_StderrHandler()], force=True)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

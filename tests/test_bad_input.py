@@ -1,0 +1,386 @@
+"""The bad-input sweep: every case is a user mistake or a hostile input, run the way a user runs it
+(the CLIs' main() in-process, a few as real subprocesses), and each must end with exit status 2
+and one `error:` line naming the flag, file or key at fault, no traceback, and nothing silently
+wrong. Numbers refer to the cases of the sweep (README, "Troubleshooting")."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+from diad_jax import checkpoints, data
+from diad_jax import sharding as shd
+from diad_jax.configs import ModelConfig, TrainConfig
+from diad_jax.convert.ldm import ConversionError
+from diad_jax.data.imageio import read_image, read_mask
+from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
+from diad_jax.evaluation import EvalResult
+from diad_jax.models.diad import DiAD
+from diad_jax.scoring import check_finite
+from diad_jax.train import Trainer
+
+from tests import oracle
+from tests.scripts import run_script
+from tests.test_data import _write_mask, _write_rgb, make_mvtec
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["bottle", "grid"]  # the classes make_mvtec writes
+
+
+def cli(name: str, argv, capsys, stdout: list | None = None) -> tuple[int, str]:
+    """A CLI's main(argv) in-process (`name`: scripts/<name>.py, or e.g. "convert/torch_to_flax")
+    -> (exit status, stderr); argparse's own exits included. `stdout` collects what it printed."""
+    try:
+        rc = run_script(name, argv)
+    except SystemExit as e:
+        rc = e.code
+    captured = capsys.readouterr()
+    if stdout is not None:
+        stdout.append(captured.out)
+    return rc, captured.err
+
+
+def assert_user_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err[-3000:]
+    for n in needles:
+        assert n in err, (n, err[-3000:])
+
+
+def make_folder_dataset(root: Path, n_normal: int = 6, size: int = 32) -> Path:
+    for cls in ("widget", "gadget"):
+        for i in range(n_normal):
+            _write_rgb(str(root / cls / "normal" / f"n{i}.png"), (size, size))
+        _write_rgb(str(root / cls / "anomalous" / "a0.png"), (size, size))
+        _write_mask(str(root / cls / "masks" / "a0.png"), (size, size))
+    return root
+
+
+@pytest.fixture
+def a_file(tmp_path) -> Path:
+    f = tmp_path / "a_file"
+    f.write_text("not a folder")
+    return f
+
+
+# ---- 4 (and 6, 10): arguments are checked first, each error names its flag ---------------------
+def test_train_argument_errors(tmp_path, a_file, capsys):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"steps": 3,}')
+    base = ["--data-dir", str(tmp_path / "data"), "--workdir", str(tmp_path / "run")]
+    cases = [
+        (["--batch-size", "0"], ["--batch-size 0", "must be >= 1"]),
+        (["--steps", "-3"], ["--steps -3"]),
+        (["--lr", "nan"], ["--lr nan", "finite"]),
+        (["--lr", "-1"], ["--lr -1.0", "learning_rate must be > 0"]),
+        (["--ema-decay", "1.5"], ["--ema-decay 1.5"]),
+        (["--config", str(tmp_path / "missing.json")], ["--config", "missing.json"]),
+        (["--config", str(bad_json)], ["bad.json", "not valid JSON (line 1, column 13"]),
+        (["--init-checkpoint", str(tmp_path / "nope")], ["--init-checkpoint", "no such checkpoint folder"]),
+        (["--dataset", "nope"], ["--dataset nope", "synthetic"]),
+        (["--dataset-option", "foo=1"], ["['foo']", "--dataset-option"]),
+        (["--model", "nope"], ["--model nope"]),
+        (["--dataset", "mvtec_ad", "--manual-dir", str(tmp_path / "no_such_dir")], ["--manual-dir", "no such folder"]),
+        (["--workdir", str(a_file / "run")], ["--workdir", "not a writable folder"]),
+        (["--mesh-data", "3"], ["mesh data=3", "--mesh-data"]),  # 8 devices in the tests
+    ]
+    for argv, needles in cases:
+        rc, err = cli("train", [*base, *argv], capsys)
+        assert_user_error(rc, err, *needles)
+    assert not (tmp_path / "data").exists()  # nothing was prepared for any of them
+
+
+def test_other_scripts_argument_errors(tmp_path, a_file, capsys):
+    rc, err = cli("finetune_autoencoder", ["--steps", "60000", "--workdir", tmp_path / "ae"], capsys)
+    assert_user_error(rc, err, "--steps 60000 reaches --disc-start 50001")
+    rc, err = cli("finetune_autoencoder", ["--lpips-vgg16", a_file], capsys)
+    assert rc == 2 and "give both --lpips-vgg16 and --lpips-lin" in err
+    # demo.py checks every stage's batch against the devices before the first stage runs
+    rc, err = cli("demo", ["--batch-size", "3", "--workdir", tmp_path / "demo", "--data-dir", tmp_path / "d"],
+                  capsys)
+    assert_user_error(rc, err, "--batch-size 3 must be a multiple of the 8 devices")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "demo").exists()
+    rc, err = cli("demo", ["--workdir", a_file / "demo", "--data-dir", tmp_path / "d"], capsys)
+    assert_user_error(rc, err, "--workdir", "not a writable folder")
+    for argv, needle in [(["--ddim-steps", "0"], "ddim_steps must be in 1..1000, got 0"),
+                         (["--ddim-steps", "3"], "ddim_steps=3"),
+                         (["--batch-size", "0"], "--batch-size: must be > 0"),
+                         (["--sigma", "nan"], "--sigma: must be > 0.0, got nan"),
+                         (["--dataset", "mvtec_ad", "--overwrite-data"], "--overwrite-data needs --manual-dir")]:
+        rc, err = cli("evaluate", argv, capsys)
+        assert rc == 2 and needle in err and "Traceback" not in err, (argv, err[-2000:])
+    # 5: --out is checked before the model is loaded or any data prepared
+    rc, err = cli("evaluate", ["--out", a_file / "eval", "--data-dir", tmp_path / "d"], capsys)
+    assert_user_error(rc, err, "--out", "not a writable folder")
+    assert not (tmp_path / "d").exists()
+    rc, err = cli("evaluate", ["--checkpoint", tmp_path / "nope", "--out", tmp_path / "o"], capsys)
+    assert_user_error(rc, err, "--checkpoint", "nope: no such checkpoint folder")
+
+
+def test_user_errors_in_a_real_process_have_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--batch-size", "0"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert_user_error(proc.returncode, proc.stderr, "--batch-size 0")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--checkpoint",
+                           str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=120)
+    assert_user_error(proc.returncode, proc.stderr, "--checkpoint")
+
+
+# ---- 1 + 6: a folder dataset with the default preset; a NaN loss stops the run -----------------
+def test_folder_dataset_trains_with_the_preset_and_a_nan_loss_stops_it(tmp_path, capsys):
+    root = make_folder_dataset(tmp_path / "folder")
+    workdir = tmp_path / "run"
+    # lr 1e30: the first update is finite, the second step's loss overflows
+    rc, err = cli("train", ["--dataset", "folder", "--manual-dir", root, "--data-dir", tmp_path / "data",
+                            "--workdir", workdir, "--lr", "1e30", "--steps", "6", "--save-every", "1",
+                            "--log-every", "3", "--eval-split", "none", "--no-progress"], capsys)
+    assert_user_error(rc, err, "training stopped at step 2", f"last good checkpoint is {workdir}/checkpoints/1")
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]  # kept, and nothing non-finite saved after it
+    cfg = json.loads((workdir / "train_config.json").read_text())
+    assert cfg["dataset"] == "folder" and cfg["dataset_options"] == {}  # the preset's options did not leak
+
+
+# ---- 7, 8, 10: Ctrl-C right after a save, a damaged checkpoint, a changed --ema-decay -------------
+class InFlightSaves:
+    """A CheckpointManager as orbax's async saves look from outside: a step is listed only once
+    its save has been waited for (until then it is a temporary folder)."""
+
+    def __init__(self, manager):
+        self.manager, self.pending, self.saved = manager, set(), []
+
+    def save(self, step, *args, **kwargs):
+        self.pending.add(step)
+        self.saved.append(step)
+        return self.manager.save(step, *args, **kwargs)
+
+    def all_steps(self):
+        return [s for s in self.manager.all_steps() if s not in self.pending]
+
+    def wait_until_finished(self):
+        self.manager.wait_until_finished()
+        self.pending.clear()
+
+    def __getattr__(self, name):
+        return getattr(self.manager, name)
+
+
+def test_interrupt_after_a_save_then_damaged_checkpoint_falls_back(tmp_path, capfd):
+    data_dir = tmp_path / "data"
+    data.prepare("synthetic", data_dir, image_size=64, train_per_class=2, test_per_class=2)
+    cfg = TrainConfig.tiny(workdir=str(tmp_path / "run"), data_dir=str(data_dir), batch_size=2, steps=6,
+                           save_every=2, log_every=2, eval_split=None,
+                           dataset_options=dict(train_per_class=2, test_per_class=2))
+    mesh = shd.make_mesh(1, 1, jax.devices()[:1])
+    trainer = Trainer(cfg, mesh=mesh)
+    manager = trainer.checkpointer.manager = InFlightSaves(trainer.checkpointer.manager)
+    step_fn, calls = trainer.factory.step, []
+
+    def step_then_ctrl_c(*args):  # Ctrl-C arrives in the step after the periodic save of step 2
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step_fn(*args)
+
+    trainer.factory.step = step_then_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    trainer.close()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert manager.saved == [2]  # the interrupt did not save step 2 a second time
+    assert sorted(os.listdir(ckpts)) == ["2"]  # and left no temporary folder
+
+    # a newer checkpoint whose array files are gone: resume falls back to step 2 and sets it aside
+    shutil.copytree(ckpts / "2", ckpts / "3")
+    for f in (ckpts / "3" / "train_state").rglob("d/*"):
+        f.unlink()
+    capfd.readouterr()
+    trainer = Trainer(cfg, mesh=mesh)
+    assert trainer.step == 2
+    trainer.close()
+    out = capfd.readouterr()
+    assert "Traceback" not in out.err and "Event loop is closed" not in out.err
+    assert sorted(os.listdir(ckpts)) == ["2"] and os.listdir(tmp_path / "run" / "checkpoints_unrestorable") == ["3"]
+
+    # 10: EMA switched on for a run whose checkpoints have none
+    with pytest.raises(ConfigError, match=r"--ema-decay \(on/off\): checkpoint False, this run True"):
+        Trainer(TrainConfig(**{**cfg.to_dict(), "ema_decay": 0.99}), mesh=mesh)
+
+    # 8: a model checkpoint with a missing file: one line naming the checkpoint, item and array
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpts / "2", broken)
+    for f in (broken / "state").rglob("d/*"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match=r"broken: cannot restore the model weights \(state item\): "
+                                              r"array \".*\" is unreadable"):
+        checkpoints.load_model(broken)
+
+
+# ---- 2: the prepared-data cache knows its source --------------------------------------------------
+def test_prepared_copies_are_keyed_by_source_and_refuse_a_changed_one(tmp_path):
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    make_mvtec(str(a))
+    make_mvtec(str(b))  # the same class names, other images
+    ds_a = data.prepare("mvtec_ad", cache, manual_dir=a, classes=CLASSES, image_size=16)
+    ds_b = data.prepare("mvtec_ad", cache, manual_dir=b, classes=CLASSES, image_size=16)
+    assert ds_a.path != ds_b.path
+    assert ds_a.source["path"] == str(a) and ds_b.source["path"] == str(b)
+    assert not np.array_equal(ds_a["test"][0]["image"], ds_b["test"][0]["image"])
+    with pytest.raises(data.DataError, match=r"2 copies .* --manual-dir"):
+        data.load("mvtec_ad", cache, classes=CLASSES, image_size=16)
+    # a changed source folder is refused, never reused; --overwrite-data prepares it again
+    first = a / "bottle" / "test" / "good" / "000.png"
+    new_image = _write_rgb(str(first), (40, 40))
+    with pytest.raises(data.DataError, match=r"folder has changed since .* --overwrite-data"):
+        data.prepare("mvtec_ad", cache, manual_dir=a, classes=CLASSES, image_size=16)
+    ds_a2 = data.prepare("mvtec_ad", cache, manual_dir=a, classes=CLASSES, image_size=16, overwrite=True)
+    i = [data.as_text(ex["filename"]) for ex in (ds_a2["test"][j] for j in range(len(ds_a2["test"])))].index(
+        "bottle/test/good/000.png")
+    np.testing.assert_array_equal(ds_a2["test"][i]["image"], data.resize_image(new_image, 16))
+    with pytest.raises(data.DataError, match="takes no source folder"):
+        data.prepare("synthetic", cache, manual_dir=a)
+
+
+def test_evaluate_records_the_source_lists_skipped_files_and_keeps_results(tmp_path, capsys, monkeypatch):
+    """evaluate.py on a second dataset with the same class names in the same --data-dir scores the
+    second one (results.json names it), --skip-bad lists the unreadable file, and an --out that
+    fails at save time still leaves the results (printed first, then saved elsewhere)."""
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    make_mvtec(str(a))
+    make_mvtec(str(b))
+    (b / "grid" / "test" / "good" / "999.png").write_bytes(b"not a png")
+    data.prepare("mvtec_ad", cache, manual_dir=a, classes=CLASSES, image_size=64)
+    ckpt = tmp_path / "ckpt"
+    cfg = ModelConfig.tiny()
+    checkpoints.save_model(ckpt, config=cfg, params=DiAD(cfg).init(seed=3), context=checkpoints.default_context(cfg))
+    real_save = EvalResult.save
+
+    def save_fails_in_out(self, out_dir):
+        if Path(out_dir) == tmp_path / "out":
+            raise OSError(28, "No space left on device")
+        return real_save(self, out_dir)
+
+    monkeypatch.setattr(EvalResult, "save", save_fails_in_out)
+    stdout = []
+    rc, err = cli("evaluate", ["--checkpoint", ckpt, "--dataset", "mvtec_ad", "--manual-dir", b, "--data-dir", cache,
+                               "--classes", *CLASSES, "--skip-bad", "--ddim-steps", "1", "--batch-size", "4", "--heatmaps", "0",
+                               "--out", tmp_path / "out"], capsys, stdout)
+    assert rc == 1 and "No space left on device" in err and "saved them to" in err
+    fallback = Path(err.split("saved them to ")[1].split()[0])
+    res = json.loads((fallback / "results.json").read_text())
+    assert res["info"]["source"]["path"] == str(b)
+    assert len(res["info"]["skipped"]) == 1 and "grid/test/good/999.png" in res["info"]["skipped"][0]
+    assert len(res["images"]) == 8  # bottle 2 good + 3 anomalous, grid 1 good (+1 skipped) + 2 anomalous
+    assert "| **mean** |" in stdout[0]  # the table was printed before the save was tried
+    shutil.rmtree(fallback)
+
+
+# ---- 3 + 6 + 10: the converters log, refuse NaN, and hint at the CLI flags -----------------------
+@pytest.fixture(scope="module")
+def tiny_safetensors(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_st")
+    cfg = ModelConfig.tiny()
+    sd = oracle.random_ldm_state_dict(cfg, seed=0)
+    save_file(sd, str(d / "diad.safetensors"))
+    np.save(d / "ctx.npy", np.zeros((1, cfg.context_len, cfg.unet.context_dim), np.float32))
+    return d, sd
+
+
+def test_converter_logs_its_summary_in_a_real_process(tiny_safetensors, tmp_path):
+    d, _ = tiny_safetensors
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "convert" / "torch_to_flax.py"), "--diad-ckpt",
+                           str(d / "diad.safetensors"), "--config", "tiny", "--prompt-context", str(d / "ctx.npy"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "converted in" in proc.stderr and "total" in proc.stderr
+    assert "no ResNet-50 weights" in proc.stderr
+
+
+def test_converter_refuses_nan_weights_and_missing_torch(tiny_safetensors, tmp_path, capsys, monkeypatch):
+    d, sd = tiny_safetensors
+    key = sorted(k for k in sd if k.startswith("control_model."))[0]
+    poisoned = dict(sd)
+    poisoned[key] = np.full_like(sd[key], np.nan)
+    save_file(poisoned, str(tmp_path / "nan.safetensors"))
+    argv = ["--diad-ckpt", tmp_path / "nan.safetensors", "--config", "tiny", "--prompt-context", d / "ctx.npy"]
+    rc, err = cli("convert/torch_to_flax", argv + ["--out", tmp_path / "o1"], capsys)
+    assert_user_error(rc, err, "1 tensor(s) hold NaN or inf", key, "--allow-non-finite")
+    assert not (tmp_path / "o1").exists()
+    rc, err = cli("convert/torch_to_flax", argv + ["--out", tmp_path / "o2", "--allow-non-finite"], capsys)
+    assert rc == 0, err
+    # without --prompt-context the CLIP tower must run: without torch, say how to install it
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    rc, err = cli("convert/torch_to_flax", ["--diad-ckpt", d / "diad.safetensors", "--config", "tiny",
+                                            "--out", tmp_path / "o3"], capsys)
+    assert_user_error(rc, err, "pip install 'diad-jax[convert]'", "--prompt-context")
+
+
+def test_conversion_error_hints_name_the_cli_flags():
+    e = ConversionError("x.ckpt", missing=["a"], mismatched=[("b", (1,), (2,)), ("c", (1,), (2,)), ("d", (1,), (2,))],
+                        matched=1)
+    assert "--allow-missing / --allow-unexpected" in str(e)
+    assert "the model config (--config) most likely does not fit" in str(e).splitlines()[1]
+
+
+# ---- 6: scoring names the images whose maps are not finite -----------------------------------------
+def test_non_finite_maps_name_the_images():
+    maps = np.zeros((4, 8, 8), np.float32)
+    maps[2, 3, 3] = np.nan
+    scores = np.array([0.1, np.inf, 0.2, 0.3], np.float32)
+    names = ["a.png", "b.png", "c.png", "d.png"]
+    with pytest.raises(NonFiniteError, match=r"2 of 4 images .*: b\.png, c\.png$"):
+        check_finite(maps, scores, names.__getitem__)
+    check_finite(np.zeros((2, 8, 8)), np.zeros(2), names.__getitem__)  # finite: no error
+
+
+# ---- 9: 16-bit grayscale and transparent images ------------------------------------------------------
+def test_sixteen_bit_and_transparent_images(tmp_path, caplog):
+    ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    img = read_image(str(tmp_path / "g16.png"))
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[..., 0], (ramp >> 8).astype(np.uint8))  # not all white
+    assert img.mean() < 200
+    mask16 = np.zeros((32, 32), np.uint16)
+    mask16[4:8, 4:8] = 1  # any non-zero value is anomalous, also in a 16-bit mask
+    Image.fromarray(mask16).save(tmp_path / "m16.png")
+    assert read_mask(str(tmp_path / "m16.png")).sum() == 16 * 255
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:4, :, 3] = 255  # top half opaque red-ish, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    with caplog.at_level("WARNING"):
+        img = read_image(str(tmp_path / "rgba.png"))
+    assert (img[:4] == [200, 0, 0]).all() and (img[4:] == 255).all()  # composited on white
+    assert "rgba.png: has transparent pixels" in caplog.text
+    Image.fromarray(np.zeros((8, 8), np.float32), "F").save(tmp_path / "f.tiff")
+    with pytest.raises(data.DataError, match=r"f\.tiff: 32-bit float image"):
+        read_image(str(tmp_path / "f.tiff"))
+
+
+# ---- 10: --checkpoint accepts a training directory ---------------------------------------------------
+def test_checkpoint_path_may_be_a_training_directory(tmp_path):
+    run = tmp_path / "run"
+    for sub in ("checkpoints/100", "checkpoints/200", "checkpoints/300.orbax-checkpoint-tmp-1", "best/100"):
+        (run / sub / "model_config").mkdir(parents=True)
+    assert checkpoints.resolve(run) == run / "best" / "100"
+    shutil.rmtree(run / "best")
+    assert checkpoints.resolve(run) == run / "checkpoints" / "200"
+    assert checkpoints.resolve(run / "checkpoints") == run / "checkpoints" / "200"
+    assert checkpoints.resolve(run / "checkpoints" / "100") == run / "checkpoints" / "100"
+    with pytest.raises(CheckpointError, match=r"--checkpoint .*empty: not a diad_jax model checkpoint"):
+        (tmp_path / "empty").mkdir()
+        checkpoints.resolve(tmp_path / "empty", "--checkpoint")
