@@ -863,9 +863,6 @@ class Trainer:
             else:
                 log.warning("interrupted at step %d, which is saved in %s", step, self.checkpointer.directory)
             raise
-        except NonFiniteError:
-            self.checkpointer.wait()
-            raise
         self.checkpointer.wait()
         return {"step": step, "loss": last_loss, "eval": last_eval}
 

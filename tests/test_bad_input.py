@@ -250,6 +250,9 @@ def test_prepared_copies_are_keyed_by_source_and_refuse_a_changed_one(tmp_path):
     np.testing.assert_array_equal(ds_a2["test"][i]["image"], data.resize_image(new_image, 16))
     with pytest.raises(data.DataError, match="takes no source folder"):
         data.prepare("synthetic", cache, manual_dir=a)
+    # a data_dir inside the source folder is not part of the source
+    inside = data.prepare("mvtec_ad", b / "prepared", manual_dir=b, classes=CLASSES, image_size=16)
+    assert data.prepare("mvtec_ad", b / "prepared", manual_dir=b, classes=CLASSES, image_size=16).path == inside.path
 
 
 def test_evaluate_records_the_source_lists_skipped_files_and_keeps_results(tmp_path, capsys, monkeypatch):

@@ -334,7 +334,8 @@ def test_wrong_config_reports_shapes_and_output_exists(diad_ckpt, converted, tmp
                                    "--out", tmp_path / "o"])
     err = capsys.readouterr().err
     assert rc == 2 and "wrong shape" in err and "missing key(s)" in err
-    assert "the model config (--config) most likely does not fit this checkpoint" in err.splitlines()[1]
+    lines = err[err.index("error: "):].splitlines()
+    assert "the model config (--config) most likely does not fit this checkpoint" in lines[1]  # said first
     _, out = converted
     rc = run_cli("torch_to_flax", ["--diad-ckpt", diad_ckpt["path"], "--config", diad_ckpt["cfg_path"],
                                    "--out", out])

@@ -95,6 +95,7 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared parts: features, metadata, and turning `Record`s into stored examples."""
 
     VERSION = tfds.core.Version(VERSION)
+    source: dict | None = None  # `source_fingerprint` of the manual_dir, set by `prepare`
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the dataset's root folder: --manual-dir (manual_dir= in Python)."
 
     # tfds locates a builder's source through importlib resources, which needs the separate
@@ -134,7 +135,7 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         root = os.fspath(dl_manager.manual_dir)
-        self.info.metadata["source"] = source_fingerprint(root)
+        self.info.metadata["source"] = self.source
         self.info.metadata["skipped"] = []
         records = self._scan(root)
         class_names = list(dict.fromkeys(r.class_name for s in records.values() for r in s))
@@ -204,7 +205,8 @@ class DiadFolder(_DiadBuilder):
     name = "diad_folder"
 
     def _scan(self, root):
-        return layouts.scan_folder(root, self._cfg.classes or None, skip_bad=self._cfg.skip_bad, **self._opts, skipped=self.info.metadata["skipped"])
+        return layouts.scan_folder(root, self._cfg.classes or None, skip_bad=self._cfg.skip_bad,
+                                   skipped=self.info.metadata["skipped"], **self._opts)
 
 
 class DiadSynthetic(_DiadBuilder):
@@ -305,14 +307,17 @@ def check_options(dataset: str, options: Mapping[str, Any]) -> None:
                         f"a config file); it takes {sorted(_OPTIONS[dataset])}")
 
 
-def source_fingerprint(root: str | os.PathLike) -> dict:
+def source_fingerprint(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> dict:
     """What a prepared copy was made from: the folder's absolute path, its number of files and bytes,
     and a digest of every file's relative path, size and modification time (hidden entries are
-    ignored, as the layouts ignore them). Stat calls only: about 0.1 s for MVTec-AD."""
+    ignored, as the layouts ignore them; so is the folder `exclude`, e.g. a data_dir inside the
+    source folder). Stat calls only: about 0.1 s for MVTec-AD."""
     root = os.path.realpath(root)
+    skip = os.path.realpath(exclude) if exclude is not None else None
     h, files, size = hashlib.sha1(), 0, 0
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) != skip)
         for name in sorted(f for f in filenames if not f.startswith(".")):
             st = os.stat(os.path.join(dirpath, name))
             h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -419,6 +424,8 @@ def prepare(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.P
         log.info("preparing %s (%s%s) into %s", dataset, config.description,
                  f", from {source}" if source else "", builder.data_dir)
         download_config = tfds.download.DownloadConfig(manual_dir=source)
+        if source is not None:
+            builder.source = source_fingerprint(source, exclude=data_dir)
         try:
             builder.download_and_prepare(download_config=download_config)
         except Exception as e:
@@ -462,7 +469,7 @@ def load(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.Path
                                builder_kwargs=dict(config=config, file_format="array_record"))
     ds = _open(dataset, os.fspath(builder.data_dir), sources, config.image_size)
     if source is not None:
-        now = source_fingerprint(source)
+        now = source_fingerprint(source, exclude=data_dir)
         if ds.source is None or ds.source["digest"] != now["digest"]:
             was = ds.source or {"files": "?", "bytes": "?"}
             raise DataError(f"{ds.path}: this prepared copy was made from {now['path']} when it held {was['files']} "
