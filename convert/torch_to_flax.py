@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--sd-ckpt", type=Path, help="Stable Diffusion v1.5 checkpoint (start of training)")
     src.add_argument("--vae-ckpt", type=Path, help="fine-tuned autoencoder (keys with or without first_stage_model.)")
     src.add_argument("--resnet", type=Path, help="timm/torchvision ResNet-50 state dict (overrides pretrained_model.*)")
-    src.add_argument("--prompt-context", type=Path, help="precomputed (1, 77, 768) .npy context instead of running CLIP")
+    src.add_argument("--prompt-context", type=Path,
+                     help="precomputed (1, 77, 768) .npy context instead of running CLIP")
     ap.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     ap.add_argument("--config", default="sd15", help="model config: sd15 (default), tiny, or a JSON file")
     ap.add_argument("--only-mid-control", choices=["true", "false"], default=None,

@@ -399,7 +399,8 @@ class TrainConfig:
         if self.trainable not in ("reference", "sg+unet"):
             raise ConfigError(f"TrainConfig.trainable must be 'reference' or 'sg+unet', got {self.trainable!r}")
         if self.eval_schedule not in ("official", "consistent"):
-            raise ConfigError(f"TrainConfig.eval_schedule must be 'official' or 'consistent', got {self.eval_schedule!r}")
+            raise ConfigError(f"TrainConfig.eval_schedule must be 'official' or 'consistent', "
+                              f"got {self.eval_schedule!r}")
         if self.metrics_variant not in ("standard", "reference"):
             raise ConfigError(f"TrainConfig.metrics_variant must be 'standard' or 'reference', "
                              f"got {self.metrics_variant!r}")

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diad_jax.configs import REFERENCE_MAP_SIZE, REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, ModelConfig
 from diad_jax.diffusion import ddim_plan, ddim_sample, guided_eps, q_sample
-from diad_jax.errors import NonFiniteError
+from diad_jax.errors import ConfigError, NonFiniteError
 from diad_jax.models.diad import DiAD, to_nchw, to_nhwc
 from diad_jax.models.resnet import ResNet50Features
 
@@ -105,7 +105,10 @@ def anomaly_map(feats_in, feats_out, size: tuple[int, int], sigma: float = REFER
     return gaussian_blur(total, sigma)
 
 
-def pooled_max(maps, pools: int = 8, window: int = REFERENCE_POOL_WINDOW):
+IMAGE_SCORE_POOLS = 8  # the reference's EvalImageMax: eight successive average pools
+
+
+def pooled_max(maps, pools: int = IMAGE_SCORE_POOLS, window: int = REFERENCE_POOL_WINDOW):
     """The reference's image score (EvalImageMax): `pools` successive window x window, stride 1,
     unpadded average pools (256 -> 200 px per side for 8 x 8), then the max."""
     x = maps.astype(jnp.float32)
@@ -163,6 +166,11 @@ class Scorer:
         self.model = DiAD(self.config, dtype=self.dtype)
         self.resnet = ResNet50Features(dtype=self.dtype)
         image_scores(jnp.zeros((1, 64, 64)), self.image_score, 1)  # validate the mode early
+        if self.image_score == "pooled" and self.config.image_size <= IMAGE_SCORE_POOLS * (self.pool_window - 1):
+            raise ConfigError(f"Scorer: {IMAGE_SCORE_POOLS} average pools of window {self.pool_window} need maps "
+                              f"larger than {IMAGE_SCORE_POOLS * (self.pool_window - 1)} px, the model's are "
+                              f"{self.config.image_size}; scale the footprint to the image size (--scaled-footprint, "
+                              f"Scorer.footprint) or pass a smaller --pool-window")
         if self.pool_window < 1 or not 0 < self.sigma < float("inf"):
             raise ValueError(f"Scorer: pool_window must be >= 1 and sigma > 0, got {self.pool_window}, {self.sigma}")
         fn = partial(self._score, uncond=None)

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="checkpoints, logs, results")
     ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="where the generated dataset goes")
-    ap.add_argument("--vae-steps", type=cli.positive_int, default=400, help="autoencoder steps (batch --vae-batch-size)")
+    ap.add_argument("--vae-steps", type=cli.positive_int, default=400,
+                    help="autoencoder steps (batch --vae-batch-size)")
     ap.add_argument("--diad-steps", type=cli.positive_int, default=2250, help="DiAD steps (batch --batch-size)")
     ap.add_argument("--batch-size", type=cli.positive_int, default=8, help="DiAD training batch (and evaluation batch)")
     ap.add_argument("--vae-batch-size", type=cli.positive_int, default=16, help="autoencoder training batch")

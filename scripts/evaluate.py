@@ -51,7 +51,8 @@ def build_parser():
     ap.add_argument("--overwrite-data", action="store_true",
                     help="delete the prepared copy of the dataset and prepare it again from --manual-dir")
     ap.add_argument("--classes", nargs="+", help="evaluate only these classes")
-    ap.add_argument("--limit-per-class", type=cli.positive_int, help="score at most N test images per class (quick runs)")
+    ap.add_argument("--limit-per-class", type=cli.positive_int,
+                    help="score at most N test images per class (quick runs)")
     ap.add_argument("--batch-size", type=cli.positive_int, default=8)
     ap.add_argument("--ddim-steps", type=int, default=10)
     ap.add_argument("--schedule", choices=["official", "consistent"], default="official",
@@ -63,7 +64,8 @@ def build_parser():
     ap.add_argument("--image-score", choices=["pooled", "max"], default="pooled",
                     help="pooled: max after eight 8x8 average pools (the reference); max: plain max")
     ap.add_argument("--sigma", type=cli.positive_float, default=None,
-                    help="anomaly-map Gaussian blur sigma (default: the reference's 5, or scaled with --scaled-footprint)")
+                    help="anomaly-map Gaussian blur sigma (default: the reference's 5, or scaled with "
+                         "--scaled-footprint)")
     ap.add_argument("--pool-window", type=cli.positive_int, default=None,
                     help="image-score average-pool window (default: the reference's 8, or scaled)")
     ap.add_argument("--scaled-footprint", action="store_true",
@@ -78,8 +80,10 @@ def build_parser():
     ap.add_argument("--heatmaps", type=cli.nonnegative_int, default=4, help="heat-map PNGs per class (0: none)")
     ap.add_argument("--out", type=Path, default=Path("outputs/eval"),
                     help="results folder (checked for writability before anything is scored)")
-    ap.add_argument("--synthetic-train", type=cli.positive_int, default=60, help="generated dataset: train images per class")
-    ap.add_argument("--synthetic-test", type=cli.positive_int, default=40, help="generated dataset: test images per class")
+    ap.add_argument("--synthetic-train", type=cli.positive_int, default=60,
+                    help="generated dataset: train images per class")
+    ap.add_argument("--synthetic-test", type=cli.positive_int, default=40,
+                    help="generated dataset: test images per class")
     return ap
 
 

@@ -25,7 +25,8 @@ from diad_jax.data.synthetic import SYNTHETIC_CLASSES, SyntheticExample, defect_
 __all__ = [
     "DATASETS", "GOOD", "IMAGENET_MEAN", "IMAGENET_STD", "MVTEC_CLASSES", "MVTEC_REFERENCE_EXCLUDE",
     "SYNTHETIC_CLASSES", "VISA_CLASSES", "DataError", "DiadConfig", "PreparedDataset", "Record",
-    "SyntheticExample", "as_text", "check_options", "defect_types", "denormalize", "ensure_absl_flags_parsed", "eval_dataset", "load",
+    "SyntheticExample", "as_text", "check_options", "defect_types", "denormalize", "ensure_absl_flags_parsed",
+    "eval_dataset", "load",
     "load_from_directory", "normalize", "prepare", "preprocess", "read_image", "read_mask", "render",
     "resize_image", "resize_mask", "scan_folder", "scan_mvtec", "scan_visa", "source_fingerprint", "steps_per_epoch",
     "train_dataset",
