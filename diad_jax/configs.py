@@ -56,15 +56,15 @@ class UNetConfig:
         object.__setattr__(self, "attention_resolutions", _tuple(self.attention_resolutions))
         if len(self.channel_mult) < 2:
             raise ConfigError(f"UNetConfig.channel_mult needs at least 2 levels (got {self.channel_mult}): "
-                             "the SFF block fuses the two lowest resolutions")
+                              "the SFF block fuses the two lowest resolutions")
         for level, mult in enumerate(self.channel_mult):
             ch = mult * self.model_channels
             if ch % self.norm_groups:
                 raise ConfigError(f"UNetConfig: level {level} has {ch} channels, not divisible by "
-                                 f"norm_groups={self.norm_groups}")
+                                  f"norm_groups={self.norm_groups}")
             if (2 ** level) in self.attention_resolutions and ch % self.num_heads:
                 raise ConfigError(f"UNetConfig: level {level} has {ch} channels, not divisible by "
-                                 f"num_heads={self.num_heads}")
+                                  f"num_heads={self.num_heads}")
 
     @property
     def time_embed_dim(self) -> int:
@@ -128,7 +128,7 @@ class VAEConfig:
         for mult in self.ch_mult:
             if (mult * self.ch) % self.norm_groups:
                 raise ConfigError(f"VAEConfig: {mult * self.ch} channels not divisible by "
-                                 f"norm_groups={self.norm_groups}")
+                                  f"norm_groups={self.norm_groups}")
 
     @property
     def downsample_factor(self) -> int:
@@ -162,11 +162,11 @@ class ModelConfig:
                 f"{self.vae.downsample_factor}; they must agree so the hint lands on the latent grid")
         if self.vae.embed_dim != self.unet.in_channels:
             raise ConfigError(f"ModelConfig: vae.embed_dim={self.vae.embed_dim} != unet.in_channels="
-                             f"{self.unet.in_channels}")
+                              f"{self.unet.in_channels}")
         lat = self.latent_size
         if self.image_size % self.vae.downsample_factor or lat % self.unet.downsample_factor:
             raise ConfigError(f"ModelConfig: image_size={self.image_size} must be divisible by "
-                             f"{self.vae.downsample_factor * self.unet.downsample_factor}")
+                              f"{self.vae.downsample_factor * self.unet.downsample_factor}")
 
     @property
     def latent_size(self) -> int:
@@ -262,6 +262,11 @@ class ModelConfig:
             raise ConfigError(f"{flag} {spec}: not a ModelConfig JSON file ({e})") from e
 
 
+def uniform_timesteps(num_train_timesteps: int, ddim_steps: int) -> range:
+    """ldm's 'uniform' DDIM discretisation: range(0, T, T // S) + 1 -> 1, 101, ..., 901 (ascending)."""
+    return range(1, num_train_timesteps + 1, num_train_timesteps // ddim_steps)
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     """ldm DDPM schedule and the DDIM sampler used at inference (spec section 6)."""
@@ -289,11 +294,10 @@ class DiffusionConfig:
         T, S = self.num_train_timesteps, self.ddim_steps
         if not 1 <= S <= T:
             raise ConfigError(f"DiffusionConfig.ddim_steps must be in 1..{T}, got {S}")
-        # ldm's 'uniform' spacing range(0, T, T // S) + 1 gives S timesteps, all < T, only for some S
-        spaced = range(1, T + 1, T // S)
-        if len(spaced) != S or spaced[-1] >= T:
-            good = [d for d in range(max(1, S - 5), S + 6) if len(range(1, T + 1, T // d)) == d
-                    and range(1, T + 1, T // d)[-1] < T]
+        spaced = uniform_timesteps(T, S)
+        if len(spaced) != S or spaced[-1] >= T:  # ldm's spacing honours only some step counts
+            good = [d for d in range(max(1, S - 5), S + 6)
+                    if len(uniform_timesteps(T, d)) == d and uniform_timesteps(T, d)[-1] < T]
             raise ConfigError(f"DiffusionConfig.ddim_steps={S}: ldm's uniform spacing (every {T // S} of {T} "
                               f"timesteps, from 1) gives {len(spaced)} steps ending at timestep {spaced[-1]} "
                               f"(valid: 0..{T - 1}); nearby valid values: {good}")
@@ -403,7 +407,7 @@ class TrainConfig:
                               f"got {self.eval_schedule!r}")
         if self.metrics_variant not in ("standard", "reference"):
             raise ConfigError(f"TrainConfig.metrics_variant must be 'standard' or 'reference', "
-                             f"got {self.metrics_variant!r}")
+                              f"got {self.metrics_variant!r}")
 
     @classmethod
     def tiny(cls, **overrides) -> "TrainConfig":

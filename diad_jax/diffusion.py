@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diad_jax.configs import DiffusionConfig
+from diad_jax.configs import DiffusionConfig, uniform_timesteps
 
 
 def betas_linear(cfg: DiffusionConfig) -> np.ndarray:
@@ -32,9 +32,8 @@ def alphas_cumprod(cfg: DiffusionConfig) -> np.ndarray:
 
 
 def ddim_timesteps(cfg: DiffusionConfig) -> np.ndarray:
-    """ldm's 'uniform' discretisation: range(0, T, T // S) + 1 -> 1, 101, ..., 901 (ascending)."""
-    c = cfg.num_train_timesteps // cfg.ddim_steps
-    return np.arange(0, cfg.num_train_timesteps, c, dtype=np.int64) + 1
+    """ldm's 'uniform' discretisation (`uniform_timesteps`): 1, 101, ..., 901 (ascending)."""
+    return np.asarray(uniform_timesteps(cfg.num_train_timesteps, cfg.ddim_steps), np.int64)
 
 
 @dataclass(frozen=True)

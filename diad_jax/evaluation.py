@@ -153,9 +153,10 @@ def evaluate(bundle: dict, config: ModelConfig, data, *, batch_size: int = 8,
     t_score = time.perf_counter() - t0
     if not maps:
         raise ValueError(f"no images to evaluate in split {split!r} (classes={classes})")
-    check_finite(np.stack(maps), np.asarray(scores), files.__getitem__)
+    maps, scores = np.stack(maps), np.asarray(scores)
+    check_finite(maps, scores, files.__getitem__)
     t1 = time.perf_counter()
-    metrics = compute_metrics(np.asarray(scores), np.asarray(labels), np.stack(maps), np.stack(masks),
+    metrics = compute_metrics(scores, np.asarray(labels), maps, np.stack(masks),
                               cls_names, variant=variant)
     t_metrics = time.perf_counter() - t1
     panels = {}
