@@ -189,24 +189,3 @@ def default_context(config: ModelConfig) -> np.ndarray:
     shape (1, context_len, context_dim). The prompt is constant in DiAD, so any fixed context works
     as long as training and scoring use the same one."""
     return np.zeros((1, config.context_len, config.unet.context_dim), np.float32)
-
-
-def load_for_scoring(path: str | Path | None, seed: int = 0) -> tuple[ModelConfig, dict, list[str]]:
-    """(config, scoring bundle, notes) from a model checkpoint, or the tiny model with random
-    weights when `path` is None (the embedded default)."""
-    from diad_jax.models.diad import DiAD
-    from diad_jax.scoring import make_bundle
-
-    notes = []
-    if path is None:
-        config = ModelConfig.tiny()
-        params = DiAD(config).init(seed)
-        notes.append("no --checkpoint: the tiny model with RANDOM weights (the scores are meaningless; "
-                     "train one with scripts/train.py or convert one with convert/torch_to_flax.py)")
-        return config, make_bundle(params, None, default_context(config), seed), notes + [
-            "no ResNet-50 weights: features come from a randomly initialised ResNet-50"]
-    ckpt = load_model(path)
-    if ckpt.resnet is None:
-        notes.append(f"{path} has no ResNet-50 weights: features come from a randomly initialised ResNet-50 "
-                     f"(convert with --resnet for the reference's timm resnet50 features)")
-    return ckpt.config, make_bundle(ckpt.params, ckpt.resnet, ckpt.context, seed), notes

@@ -160,6 +160,20 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return d
 
 
+def dataset_options(items) -> dict:
+    """--dataset-option KEY=VALUE items (VALUE as JSON, else as a string) -> {KEY: VALUE}."""
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--dataset-option {item!r}: expected KEY=VALUE (VALUE as JSON), e.g. train_per_class=60")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+    return out
+
+
 def config_from_args(base: TrainConfig, args: argparse.Namespace, ap: argparse.ArgumentParser) -> TrainConfig:
     """The preset `base`, then the --config file, then the flags given (`ap` parsed them). A preset's
     dataset options belong to the preset's dataset: choosing another dataset (by file or flag)
@@ -171,14 +185,7 @@ def config_from_args(base: TrainConfig, args: argparse.Namespace, ap: argparse.A
     d.update({k: v for k, v in flags.items() if k != "dataset_option"})
     if d["dataset"] != base.dataset and "dataset_options" not in from_file:
         d["dataset_options"] = {}
-    for item in flags.get("dataset_option", ()):
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--dataset-option {item!r}: expected KEY=VALUE (VALUE as JSON), e.g. train_per_class=60")
-        try:
-            value = json.loads(val)
-        except json.JSONDecodeError:
-            value = val
+    for key, value in dataset_options(flags.get("dataset_option", ())).items():
         if key == "skip_bad":  # older spelling of --skip-bad
             d["skip_bad"] = value in (True, "true", "1", 1)
         else:
@@ -198,6 +205,72 @@ def config_from_args(base: TrainConfig, args: argparse.Namespace, ap: argparse.A
         else:
             origin = f"--preset {args.preset}"
         raise ConfigError(f"{origin}: {e}") from e
+
+
+def add_eval_args(ap: argparse.ArgumentParser) -> None:
+    """The EvalConfig flags of scripts/evaluate.py and scripts/predict.py. Each one given overrides
+    the checkpoint's recorded eval config (see `eval_config_from_args`); the others keep it."""
+    S = argparse.SUPPRESS
+    g = ap.add_argument_group("scoring (default: what the checkpoint records, else the reference's)")
+    g.add_argument("--batch-size", type=positive_int, default=S, help="global batch (default 8)")
+    g.add_argument("--ddim-steps", type=positive_int, default=S, help="DDIM steps (default 10)")
+    g.add_argument("--schedule", choices=["official", "consistent"], default=S,
+                   help="official: noise to t=999 then DDIM 901..1 as the reference; consistent: noise to 901")
+    g.add_argument("--eta", type=float, default=S, help="DDIM eta (default 0)")
+    g.add_argument("--guidance-scale", type=float, default=S, help="default 9")
+    g.add_argument("--no-dedupe", dest="dedupe_guidance", action="store_false", default=S,
+                   help="run the reference's duplicate guidance half even though both contexts are equal")
+    g.add_argument("--image-score", choices=["pooled", "max"], default=S,
+                   help="pooled: max after eight 8x8 average pools (the reference); max: plain max")
+    g.add_argument("--sigma", type=positive_float, default=S,
+                   help="anomaly-map Gaussian blur sigma (the reference's 5, or scaled with --scaled-footprint)")
+    g.add_argument("--pool-window", type=positive_int, default=S,
+                   help="image-score average-pool window (the reference's 8, or scaled)")
+    g.add_argument("--scaled-footprint", action="store_true",
+                   help="scale sigma and the pool window with the image size (5 and 8 at 256 px; 64 px: 1.25 and 2)")
+    g.add_argument("--variant", choices=["standard", "reference"], default=S,
+                   help="metric definitions: standard, or the reference's (AUROC flip, AUPRO normalisation)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 compute (maps and metrics stay float32)")
+    g.add_argument("--seed", type=nonnegative_int, default=S, help="noise seed (default 0)")
+    g.add_argument("--random-resnet", action="store_true",
+                   help="opt in to a randomly initialised ResNet-50 when the checkpoint has none (maps then "
+                        "compare random features)")
+
+
+_EVAL_FLAGS = ("batch_size", "ddim_steps", "schedule", "eta", "guidance_scale", "dedupe_guidance", "image_score",
+               "sigma", "pool_window", "variant", "seed")
+
+
+def eval_config_from_args(args: argparse.Namespace, base, image_size: int):
+    """`base` (an EvalConfig: the checkpoint's, or the default) with the flags given applied;
+    --scaled-footprint scales the footprint to `image_size` before an explicit --sigma/--pool-window."""
+    import dataclasses
+
+    ec = base.scaled_footprint(image_size) if args.scaled_footprint else base
+    changes = {k: getattr(args, k) for k in _EVAL_FLAGS if hasattr(args, k)}
+    if args.bf16:
+        changes["dtype"] = "bfloat16"
+    try:
+        return dataclasses.replace(ec, **changes)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (from the flags {', '.join('--' + k.replace('_', '-') for k in changes)})") from e
+
+
+def load_detector(args: argparse.Namespace, checkpoint: str, mesh=None):
+    """`diad_jax.load(checkpoint)` with the eval flags of `add_eval_args` applied to the eval config the
+    checkpoint records; bad flag values are found before the weights are read."""
+    from diad_jax import checkpoints
+    from diad_jax.configs import EvalConfig
+    from diad_jax.detector import RANDOM_PREFIX, load
+
+    recorded, image_size = {}, ModelConfig.tiny().image_size
+    if not checkpoint.startswith(RANDOM_PREFIX):
+        meta = checkpoints.read_metadata(checkpoint, "--checkpoint")
+        recorded, image_size = meta.get("eval_config") or {}, meta["model_config"]["image_size"]
+    elif checkpoint[len(RANDOM_PREFIX):] in ("tiny", "demo", "sd15"):
+        image_size = ModelConfig.from_spec(checkpoint[len(RANDOM_PREFIX):]).image_size
+    ec = eval_config_from_args(args, EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config"), image_size)
+    return load(checkpoint, mesh=mesh, eval_config=ec, resnet="random" if args.random_resnet else "checkpoint")
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> None:
@@ -223,11 +296,15 @@ def preflight(cfg: TrainConfig) -> None:
     from diad_jax import data
     from diad_jax.checkpoints import read_metadata
 
+    from diad_jax.train import check_eval_resnet
+
     data.check_options(cfg.dataset, cfg.dataset_options)
     if cfg.init_checkpoint:
-        read_metadata(cfg.init_checkpoint, flag="--init-checkpoint")
+        has_resnet = bool(read_metadata(cfg.init_checkpoint, flag="--init-checkpoint").get("has_resnet"))
     else:
         ModelConfig.from_spec(cfg.model)
+        has_resnet = False
+    check_eval_resnet(cfg, has_resnet)
     check_exists(cfg.manual_dir, "--manual-dir", folder=True)
     check_exists(cfg.eval_data_dir, "--eval-data-dir", folder=True)
     check_exists(cfg.lpips_vgg16, "--lpips-vgg16", folder=False)

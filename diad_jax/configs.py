@@ -16,7 +16,7 @@ from typing import Any
 from diad_jax.errors import ConfigError
 
 # The reference's anomaly-map blur sigma and image-score max-pool window, both for its 256 px maps
-# (diad_jax.scoring.Scorer.footprint scales them to other sizes).
+# (EvalConfig.scaled_footprint scales them to other sizes).
 REFERENCE_MAP_SIZE = 256
 REFERENCE_SIGMA = 5.0
 REFERENCE_POOL_WINDOW = 8
@@ -303,6 +303,71 @@ class DiffusionConfig:
                               f"(valid: 0..{T - 1}); nearby valid values: {good}")
 
 
+# How a detector is scored, for scripts/evaluate.py, scripts/predict.py, the Trainer's evaluations,
+# the demo and diad_jax.load; a checkpoint may record one (its "eval_config" metadata).
+IMAGE_SCORES = ("pooled", "max")
+METRIC_VARIANTS = ("standard", "reference")
+RESNET_CHOICES = ("checkpoint", "random")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that decides an image's anomaly map and score, plus how a split is batched and
+    which metric definitions are reported. The defaults are the reference's test path."""
+
+    schedule: str = "official"          # DiffusionConfig.schedule ("official" | "consistent")
+    ddim_steps: int = 10
+    eta: float = 0.0                    # DDIM eta (the reference: 0)
+    guidance_scale: float = 9.0
+    sigma: float = REFERENCE_SIGMA      # anomaly-map Gaussian blur (the reference's 5 is for 256 px maps)
+    pool_window: int = REFERENCE_POOL_WINDOW  # image score: eight window x window average pools, then the max
+    image_score: str = "pooled"         # "pooled" (the reference) or "max"
+    variant: str = "standard"           # metric definitions (diad_jax.metrics): "standard" or "reference"
+    batch_size: int = 8                 # global batch (over all devices and processes)
+    seed: int = 0                       # image i's noise: fold_in(key(seed), i), the same at any batch size
+    dtype: str = "float32"              # compute dtype ("float32" | "bfloat16"); maps are float32
+    dedupe_guidance: bool = True        # skip guidance's duplicate half when both contexts are equal (exact)
+
+    def __post_init__(self):
+        self.diffusion()  # validates schedule, ddim_steps, eta, guidance_scale
+        _check_finite("EvalConfig", sigma=self.sigma)
+        if self.sigma <= 0:
+            raise ConfigError(f"EvalConfig.sigma must be > 0, got {self.sigma}")
+        for name in ("pool_window", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"EvalConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.seed < 0:
+            raise ConfigError(f"EvalConfig.seed must be >= 0, got {self.seed}")
+        for name, allowed in (("image_score", IMAGE_SCORES), ("variant", METRIC_VARIANTS),
+                              ("dtype", ("float32", "bfloat16"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"EvalConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def diffusion(self) -> DiffusionConfig:
+        return DiffusionConfig(ddim_steps=self.ddim_steps, ddim_eta=self.eta, schedule=self.schedule,
+                               guidance_scale=self.guidance_scale)
+
+    def scaled_footprint(self, image_size: int) -> "EvalConfig":
+        """The blur sigma and pool window scaled from the reference's 256 px to `image_size`, so they
+        cover the same fraction of the image (64 px: sigma 1.25, window 2; 256 px: the reference)."""
+        scale = image_size / REFERENCE_MAP_SIZE
+        return dataclasses.replace(self, sigma=REFERENCE_SIGMA * scale,
+                                   pool_window=max(1, round(REFERENCE_POOL_WINDOW * scale)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "EvalConfig") -> "EvalConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from e
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A DiAD training run (diad_jax/train.py). The defaults are the reference's (train.py + sgn.py +
@@ -359,8 +424,11 @@ class TrainConfig:
     best_metric: str = "p_auroc+i_auroc"  # sum of mean metrics (reference val_acc = P-AUROC + I-AUROC)
     metrics_variant: str = "standard"   # "standard" or "reference" (compute_metrics)
     eval_schedule: str = "official"     # DiffusionConfig.schedule of the evaluation ("official" | "consistent")
-    eval_sigma: float = REFERENCE_SIGMA  # anomaly-map blur (reference 5 at 256 px; Scorer.footprint scales it)
+    eval_sigma: float = REFERENCE_SIGMA  # anomaly-map blur (reference 5 at 256 px; EvalConfig.scaled_footprint scales it)
     eval_pool_window: int = REFERENCE_POOL_WINDOW  # image-score pool window (reference 8 at 256 px)
+    # "checkpoint": evaluation needs the ResNet-50 of --init-checkpoint; "random": a randomly initialised
+    # one (maps then compare random features; recorded in every checkpoint so that scoring it repeats it)
+    eval_resnet: str = "checkpoint"
     # ---- autoencoder fine-tuning only (scripts/finetune_autoencoder.py) --------------------------
     kl_weight: float = 1e-6
     perceptual_weight: float = 1.0      # LPIPS weight, when its weights are given
@@ -405,9 +473,15 @@ class TrainConfig:
         if self.eval_schedule not in ("official", "consistent"):
             raise ConfigError(f"TrainConfig.eval_schedule must be 'official' or 'consistent', "
                               f"got {self.eval_schedule!r}")
-        if self.metrics_variant not in ("standard", "reference"):
-            raise ConfigError(f"TrainConfig.metrics_variant must be 'standard' or 'reference', "
-                              f"got {self.metrics_variant!r}")
+        if self.eval_resnet not in RESNET_CHOICES:
+            raise ConfigError(f"TrainConfig.eval_resnet must be one of {RESNET_CHOICES}, got {self.eval_resnet!r}")
+        self.eval_config()  # validates the evaluation fields together
+
+    def eval_config(self) -> EvalConfig:
+        """The run's evaluation settings as the EvalConfig every scorer takes."""
+        return EvalConfig(schedule=self.eval_schedule, sigma=self.eval_sigma, pool_window=self.eval_pool_window,
+                          variant=self.metrics_variant, batch_size=self.eval_batch_size, seed=self.eval_seed,
+                          dtype=self.compute_dtype)
 
     @classmethod
     def tiny(cls, **overrides) -> "TrainConfig":
@@ -417,6 +491,7 @@ class TrainConfig:
             model="tiny", batch_size=8, grad_accum=1, steps=200, learning_rate=1e-4,
             dataset_options=dict(train_per_class=24, test_per_class=8),
             workdir="runs/tiny", save_every=100, log_every=10, eval_at_end=True, eval_batch_size=8,
+            eval_resnet="random",
         )
         kw.update(overrides)
         return cls(**kw)

@@ -106,19 +106,24 @@ def guided_eps(eps_fn_ctx: Callable[[jax.Array, jax.Array, jax.Array], jax.Array
 
 def ddim_sample(cfg: DiffusionConfig, eps_fn: EpsFn, x_T, rng=None):
     """Run the planned DDIM steps from x_T as one `lax.scan`. `eps_fn(x, t)` predicts the noise
-    (guidance included). eta > 0 needs `rng`."""
+    (guidance included). eta > 0 needs `rng`: one key per example, shape (B,), so that an
+    example's step noise does not depend on the rest of its batch."""
     plan = ddim_plan(cfg)
     if cfg.ddim_eta > 0 and rng is None:
         raise ValueError("ddim_sample: ddim_eta > 0 needs an rng for the step noise")
     b = x_T.shape[0]
+    n = len(plan.timesteps)
     xs = (jnp.asarray(plan.timesteps, jnp.int32), jnp.asarray(plan.a_t), jnp.asarray(plan.a_prev),
           jnp.asarray(plan.sigma))
-    keys = jax.random.split(rng, len(plan.timesteps)) if rng is not None else None
+    # (steps, B) keys: step s of example i uses split(rng[i], steps)[s]
+    keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, n))(rng), 0, 1) if rng is not None else None
 
     def step(x, inp):
         (t, a_t, a_prev, sigma), key = inp
         eps = eps_fn(x, jnp.full((b,), t, jnp.int32))
-        noise = jax.random.normal(key, x.shape, x.dtype) if key is not None else None
+        noise = None
+        if key is not None:
+            noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(key)
         x_prev, _ = ddim_step(x, eps.astype(x.dtype), a_t, a_prev, sigma, noise)
         return x_prev, None
 

@@ -1,7 +1,8 @@
 """Evaluate a DiAD model on a prepared dataset: denoise-and-score every test image, then the
 seven metrics per class and their mean, plus heat-map overlays.
 
-    result = evaluate(bundle, config, prepared, batch_size=8)
+    detector = diad_jax.load("checkpoints/diad_mvtec")
+    result = evaluate(detector, prepared, split="test")
     print(result.table)           # markdown: per class + mean
     result.save("outputs/eval")   # results.json, results.md, heatmaps/<class>/*.png
 """
@@ -16,42 +17,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from diad_jax.configs import REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, ModelConfig
 from diad_jax.metrics import compute_metrics, format_table
-from diad_jax.scoring import Scorer, check_finite
+from diad_jax.scoring import check_finite
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def to_uint8_image(x: np.ndarray) -> np.ndarray:
-    """(3, H, W) ImageNet-normalised -> (H, W, 3) uint8."""
-    img = np.transpose(x, (1, 2, 0)) * IMAGENET_STD + IMAGENET_MEAN
-    return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
-
-
-def jet(values: np.ndarray) -> np.ndarray:
-    """A jet colour map for values in [0, 1] -> uint8 RGB (no matplotlib needed)."""
-    v = np.clip(values, 0, 1)[..., None]
-    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return (np.concatenate([r, g, b], -1) * 255).astype(np.uint8)
-
-
-def overlay_panel(image: np.ndarray, recon: np.ndarray, amap: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """input | reconstruction | map over input (min-max normalised per image, as the reference's
-    heat maps) | ground truth, side by side (H, 4W, 3) uint8."""
-    lo, hi = float(amap.min()), float(amap.max())
-    heat = jet((amap - lo) / (hi - lo + 1e-12))
-    over = (0.5 * heat + 0.5 * image).astype(np.uint8)
-    gt = np.repeat((mask > 0).astype(np.uint8)[..., None] * 255, 3, -1)
-    return np.concatenate([image, recon, over, gt], axis=1)
 
 
 @dataclass
@@ -63,6 +34,9 @@ class EvalResult:
     class_names: list[str]
     file_names: list[str]
     timings: dict[str, float]
+    maps: np.ndarray | None = None      # (N, S, S) anomaly maps
+    masks: np.ndarray | None = None     # (N, S, S) bool ground truth
+    has_mask: np.ndarray | None = None  # (N,) False: anomalous without a mask (image metrics only)
     panels: dict[str, list[tuple[str, np.ndarray]]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -88,90 +62,96 @@ class EvalResult:
         return out
 
 
-def evaluate(bundle: dict, config: ModelConfig, data, *, batch_size: int = 8,
-             diffusion: DiffusionConfig = DiffusionConfig(), image_score: str = "pooled",
-             variant: str = "standard", dtype=jnp.float32, mesh=None, seed: int = 0,
-             classes: Iterable[str] | str | None = None, heatmaps_per_class: int = 0,
-             limit_per_class: int | None = None, progress: bool = True, dedupe_guidance: bool = True,
-             split: str = "test", sigma: float = REFERENCE_SIGMA,
-             pool_window: int = REFERENCE_POOL_WINDOW) -> EvalResult:
-    """Score the `split` of a prepared dataset (diad_jax.data) and compute the seven metrics.
+def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | str | None = None,
+             limit_per_class: int | None = None, heatmaps_per_class: int = 0,
+             progress: bool = True) -> EvalResult:
+    """Denoise-and-score the `split` of a prepared dataset (diad_jax.data) with a `Detector` and
+    compute the seven metrics per class (the detector's eval config: batch size, metric variant).
 
-    The rng of batch i is fold_in(key(seed), i), so a run is reproducible for a given batch size.
-    With a mesh, the batch is sharded over its `data` axis (batch_size must divide evenly).
-    `sigma`/`pool_window`: the map blur and image-score pool (reference: 5 and 8 at 256 px; see
-    `Scorer.footprint` to scale them to a smaller image size)."""
+    The one evaluation loop of diad_jax (scripts/evaluate.py, the demo and the Trainer's periodic
+    evaluation use it): every process reads its share of each batch, the maps and scores are
+    gathered, and image i of the split gets the noise of fold_in(key(seed), i) -- the same map and
+    score as `detector.predict` gives it, at any batch size and number of devices or processes.
+    Anomalous images without a ground-truth mask count in the image metrics only (`info["no_mask"]`)."""
     from diad_jax import data as dataio
-    from tqdm import tqdm
+    from diad_jax import sharding as shd
+    from diad_jax.data.pipeline import denormalize
+    from diad_jax.visualize import evaluation_panel
 
-    scorer = Scorer(config, diffusion, image_score=image_score, dtype=dtype, mesh=mesh,
-                    dedupe_guidance=dedupe_guidance, sigma=sigma, pool_window=pool_window)
-    if mesh is not None and batch_size % mesh.shape["data"]:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data axis ({mesh.shape['data']})")
-    if data.image_size != config.image_size:
+    ec = detector.eval_config
+    n_proc = jax.process_count()
+    if data.image_size != detector.image_size:
         log.info("dataset prepared at %d px; the pipeline resizes to the model's %d px", data.image_size,
-                 config.image_size)
-    ds = dataio.eval_dataset(data, batch_size, split=split, classes=classes, image_size=config.image_size,
-                             shard_index=0, shard_count=1)
-    allowed = None
-    if limit_per_class is not None:
-        allowed = balanced_subset(data, split, classes, limit_per_class)
-        n_total = len(allowed)
-    else:
-        n_total = len(data.indices(split, classes))
-    maps, masks, scores, labels, cls_names, files = [], [], [], [], [], []
+                 detector.image_size)
+    indices = (balanced_subset(data, split, classes, limit_per_class) if limit_per_class is not None
+               else data.indices(split, classes))
+    if not len(indices):
+        raise ValueError(f"no images to evaluate in split {split!r} (classes={classes})")
+    ds = dataio.eval_dataset(data, ec.batch_size // n_proc, split=split, indices=indices,
+                             image_size=detector.image_size, shard_index=jax.process_index(), shard_count=n_proc)
+    has_mask_split = data.has_mask.get(split)
+    maps, scores, masks, labels, cls_index, index = [], [], [], [], [], []
     keep: dict[str, list] = defaultdict(list)
-    key = jax.random.key(seed)
     t0 = time.perf_counter()
     t_first = None
-    bar = tqdm(total=n_total, desc="denoise-and-score", unit="img", disable=not progress)
-    for i, batch in enumerate(ds):
-        valid = np.asarray(batch["valid"], bool)
-        if allowed is not None:
-            valid &= np.isin(np.asarray(batch["index"]), allowed)
-            if not valid.any():
-                continue
-        out = scorer(bundle, jnp.asarray(batch["image"]), jax.random.fold_in(key, i))
-        m = np.asarray(out.maps)
-        s = np.asarray(out.scores)
+    show = progress is True and jax.process_index() == 0
+    from tqdm import tqdm
+    bar = tqdm(total=len(indices), desc="denoise-and-score", unit="img", disable=not show, dynamic_ncols=True)
+    for batch in ds:
+        out = detector.score_batch(batch["image"], batch["index"], reconstructions=heatmaps_per_class > 0)
+        meta = shd.gather_to_host({"mask": np.asarray(batch["mask"][:, 0]) > 0, "label": batch["label"],
+                                   "class_index": batch["class_index"], "index": batch["index"],
+                                   "valid": batch["valid"]})
         if t_first is None:
             t_first = time.perf_counter() - t0
-        for j in np.flatnonzero(valid):
-            c = _str(batch["class_name"][j])
-            maps.append(m[j])
-            masks.append(np.asarray(batch["mask"][j, 0]) > 0)
-            scores.append(float(s[j]))
-            labels.append(int(batch["label"][j]))
-            cls_names.append(c)
-            files.append(_str(batch["filename"][j]))
-            if heatmaps_per_class and sum(it[0] == labels[-1] for it in keep[c]) < heatmaps_per_class:
-                keep[c].append((labels[-1], files[-1], _str(batch["defect_type"][j]),
-                                to_uint8_image(np.asarray(batch["image"][j])),
-                                to_uint8_image(np.asarray(out.reconstructions[j])), m[j], masks[-1]))
-        bar.update(int(valid.sum()))
+        v = np.asarray(meta["valid"], bool)
+        maps.append(out["maps"][v])
+        scores.append(out["scores"][v])
+        masks.append(np.asarray(meta["mask"])[v])
+        labels.append(np.asarray(meta["label"])[v])
+        cls_index.append(np.asarray(meta["class_index"])[v])
+        index.append(np.asarray(meta["index"])[v])
+        if heatmaps_per_class:
+            images = shd.gather_to_host(np.asarray(batch["image"]))
+            for j in np.flatnonzero(v):
+                c = data.class_names[int(meta["class_index"][j])]
+                lab = int(meta["label"][j])
+                if sum(it[0] == lab for it in keep[c]) < heatmaps_per_class:
+                    ex = data[split][int(meta["index"][j])]
+                    keep[c].append((lab, dataio.as_text(ex["filename"]), dataio.as_text(ex["defect_type"]),
+                                    denormalize(images[j]), denormalize(out["reconstructions"][j]),
+                                    out["maps"][j], np.asarray(meta["mask"][j])))
+        if callable(progress):
+            progress(int(v.sum()))
+        bar.update(int(v.sum()))
     bar.close()
     t_score = time.perf_counter() - t0
-    if not maps:
-        raise ValueError(f"no images to evaluate in split {split!r} (classes={classes})")
-    maps, scores = np.stack(maps), np.asarray(scores)
+    maps, scores, index = np.concatenate(maps), np.concatenate(scores), np.concatenate(index)
+    files = [dataio.as_text(data[split][int(i)]["filename"]) for i in index]
     check_finite(maps, scores, files.__getitem__)
+    has_mask = has_mask_split[index] if has_mask_split is not None else np.ones(len(index), bool)
+    labels, masks = np.concatenate(labels), np.concatenate(masks)
+    cls_names = [data.class_names[int(c)] for c in np.concatenate(cls_index)]
     t1 = time.perf_counter()
-    metrics = compute_metrics(scores, np.asarray(labels), maps, np.stack(masks),
-                              cls_names, variant=variant)
+    metrics = compute_metrics(scores, labels, maps, masks, cls_names, variant=ec.variant, has_mask=has_mask)
     t_metrics = time.perf_counter() - t1
     panels = {}
     for c, items in keep.items():
         items = sorted(items, key=lambda it: -it[0])[:heatmaps_per_class]  # anomalous first
-        panels[c] = [(f"{k:02d}_{defect}_{Path(f).stem}", overlay_panel(img, rec, mp, mk))
+        panels[c] = [(f"{k:02d}_{defect}_{Path(f).stem}", evaluation_panel(img, rec, mp, mk, f"{c} {defect} {Path(f).name}"))
                      for k, (lab, f, defect, img, rec, mp, mk) in enumerate(items)]
     n = len(maps)
+    b = ec.batch_size
     timings = {"images": n, "score_s": t_score, "first_batch_s": t_first or 0.0,
-               "per_image_s": (t_score - (t_first or 0.0)) / max(n - batch_size, 1) if n > batch_size else t_score / n,
+               "per_image_s": (t_score - (t_first or 0.0)) / max(n - b, 1) if n > b else t_score / n,
                "metrics_s": t_metrics}
-    info = {"image_score": image_score, "schedule": diffusion.schedule, "ddim_steps": diffusion.ddim_steps,
-            "guidance_scale": diffusion.guidance_scale, "batch_size": batch_size, "seed": seed,
-            "dtype": str(jnp.dtype(dtype)), "only_mid_control": config.only_mid_control, "split": split}
-    return EvalResult(metrics, variant, np.asarray(scores), np.asarray(labels), cls_names, files, timings,
+    no_mask = int((~has_mask).sum())
+    if no_mask:
+        log.warning("%d anomalous image(s) without a ground-truth mask: in the image metrics, left out of the "
+                    "pixel metrics", no_mask)
+    info = {"eval_config": ec.to_dict(), "split": split, "no_mask": no_mask, "notes": list(detector.notes),
+            "only_mid_control": detector.config.only_mid_control, "checkpoint": detector.source}
+    return EvalResult(metrics, ec.variant, scores, labels, cls_names, files, timings, maps, masks, has_mask,
                       panels, info)
 
 
@@ -190,12 +170,3 @@ def balanced_subset(data, split: str, classes, per_class: int) -> np.ndarray:
             if n:
                 chosen.append(g[np.linspace(0, len(g) - 1, n).round().astype(int)])
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
-
-
-def _str(x) -> str:
-    if isinstance(x, bytes):
-        return x.decode()
-    if isinstance(x, np.ndarray):
-        x = x.item()
-        return x.decode() if isinstance(x, bytes) else str(x)
-    return str(x)

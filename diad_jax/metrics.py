@@ -213,6 +213,18 @@ def _f1max(r: _Ranking, what: str = "F1max") -> float:
     return float(np.max(2 * c["pos_ge"] / (c["pos_ge"] + c["neg_ge"] + r.n_pos)))
 
 
+def f1_optimal_threshold(scores, labels) -> tuple[float, float]:
+    """(threshold, F1): the score t maximising F1 of "anomalous when score >= t" (labels > 0 are
+    anomalous); among thresholds of equal F1, the highest. Needs at least one anomalous sample."""
+    r = _Ranking.from_scores(scores, labels, "scores")
+    if r.n_pos == 0:
+        raise ValueError("an F1-optimal threshold needs at least one anomalous sample")
+    c = r.counts
+    f1 = 2 * c["pos_ge"] / (c["pos_ge"] + c["neg_ge"] + r.n_pos)
+    best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # the last (highest) of the maxima
+    return float(r.distinct_pos[best]), float(f1[best])
+
+
 # ---------------------------------------------------------------------------------------------------
 # AUPRO
 
@@ -394,8 +406,8 @@ def _pixel_ranking(maps: np.ndarray, anomalous: np.ndarray) -> tuple[_Ranking, n
 
 
 def compute_metrics(image_scores, image_labels, pixel_maps, masks, class_names=None, *,
-                    variant: str = "standard", fpr_limit: float = 0.3,
-                    num_thresholds: int = 200) -> dict[str, dict[str, float]]:
+                    variant: str = "standard", fpr_limit: float = 0.3, num_thresholds: int = 200,
+                    has_mask=None) -> dict[str, dict[str, float]]:
     """The seven metrics per class and their mean over classes.
 
     Args:
@@ -405,6 +417,8 @@ def compute_metrics(image_scores, image_labels, pixel_maps, masks, class_names=N
       masks: (N, H, W) ground truth, anything > 0 anomalous; needed for the pixel metrics.
       class_names: (N,) class of each image; None puts every image in one class called "all".
       variant: "standard" or "reference" (see the module docstring).
+      has_mask: (N,) bool, False for anomalous images without a ground-truth mask: they count in the
+        image metrics (with image_labels) and are left out of the pixel metrics. Default: all True.
 
     Returns:
       {class_name: {metric: value}} in order of first appearance, then "mean": the mean over the classes
@@ -437,6 +451,9 @@ def compute_metrics(image_scores, image_labels, pixel_maps, masks, class_names=N
             raise ValueError(f"pixel_maps {pixel_maps.shape} and masks {masks.shape} must both be (N, H, W)")
     elif masks is not None:
         masks = np.asarray(masks)
+    has_mask = np.ones(n, bool) if has_mask is None else np.asarray(has_mask, bool).reshape(n)
+    if not has_mask.all() and image_scores is not None and image_labels is None:
+        raise ValueError("images without masks need image_labels (their labels cannot come from the masks)")
 
     names = np.asarray(["all"] * n if class_names is None else [str(c) for c in class_names])
     if np.any(names == "mean"):
@@ -454,12 +471,17 @@ def compute_metrics(image_scores, image_labels, pixel_maps, masks, class_names=N
         if image_scores is not None:
             from_masks = anomalous.any(axis=(1, 2)) if anomalous is not None else None
             labels = image_labels[sel] if image_labels is not None else from_masks
-            if image_labels is not None and from_masks is not None and not np.array_equal(labels, from_masks):
+            disagree = 0 if image_labels is None or from_masks is None else int(
+                np.sum((labels != from_masks) & has_mask[sel]))
+            if disagree:
                 log.warning("class %r: %d image labels disagree with 'mask has an anomalous pixel'; "
-                            "using the labels given", cls, int(np.sum(labels != from_masks)))
+                            "using the labels given", cls, disagree)
             res.update(image_metrics(image_scores[sel], labels, variant=variant, name=cls))
         if pixel_maps is not None:
-            res.update(pixel_metrics(pixel_maps[sel], anomalous, variant=variant, fpr_limit=fpr_limit,
+            keep = has_mask[sel]
+            maps_c, anomalous_c = (pixel_maps[sel], anomalous) if keep.all() else (pixel_maps[sel][keep],
+                                                                                   anomalous[keep])
+            res.update(pixel_metrics(maps_c, anomalous_c, variant=variant, fpr_limit=fpr_limit,
                                      num_thresholds=num_thresholds, name=cls))
         del anomalous
         results[cls] = res
@@ -500,6 +522,7 @@ def format_table(results: Mapping[str, Mapping[str, float]], *, metrics: Sequenc
 
 __all__ = [
     "IMAGE_METRICS", "METRIC_NAMES", "METRIC_TITLES", "PIXEL_METRICS", "VARIANTS", "UndefinedMetricWarning",
-    "aupro", "auroc", "average_precision", "compute_metrics", "f1max", "format_table", "image_metrics",
+    "aupro", "auroc", "average_precision", "compute_metrics", "f1_optimal_threshold", "f1max", "format_table",
+    "image_metrics",
     "pixel_metrics", "reference_thresholds",
 ]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diad_jax.configs import REFERENCE_MAP_SIZE, REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, ModelConfig
+from diad_jax.configs import REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, EvalConfig, ModelConfig
 from diad_jax.diffusion import ddim_plan, ddim_sample, guided_eps, q_sample
 from diad_jax.errors import ConfigError, NonFiniteError
 from diad_jax.models.diad import DiAD, to_nchw, to_nhwc
@@ -136,13 +136,16 @@ class ScoreOutput(NamedTuple):
 class Scorer:
     """Denoise-and-score as one compiled program.
 
-        scorer = Scorer(ModelConfig.sd15())
-        out = scorer(bundle, images, jax.random.key(0))   # images: (B, 3, H, W) normalised
+        scorer = Scorer(ModelConfig.sd15())      # or Scorer.from_eval_config(config, EvalConfig(...))
+        out = scorer(bundle, images, jax.random.key(0), index)   # images: (B, 3, H, W) normalised
 
     `bundle` = {"unet", "sg", "vae": model params, "resnet": ResNet params, "context": (1, L, D)}
-    (see `make_bundle`). `uncond_context=None` means the unconditional context equals the
-    conditional one (the reference: both CLIP("")), so guidance is skipped exactly; pass an array
-    to run the reference's batched two-half guidance."""
+    (see `make_bundle`), best placed on the devices once (`diad_jax.load` does). Image i's noise
+    (VAE posterior sample, q_sample, DDIM eta noise) comes from fold_in(rng, index[i]), so its map
+    and score do not depend on the batch it is in (`index` defaults to 0..B-1).
+    `uncond_context=None` means the unconditional context equals the conditional one (the
+    reference: both CLIP("")), so guidance is skipped exactly; pass an array to run the
+    reference's batched two-half guidance. With a mesh, the batch is split over `data_axis`."""
 
     config: ModelConfig
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -154,13 +157,11 @@ class Scorer:
     dedupe_guidance: bool = True
     pool_window: int = REFERENCE_POOL_WINDOW
 
-    @staticmethod
-    def footprint(image_size: int) -> dict:
-        """The reference's blur sigma (5) and image-score pool window (8) are for 256 px maps;
-        this scales both to `image_size` so they cover the same fraction of the image:
-        `Scorer(config, **Scorer.footprint(64))` = sigma 1.25, window 2. At 256 px: the reference."""
-        scale = image_size / REFERENCE_MAP_SIZE
-        return {"sigma": REFERENCE_SIGMA * scale, "pool_window": max(1, round(REFERENCE_POOL_WINDOW * scale))}
+    @classmethod
+    def from_eval_config(cls, config: ModelConfig, ec: EvalConfig, mesh=None, data_axis="data") -> "Scorer":
+        return cls(config, ec.diffusion(), image_score=ec.image_score,
+                   dtype=jnp.bfloat16 if ec.dtype == "bfloat16" else jnp.float32, mesh=mesh, data_axis=data_axis,
+                   sigma=ec.sigma, dedupe_guidance=ec.dedupe_guidance, pool_window=ec.pool_window)
 
     def __post_init__(self):
         self.model = DiAD(self.config, dtype=self.dtype)
@@ -170,31 +171,28 @@ class Scorer:
             raise ConfigError(f"Scorer: {IMAGE_SCORE_POOLS} average pools of window {self.pool_window} need maps "
                               f"larger than {IMAGE_SCORE_POOLS * (self.pool_window - 1)} px, the model's are "
                               f"{self.config.image_size}; scale the footprint to the image size (--scaled-footprint, "
-                              f"Scorer.footprint) or pass a smaller --pool-window")
+                              f"EvalConfig.scaled_footprint) or pass a smaller --pool-window")
         if self.pool_window < 1 or not 0 < self.sigma < float("inf"):
             raise ValueError(f"Scorer: pool_window must be >= 1 and sigma > 0, got {self.pool_window}, {self.sigma}")
-        fn = partial(self._score, uncond=None)
-        fn2 = self._score
+        out = None
         if self.mesh is not None:
             data = NamedSharding(self.mesh, P(self.data_axis))
-            rep = NamedSharding(self.mesh, P())
             out = ScoreOutput(data, data, data)
-            self._jit = jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=out)
-            self._jit2 = jax.jit(fn2, in_shardings=(rep, data, rep, rep), out_shardings=out)
-        else:
-            self._jit = jax.jit(fn)
-            self._jit2 = jax.jit(fn2)
+        # the weights keep the shardings they were placed with (replicated, or fsdp-sharded)
+        self._jit = jax.jit(partial(self._score, uncond=None), out_shardings=out)
+        self._jit2 = jax.jit(self._score, out_shardings=out)
 
-    def _score(self, bundle, images, rng, uncond):
-        k_enc, k_noise, k_ddim = jax.random.split(rng, 3)
+    def _score(self, bundle, images, rng, index, uncond):
+        keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(rng, i), 3))(index.astype(jnp.uint32))
         c = self.config
-        shape = (images.shape[0], c.latent_channels, c.latent_size, c.latent_size)
-        return self.score_with_noise(bundle, images, jax.random.normal(k_enc, shape),
-                                     jax.random.normal(k_noise, shape), uncond, k_ddim)
+        shape = (c.latent_channels, c.latent_size, c.latent_size)
+        draw = jax.vmap(lambda k: jax.random.normal(k, shape))
+        return self.score_with_noise(bundle, images, draw(keys[:, 0]), draw(keys[:, 1]), uncond, keys[:, 2])
 
-    def score_with_noise(self, bundle, images, posterior_noise, noise, uncond=None, ddim_rng=None):
+    def score_with_noise(self, bundle, images, posterior_noise, noise, uncond=None, ddim_keys=None):
         """The whole pipeline with the two Gaussian draws given explicitly (the VAE posterior
-        sample's and q_sample's), e.g. to compare with another implementation. Traceable."""
+        sample's and q_sample's), e.g. to compare with another implementation; `ddim_keys` (B,)
+        per-image keys for the DDIM eta noise. Traceable."""
         model = self.model
         mean, logvar = model.encode_moments(bundle, images)
         z0 = self.config.scale_factor * (mean + jnp.exp(0.5 * logvar) * posterior_noise)
@@ -209,7 +207,7 @@ class Scorer:
         def eps_fn(x, t):
             return guided_eps(eps_ctx, x, t, context, uncond, self.diffusion.guidance_scale)
 
-        z = ddim_sample(self.diffusion, eps_fn, x_T, ddim_rng if self.diffusion.ddim_eta > 0 else None)
+        z = ddim_sample(self.diffusion, eps_fn, x_T, ddim_keys if self.diffusion.ddim_eta > 0 else None)
         recon = model.decode(bundle, z)
         feats = self.resnet.apply({"params": bundle["resnet"]}, to_nhwc(jnp.concatenate([images, recon])))
         b = images.shape[0]
@@ -217,24 +215,34 @@ class Scorer:
                            (images.shape[2], images.shape[3]), self.sigma)
         return ScoreOutput(maps, image_scores(maps, self.image_score, self.pool_window), recon)
 
-    def __call__(self, bundle, images, rng, uncond_context=None) -> ScoreOutput:
+    def _args(self, bundle, images, rng, index, uncond_context):
         cfg = self.config
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"Scorer: `images` has shape {tuple(images.shape)}, expected "
                              f"(B, 3, {cfg.image_size}, {cfg.image_size}) (NCHW, ImageNet-normalised)")
+        if index is None:
+            index = np.arange(images.shape[0], dtype=np.int32)
+        if self.mesh is not None and jax.process_count() == 1:  # explicit transfers onto the batch sharding
+            data = NamedSharding(self.mesh, P(self.data_axis))
+            images = jax.device_put(images, NamedSharding(self.mesh, P(self.data_axis, None, None, None)))
+            index = jax.device_put(np.asarray(index, np.int32) if not isinstance(index, jax.Array) else index, data)
         if uncond_context is not None and self.dedupe_guidance and _same(uncond_context, bundle["context"]):
             uncond_context = None  # identical contexts: guidance is the identity
         if uncond_context is None and not self.dedupe_guidance:
             uncond_context = bundle["context"]
-        if uncond_context is None:
-            return self._jit(bundle, images, rng)
-        return self._jit2(bundle, images, rng, jnp.asarray(uncond_context))
+        return (bundle, images, rng, index) + (() if uncond_context is None else (jnp.asarray(uncond_context),))
 
-    def lower(self, bundle, images, rng, uncond_context=None):
-        if uncond_context is None and self.dedupe_guidance:
-            return self._jit.lower(bundle, images, rng)
-        u = bundle["context"] if uncond_context is None else uncond_context
-        return self._jit2.lower(bundle, images, rng, u)
+    def __call__(self, bundle, images, rng, index=None, uncond_context=None) -> ScoreOutput:
+        args = self._args(bundle, images, rng, index, uncond_context)
+        return (self._jit if len(args) == 4 else self._jit2)(*args)
+
+    def lower(self, bundle, images, rng, index=None, uncond_context=None):
+        args = self._args(bundle, images, rng, index, uncond_context)
+        return (self._jit if len(args) == 4 else self._jit2).lower(*args)
+
+    def compiled_programs(self) -> int:
+        """How many programs this scorer has compiled (one per input shape and sharding)."""
+        return self._jit._cache_size() + self._jit2._cache_size()
 
 
 def check_finite(maps: np.ndarray, scores: np.ndarray, name_of: Callable[[int], str]) -> None:
@@ -255,15 +263,13 @@ def _same(a, b) -> bool:
 
 
 def random_resnet(seed: int = 0) -> dict:
-    """A randomly initialised ResNet-50 (host numpy), used when no weights are given."""
+    """A randomly initialised ResNet-50 (host numpy): only where a caller opted in to one
+    (`diad_jax.load(..., resnet="random")`, `TrainConfig.eval_resnet="random"`)."""
     from diad_jax.models.init import init_params
     from diad_jax.models.resnet import resnet_abstract_params
     return init_params({"resnet": resnet_abstract_params()}, seed)["resnet"]
 
 
-def make_bundle(params: dict, resnet: dict | None, context, seed: int = 0) -> dict:
-    """Everything the scorer needs in one pytree. Without ResNet weights a randomly initialised
-    ResNet-50 is used (the maps are then a structural comparison, not ImageNet features)."""
-    if resnet is None:
-        resnet = random_resnet(seed)
+def make_bundle(params: dict, resnet: dict, context) -> dict:
+    """Everything the scorer needs in one pytree."""
     return {**params, "resnet": resnet, "context": jnp.asarray(context, jnp.float32)}

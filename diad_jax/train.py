@@ -451,48 +451,24 @@ def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict]:
 
 
 # ---- evaluation --------------------------------------------------------------------------------
+def evaluates(cfg: TrainConfig, task_name: str = "diad") -> bool:
+    """Whether the run evaluates at all (a split, and a schedule: every N steps and/or at the end)."""
+    return bool(cfg.eval_split) and bool(cfg.eval_every or cfg.eval_at_end) and task_name == "diad"
+
+
+def check_eval_resnet(cfg: TrainConfig, has_resnet: bool) -> None:
+    """An evaluating run needs ResNet-50 weights (from --init-checkpoint) or the explicit opt-in to a
+    random one; nothing random is substituted silently."""
+    if evaluates(cfg) and not has_resnet and cfg.eval_resnet != "random":
+        where = f"--init-checkpoint {cfg.init_checkpoint} has" if cfg.init_checkpoint else "a run without --init-checkpoint has"
+        raise ConfigError(f"{where} no ResNet-50 weights for the evaluation: convert them into the checkpoint "
+                          f"(convert/torch_to_flax.py --resnet-ckpt), opt in to a randomly initialised ResNet-50 "
+                          f"with --eval-resnet random (maps then compare random features), or --eval-split none")
+
+
 def selection_value(results: dict, best_metric: str) -> float:
     """Sum of the named mean metrics ("p_auroc+i_auroc" = the reference's val_acc)."""
     return float(sum(results["mean"][m.strip()] for m in best_metric.split("+")))
-
-
-def evaluate_split(scorer, bundle, dataset, *, split: str, batch_size: int, mesh: Mesh, seed: int = 0,
-             variant: str = "standard", classes=None, progress: Callable[[int], None] | None = None) -> dict:
-    """Denoise-and-score `split` of a prepared dataset on the mesh (every process reads its share),
-    then `compute_metrics` on the gathered maps. Returns {class: {metric: value}, "mean": ...}."""
-    from diad_jax import data as data_lib
-    from diad_jax.metrics import compute_metrics
-    from diad_jax.scoring import check_finite
-
-    n_proc = jax.process_count()
-    if batch_size % n_proc:
-        raise ValueError(f"eval batch size {batch_size} is not divisible by the {n_proc} processes")
-    local_b = batch_size // n_proc
-    ds = data_lib.eval_dataset(dataset, local_b, split=split, classes=classes, image_size=scorer.config.image_size,
-                               shard_index=jax.process_index(), shard_count=n_proc)
-    key = jax.random.PRNGKey(seed)
-    maps, scores, masks, labels, cls, index = [], [], [], [], [], []
-    for i, batch in enumerate(ds):
-        g = shd.shard_batch({"image": batch["image"]}, mesh)
-        out = scorer(bundle, g["image"], jax.random.fold_in(key, i))
-        m, s = shd.gather_to_host((out.maps, out.scores))
-        meta = shd.gather_to_host({"mask": batch["mask"][:, 0] > 0, "label": batch["label"],
-                                   "class_index": batch["class_index"], "index": batch["index"],
-                                   "valid": batch["valid"]})
-        v = np.asarray(meta["valid"], bool)
-        maps.append(np.asarray(m, np.float32)[v])
-        scores.append(np.asarray(s, np.float32)[v])
-        masks.append(np.asarray(meta["mask"])[v])
-        labels.append(np.asarray(meta["label"])[v])
-        cls.append(np.asarray(meta["class_index"])[v])
-        index.append(np.asarray(meta["index"])[v])
-        if progress is not None:
-            progress(int(v.sum()))
-    maps, scores, index = np.concatenate(maps), np.concatenate(scores), np.concatenate(index)
-    check_finite(maps, scores, lambda i: data_lib.as_text(dataset[split][int(index[i])]["filename"]))
-    class_names = np.asarray(dataset.class_names)[np.concatenate(cls)]
-    return compute_metrics(scores, np.concatenate(labels), maps, np.concatenate(masks), class_names,
-                           variant=variant)
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -569,7 +545,7 @@ class Trainer:
                                          best_directory=(self.workdir / "best") if self._evaluates() else None)
         self.writer = MetricWriter(self.workdir)
         self.best_value = -math.inf
-        self._scorer = None
+        self._detector = None
         self._eval_dataset = None
         self._restore_or_init()
 
@@ -591,14 +567,15 @@ class Trainer:
             from diad_jax.checkpoints import default_context
             self.context_host = default_context(config)
             log.warning("no --init-checkpoint: %s model with the reference's random initialisation (SG network "
-                        "copied from the UNet encoder) and a zero context in place of CLIP(\"\")%s",
-                        cfg.model, "; evaluation uses a RANDOM ResNet-50 (anomaly maps compare random features)"
-                        if self._evaluates() else "")
+                        "copied from the UNet encoder) and a zero context in place of CLIP(\"\")", cfg.model)
         if cfg.only_mid_control is not None:
             config = dataclasses.replace(config, only_mid_control=cfg.only_mid_control)
         self.model_config = config
-        if self.resnet_host is None and cfg.init_checkpoint and self._evaluates():
-            log.warning("the checkpoint has no ResNet-50 weights: evaluation uses a RANDOM ResNet-50")
+        if self.task.name == "diad":
+            check_eval_resnet(cfg, self.resnet_host is not None)
+        if self.resnet_host is None and self._evaluates():
+            log.warning("evaluation uses a RANDOM ResNet-50 (--eval-resnet random): anomaly maps compare random "
+                        "features")
 
     def _data_dir(self) -> str:
         return self.cfg.data_dir or default_data_dir()
@@ -630,11 +607,16 @@ class Trainer:
         return iter(ds)
 
     def _model_meta(self) -> dict:
-        return model_metadata(self.model_config, self.resnet_host is not None,
-                              source="diad_jax.train", init_checkpoint=self.cfg.init_checkpoint)
+        """The model items' metadata: also how the run scores the model (its eval config, and the
+        opt-in to a random ResNet-50), so that `diad_jax.load` of a checkpoint scores it the same way."""
+        extra = {"eval_config": self.cfg.eval_config().to_dict()}
+        if self.resnet_host is None and self.cfg.eval_resnet == "random":
+            extra["resnet"] = "random"
+        return model_metadata(self.model_config, self.resnet_host is not None, source="diad_jax.train",
+                              init_checkpoint=self.cfg.init_checkpoint, **extra)
 
     def _evaluates(self) -> bool:
-        return bool(self.cfg.eval_split) and self.task.name == "diad"
+        return evaluates(self.cfg, self.task.name)
 
     def _abstract_full(self):
         f = self.factory
@@ -730,18 +712,6 @@ class Trainer:
                                                                            self.resnet_host))
         return self._resnet_placed
 
-    def _resnet_for_eval(self):
-        """The checkpoint's ResNet-50, or a random one (seed 0, as make_bundle's), placed replicated
-        once (jit inputs spanning several processes must be jax arrays)."""
-        if getattr(self, "_eval_resnet", None) is None:
-            resnet = self._resnet_for_save()
-            if resnet is None:
-                from diad_jax.scoring import random_resnet
-                host = random_resnet(0)
-                resnet = shd.place(host, jax.tree.map(lambda _: shd.replicated(self.mesh), host))
-            self._eval_resnet = resnet
-        return self._eval_resnet
-
     def eval_params(self) -> Params:
         """The params evaluation uses: the EMA of the trainable params when on, else the params."""
         trainable = self.state.ema if self.state.ema is not None else self.state.params
@@ -752,15 +722,19 @@ class Trainer:
         frozen = {g: v for g, v in self.frozen.items() if g not in self.task.extra_frozen}
         return {**frozen, **self.others}
 
-    def evaluate(self, progress=None) -> dict | None:
+    def evaluate(self) -> dict | None:
+        """Scores the evaluation split with the current (EMA) weights -> the metrics per class and mean."""
         cfg = self.cfg
         if not self._evaluates():
             return None
-        from diad_jax.scoring import Scorer, make_bundle
-        if self._scorer is None:
-            self._scorer = Scorer(self.model_config, DiffusionConfig(schedule=cfg.eval_schedule),
-                                  dtype=DTYPES[cfg.compute_dtype], mesh=self.mesh, data_axis=shd.BATCH_AXES,
-                                  sigma=cfg.eval_sigma, pool_window=cfg.eval_pool_window)
+        from diad_jax.detector import Detector
+        from diad_jax.evaluation import evaluate
+        from diad_jax.scoring import make_bundle, random_resnet
+        if self._detector is None:
+            resnet = self._resnet_for_save()
+            if resnet is None:  # --eval-resnet random (checked in __init__)
+                host = random_resnet(0)
+                resnet = shd.place(host, jax.tree.map(lambda _: shd.replicated(self.mesh), host))
             if cfg.eval_data_dir:
                 from diad_jax import data as data_lib
                 self._eval_dataset = data_lib.load_from_directory(cfg.eval_data_dir)
@@ -772,16 +746,16 @@ class Trainer:
                             "does); numbers of the selected checkpoint are optimistic. Use --eval-split/"
                             "--eval-data-dir for a separate validation set or --eval-split none")
             log.info("evaluating on split %r of %s; best checkpoint by %s", cfg.eval_split, where, cfg.best_metric)
-        bundle = make_bundle(self.eval_params(), self._resnet_for_eval(), self.context)
-        # the scorer takes its weights replicated: gather the fsdp-sharded params once per evaluation
-        bundle = shd.place(bundle, jax.tree.map(lambda _: shd.replicated(self.mesh), bundle))
+            self._eval_resnet = resnet
+            self._detector = Detector(self.model_config, {}, eval_config=cfg.eval_config(), mesh=self.mesh,
+                                      source=str(self.workdir))
+        # the weights as they are placed for training (fsdp-sharded or replicated): nothing is gathered
+        self._detector.bundle = make_bundle(self.eval_params(), self._eval_resnet, self.context)
         t0 = time.perf_counter()
-        results = evaluate_split(self._scorer, bundle, self._eval_dataset, split=cfg.eval_split,
-                           batch_size=cfg.eval_batch_size, mesh=self.mesh, seed=cfg.eval_seed,
-                           variant=cfg.metrics_variant, classes=cfg.classes, progress=progress)
-        log.info("evaluation (%s split, %.1fs):\n%s", cfg.eval_split, time.perf_counter() - t0,
-                 _format(results))
-        return results
+        result = evaluate(self._detector, self._eval_dataset, split=cfg.eval_split, classes=cfg.classes,
+                          progress=False)
+        log.info("evaluation (%s split, %.1fs):\n%s", cfg.eval_split, time.perf_counter() - t0, result.table)
+        return result.metrics
 
     def _after_eval(self, step: int, results: dict):
         cfg = self.cfg
@@ -892,8 +866,3 @@ class Trainer:
         self.checkpointer.wait()
         self.checkpointer.close()
         self.writer.close()
-
-
-def _format(results: dict) -> str:
-    from diad_jax.metrics import format_table
-    return format_table(results)

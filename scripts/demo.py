@@ -9,7 +9,8 @@ Stages (each resumable: rerunning continues or skips what is done; --fresh start
      the initial DiAD checkpoint <workdir>/init
   4. diad: train the SG network + the whole UNet (from scratch, the UNet encoder cannot stay
      random) with the reference's eps-MSE loss, AdamW, EMA of the weights (scripts/train.py)
-  5. evaluate the EMA weights on the test split (scripts/evaluate.py's library loop)
+  5. evaluate the EMA weights on the test split (the library's one evaluation loop) and store
+     thresholds in the final checkpoint, so that scripts/predict.py gives verdicts
 
 Differences from the reference recipe, all forced by training from scratch in minutes on a CPU, are
 printed at the end. The ResNet-50 that compares input and reconstruction is RANDOMLY initialised
@@ -75,11 +76,12 @@ def main(argv=None) -> int:
     from diad_jax import autoencoder
     from diad_jax import data as dataio
     from diad_jax import sharding as shd
+    from diad_jax.calibration import calibrate
     from diad_jax.checkpoints import load_model, save_model
-    from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
+    from diad_jax.configs import EvalConfig, ModelConfig, TrainConfig
+    from diad_jax.detector import load
     from diad_jax.evaluation import evaluate
     from diad_jax.models.diad import DiAD
-    from diad_jax.scoring import Scorer, make_bundle
     from diad_jax.train import Trainer, check_batch
 
     # every configuration is built and checked before the first (long) stage starts
@@ -90,10 +92,15 @@ def main(argv=None) -> int:
                                       learning_rate=args.vae_lr,
                                       workdir=str(args.workdir / "autoencoder"),
                                       save_every=max(1, args.vae_steps // 2))
+    # how the checkpoints are scored (recorded in them, so scripts/predict.py and evaluate.py need no
+    # flags): the schedule, the footprint scaled to 64 px, and the opt-in to a random ResNet-50
+    scoring = EvalConfig(schedule=args.schedule, batch_size=args.batch_size).scaled_footprint(ModelConfig.demo().image_size)
     diad_cfg = TrainConfig.tiny(**common, batch_size=args.batch_size, init_checkpoint=str(init_dir),
                                 trainable="sg+unet", steps=args.diad_steps,
                                 learning_rate=args.lr, ema_decay=args.ema_decay, workdir=str(args.workdir / "diad"),
-                                save_every=max(1, args.diad_steps // 4))
+                                save_every=max(1, args.diad_steps // 4), eval_schedule=scoring.schedule,
+                                eval_sigma=scoring.sigma, eval_pool_window=scoring.pool_window,
+                                eval_batch_size=scoring.batch_size, eval_resnet="random")
     for cfg in (vae_cfg, diad_cfg):
         check_batch(cfg, shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp), evaluates=False)
     if args.fresh and args.workdir.exists():
@@ -134,19 +141,18 @@ def main(argv=None) -> int:
     _run_trainer(trainer, args.no_progress)
     times["diad"] = time.perf_counter() - t0
 
-    # 5. evaluation of the EMA weights (the model items of a training checkpoint)
+    # 5. evaluation of the EMA weights (the model items of a training checkpoint), then thresholds
     t0 = time.perf_counter()
-    ckpt = load_model(args.workdir / "diad" / "checkpoints" / str(args.diad_steps))
-    footprint = Scorer.footprint(ckpt.config.image_size)
+    final = args.workdir / "diad" / "checkpoints" / str(args.diad_steps)
+    detector = load(final)  # the checkpoint records its scoring settings and the random-ResNet opt-in
+    ec = detector.eval_config
     log.info("stage 3/3: evaluating the test split (%s schedule, blur sigma %.2f, pool window %d)",
-             args.schedule, footprint["sigma"], footprint["pool_window"])
-    bundle = make_bundle(ckpt.params, None, ckpt.context)
-    result = evaluate(bundle, ckpt.config, prepared, batch_size=args.batch_size,
-                      diffusion=DiffusionConfig(schedule=args.schedule), heatmaps_per_class=args.heatmaps,
-                      progress=not args.no_progress, limit_per_class=args.limit_per_class, **footprint)
-    result.info.update(demo=vars(args) | {"workdir": str(args.workdir), "data_dir": str(args.data_dir)},
-                       notes=["ResNet-50 randomly initialised (no ImageNet weights): anomaly maps compare "
-                              "random features"])
+             ec.schedule, ec.sigma, ec.pool_window)
+    result = evaluate(detector, prepared, heatmaps_per_class=args.heatmaps, progress=not args.no_progress,
+                      limit_per_class=args.limit_per_class)
+    result.info.update(demo=vars(args) | {"workdir": str(args.workdir), "data_dir": str(args.data_dir)})
+    cal = calibrate(result, source={"dataset": "synthetic", "split": "test"})
+    cal.save(final)
     out = result.save(args.workdir / "eval")
     times["evaluate"] = time.perf_counter() - t0
 
@@ -162,9 +168,11 @@ def main(argv=None) -> int:
           "image-score pool scaled to 64 px (sigma 1.25, window 2).")
     print("Timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) +
           f" (total {sum(times.values()):.0f}s)")
+    print(f"Thresholds (F1-optimal on the test split, so optimistic) stored in {final}: image "
+          f"{cal.image.value:.4g}, pixel {cal.pixel.value:.4g}.")
     print(f"Results, heat maps and checkpoints: {out}/, {args.workdir}/diad/checkpoints/")
-    print(f"Re-evaluate: python scripts/evaluate.py --checkpoint {args.workdir}/diad/checkpoints/{args.diad_steps} "
-          f"--data-dir {args.data_dir} --schedule {args.schedule} --scaled-footprint")
+    print(f"Re-evaluate: python scripts/evaluate.py --checkpoint {final} --data-dir {args.data_dir}")
+    print(f"Verdicts on any images: python scripts/predict.py --checkpoint {final} --input <folder> --out preds")
     (args.workdir / "timings.json").write_text(json.dumps(times, indent=2))
     return 0
 

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM schedule of the evaluation (default official = the reference's 801-step quirk)")
     g.add_argument("--eval-sigma", type=float, default=S, help="anomaly-map blur sigma (reference 5 at 256 px)")
     g.add_argument("--eval-pool-window", type=int, default=S, help="image-score pool window (reference 8)")
+    g.add_argument("--eval-resnet", choices=["checkpoint", "random"], default=S,
+                   help="checkpoint (default): evaluate with --init-checkpoint's ResNet-50; random: opt in to a "
+                        "randomly initialised one (maps compare random features; recorded in the checkpoints)")
     return ap
 
 

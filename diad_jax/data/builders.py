@@ -74,7 +74,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "mvtec_ad": dict(exclude=()),
     "visa": dict(split_csv="split_csv/1cls.csv"),
     "folder": dict(normal_dir="normal", test_normal_dir="test_normal", anomalous_dir="anomalous",
-                   mask_dir="masks", test_normal_fraction=0.2, split_seed=0),
+                   mask_dir="masks", test_normal_fraction=0.2, split_seed=0, require_masks=False),
     "synthetic": dict(train_per_class=60, test_per_class=40, test_good_fraction=0.5, seed=0),
 }
 _DEFAULT_CLASSES = {"mvtec_ad": layouts.MVTEC_CLASSES, "visa": layouts.VISA_CLASSES, "folder": (),
@@ -149,7 +149,7 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, records: Sequence[Record], class_names: list[str], root: str):
         size, skip_bad = self._cfg.image_size, self._cfg.skip_bad
-        class_index, labels = [], []
+        class_index, labels, has_mask = [], [], []
         for r in records:
             try:
                 image, mask = read_pair(r.image_path, r.mask_path, size)
@@ -164,19 +164,21 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                             size, size)
             class_index.append(class_names.index(r.class_name))
             labels.append(r.label)
+            has_mask.append(r.label == 0 or r.mask_path is not None)
             yield r.filename, dict(image=image, mask=mask, label=r.label, class_name=r.class_name,
                                    defect_type=r.defect_type, filename=r.filename)
-        _finish_split(self.info.metadata, split, class_index, labels, class_names, root)
+        _finish_split(self.info.metadata, split, class_index, labels, class_names, root, has_mask)
 
 
-def _finish_split(metadata, split, class_index, labels, class_names, where) -> None:
+def _finish_split(metadata, split, class_index, labels, class_names, where, has_mask=None) -> None:
     if not class_index:
         raise DataError(f"{where}: the {split} split is empty after skipping unreadable files")
     missing = sorted(set(range(len(class_names))) - set(class_index))
     if missing:
         raise DataError(f"{where}: the {split} split has no readable image of class(es) "
                         f"{[class_names[i] for i in missing]} after skipping unreadable files")
-    metadata["splits"][split] = dict(class_index=class_index, label=labels)
+    metadata["splits"][split] = dict(class_index=class_index, label=labels,
+                                     has_mask=has_mask if has_mask is not None else [True] * len(labels))
 
 
 class DiadMvtecAd(_DiadBuilder):
@@ -252,6 +254,8 @@ class PreparedDataset:
       source: the source folder's fingerprint when the copy was prepared (`source_fingerprint`;
         None for the generated dataset).
       skipped: what was skipped when the copy was prepared with skip_bad=True, one message per file.
+      has_mask: split -> bool array, False for anomalous images without a ground-truth mask (the folder
+        layout accepts them: they count in the image metrics only).
     """
 
     name: str
@@ -263,6 +267,7 @@ class PreparedDataset:
     labels: Mapping[str, np.ndarray]
     source: dict | None = None
     skipped: tuple[str, ...] = ()
+    has_mask: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -520,11 +525,12 @@ def _open(name: str, path: str, sources: Mapping[str, Any], image_size: int) -> 
     except (OSError, ValueError) as e:
         raise DataError(f"{meta_path}: cannot read the dataset's metadata ({e})") from e
     class_names = tuple(meta["class_names"])
-    class_index, labels = {}, {}
+    class_index, labels, has_mask = {}, {}, {}
     for split, source in sources.items():
         m = meta["splits"][split]
         class_index[split] = np.asarray(m["class_index"], np.int32)
         labels[split] = np.asarray(m["label"], np.int32)
+        has_mask[split] = np.asarray(m.get("has_mask", [True] * len(labels[split])), bool)
         if len(class_index[split]) != len(source):
             raise DataError(f"{meta_path}: lists {len(class_index[split])} {split} examples, the records hold "
                             f"{len(source)}")
@@ -534,4 +540,4 @@ def _open(name: str, path: str, sources: Mapping[str, Any], image_size: int) -> 
                 raise DataError(f"{path}: {split} example {i} does not match metadata.json")
     return PreparedDataset(name=name, path=path, image_size=image_size, class_names=class_names,
                            sources=dict(sources), class_index=class_index, labels=labels,
-                           source=meta.get("source"), skipped=tuple(meta.get("skipped", ())))
+                           source=meta.get("source"), skipped=tuple(meta.get("skipped", ())), has_mask=has_mask)

@@ -250,25 +250,29 @@ def scan_visa(root: str, classes: Iterable[str] | None = None, *, split_csv: str
 def scan_folder(root: str, classes: Iterable[str] | None = None, *, normal_dir: str = "normal",
                 test_normal_dir: str = "test_normal", anomalous_dir: str = "anomalous",
                 mask_dir: str = "masks", test_normal_fraction: float = 0.2, split_seed: int = 0,
-                skip_bad: bool = False,
+                require_masks: bool = False, skip_bad: bool = False,
                 skipped: list[str] | None = None) -> dict[str, list[Record]]:
-    """Lists a generic folder dataset: normal images, optionally anomalous images with masks.
+    """Lists a generic folder dataset: normal images, optionally anomalous images with or without masks.
 
     Layout, one folder per class (names of the sub-folders configurable)::
 
         <root>/<class>/normal/**            normal images (searched recursively)
         <root>/<class>/test_normal/**       optional: normal test images
         <root>/<class>/anomalous/[<defect>/]*   optional: anomalous test images
-        <root>/<class>/masks/[<defect>/]<stem>[_mask].<ext>   a mask for every anomalous image
+        <root>/<class>/masks/[<defect>/]<stem>[_mask].<ext>   the anomalous images' masks, where known
 
     If ``test_normal/`` is absent, a fraction `test_normal_fraction` of the normal images (chosen
     with `split_seed`, reproducibly) is held out for the test split. An anomalous image directly in
     ``anomalous/`` gets the defect type "anomalous"; one in ``anomalous/<defect>/`` gets <defect>.
+An anomalous image without a mask is kept with an image label only (one warning per class): it counts
+in the image metrics and is left out of the pixel metrics; `require_masks=True` makes it an error
+(or, with `skip_bad`, skipped).
 
     Args:
       root: the folder holding the class folders.
       classes: class folder names (default: every non-hidden sub-folder of `root`, sorted).
-      skip_bad: skip (with a warning) anomalous images without a mask and non-image files.
+      require_masks: an anomalous image without a mask is an error (default: kept, image label only).
+      skip_bad: skip (with a warning) non-image files, and with `require_masks` anomalous images without a mask.
       skipped: a list that collects the message of every skipped file (optional).
     """
     root = os.path.abspath(root)
@@ -303,6 +307,7 @@ def scan_folder(root: str, classes: Iterable[str] | None = None, *, normal_dir: 
         anomalous_path = os.path.join(cls_dir, anomalous_dir)
         if os.path.isdir(anomalous_path):
             masks_root = os.path.join(cls_dir, mask_dir)
+            unmasked = []
             for path in _list_images(anomalous_path, skip_bad, skipped, recursive=True):
                 rel = os.path.relpath(path, anomalous_path)
                 sub = os.path.dirname(rel)
@@ -310,10 +315,16 @@ def scan_folder(root: str, classes: Iterable[str] | None = None, *, normal_dir: 
                 stem = os.path.splitext(os.path.basename(path))[0]
                 mask = _find_mask(os.path.join(masks_root, sub), stem, ("", "_mask"))
                 if mask is None:
-                    _problem(f"{path}: anomalous image has no mask (looked for "
-                             f"{os.path.join(masks_root, sub, stem)}[_mask].png)", skip_bad, skipped)
-                    continue
+                    if require_masks:
+                        _problem(f"{path}: anomalous image has no mask (looked for "
+                                 f"{os.path.join(masks_root, sub, stem)}[_mask].png)", skip_bad, skipped)
+                        continue
+                    unmasked.append(path)
                 test.append(Record(cls, "test", 1, defect, path, mask, relative_name(path, root)))
+            if unmasked:
+                log.warning("class %r: %d anomalous image(s) without a mask in %s (e.g. %s): they count in the "
+                            "image metrics and are left out of the pixel metrics (require_masks=true refuses "
+                            "them)", cls, len(unmasked), masks_root, unmasked[0])
         if not test:
             raise DataError(f"{cls_dir}: the test split of class {cls!r} is empty (no {test_normal_dir}/, "
                             f"no {anomalous_dir}/ and no held-out normal images)")

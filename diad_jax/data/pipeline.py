@@ -203,7 +203,8 @@ def steps_per_epoch(data: PreparedDataset, batch_size: int, *, split: str = "tra
 
 
 def eval_dataset(data: PreparedDataset, batch_size: int, *, split: str = "test",
-                 classes: Iterable[str] | str | None = None, image_size: int | None = None, pad: bool = True,
+                 classes: Iterable[str] | str | None = None, indices: Sequence[int] | None = None,
+                 image_size: int | None = None, pad: bool = True,
                  shard_index: int | None = None, shard_count: int | None = None,
                  num_threads: int | None = None, prefetch: int | None = None) -> grain.IterDataset:
     """The evaluation pipeline: stored order, one pass, nothing dropped.
@@ -213,6 +214,7 @@ def eval_dataset(data: PreparedDataset, batch_size: int, *, split: str = "test",
       batch_size: per-host batch size.
       split: which split (the test split by default).
       classes: only these classes (e.g. one class for per-class evaluation); default all.
+      indices: only these examples of the split (ascending), instead of `classes`.
       image_size: model input size (default: the prepared size).
       pad: pad each host's last batch to `batch_size` with ``valid=False`` rows and give every host the
         same number of batches (default); False: the last batch may be shorter and hosts may differ by one.
@@ -226,7 +228,7 @@ def eval_dataset(data: PreparedDataset, batch_size: int, *, split: str = "test",
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     image_size = image_size or data.image_size
-    indices = _select(data, split, classes)
+    indices = _select(data, split, classes) if indices is None else np.asarray(indices, np.int64)
     mine = indices[shard_index::shard_count].tolist()
     if pad:
         longest = -(-len(indices) // shard_count)

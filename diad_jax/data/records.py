@@ -29,7 +29,8 @@ class Record:
       label: 0 for a normal (good) image, 1 for an anomalous one.
       defect_type: "good" for normal images, else the defect folder/annotation name.
       image_path: absolute path of the image file.
-      mask_path: absolute path of the ground-truth mask, None for normal images.
+      mask_path: absolute path of the ground-truth mask; None for normal images and for anomalous
+        images whose mask is unknown (the folder layout allows them: image metrics only).
       filename: the image path relative to the dataset root, with "/" separators
         (the reference's `filename`, e.g. "bottle/test/broken_large/002.png").
     """
@@ -45,8 +46,6 @@ class Record:
     def __post_init__(self):
         if self.label not in (0, 1):
             raise DataError(f"{self.image_path}: label must be 0 or 1, got {self.label!r}")
-        if self.label == 1 and self.mask_path is None:
-            raise DataError(f"{self.image_path}: anomalous image has no mask")
 
 
 def relative_name(path: str, root: str) -> str:

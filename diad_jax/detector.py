@@ -1,0 +1,361 @@
+"""Load a model once, then score arrays, files or folders: `diad_jax.load(path).predict(inputs)`.
+
+    import diad_jax
+    det = diad_jax.load("checkpoints/diad_mvtec")          # weights placed on the devices once
+    for p in det.predict("new_images/"):                   # a folder (recursive), files, or uint8 arrays
+        print(p.name, p.score, p.label)                    # label/mask need a calibrated checkpoint
+
+Every image is read and resized as the data pipeline does (PIL bilinear to the model's size,
+ImageNet normalisation). Batches are padded to a few fixed sizes (`Detector.buckets`), so a run
+compiles once per bucket, never per batch. Image i of a call gets the noise of fold_in(key(seed), i):
+its map and score are the same at any batch size, device count or number of processes, and equal
+to what `diad_jax.evaluation.evaluate` reports for the i-th image of a split.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from diad_jax import sharding as shd
+from diad_jax.calibration import Calibration
+from diad_jax.configs import RESNET_CHOICES, EvalConfig, ModelConfig
+from diad_jax.errors import CheckpointError, ConfigError, UserError
+from diad_jax.scoring import Scorer, make_bundle, random_resnet
+
+log = logging.getLogger(__name__)
+
+RANDOM_PREFIX = "random:"
+RANDOM_RESNET_NOTE = ("ResNet-50 randomly initialised (no ImageNet weights): the anomaly maps compare random "
+                      "features")
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One input's result. `error` is set (and everything else None) when the file could not be read."""
+
+    name: str                                   # the file's path, or "array[i]"
+    score: float | None = None                  # image anomaly score
+    anomaly_map: np.ndarray | None = None       # (S, S) float32 at the model's size S
+    image: np.ndarray | None = None             # the input as scored: uint8 (S, S, 3)
+    original_size: tuple[int, int] | None = None  # (height, width) of the input
+    original_map: np.ndarray | None = None      # the map resized to original_size (predict(original_size=True))
+    normalized_score: float | None = None       # in [0, 1], 0.5 at the threshold (calibrated checkpoints)
+    threshold: float | None = None
+    label: int | None = None                    # 1 anomalous / 0 normal (calibrated checkpoints)
+    mask: np.ndarray | None = None              # bool, map >= the pixel threshold (at the original size if asked)
+    class_name: str | None = None               # whose threshold labelled it (None: the global one)
+    error: str | None = None
+
+
+def default_mesh() -> Mesh:
+    """One device: what `load` uses without a mesh."""
+    return Mesh(np.array(jax.devices()[:1]), ("data",))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes a batch is split over (the training mesh's data and fsdp axes, when present)."""
+    axes = tuple(a for a in shd.BATCH_AXES if a in mesh.axis_names)
+    if not axes:
+        raise ConfigError(f"the mesh has axes {mesh.axis_names}; a scoring mesh needs a 'data' (and optionally "
+                          f"'fsdp') axis")
+    return axes
+
+
+def place_bundle(bundle: dict, mesh: Mesh) -> dict:
+    """The scoring weights onto `mesh`, once: the model params sharded by the partition rules when the
+    mesh has an fsdp axis > 1 (a model too big for one device), else replicated; ResNet and context
+    replicated."""
+    rep = shd.replicated(mesh)
+    fsdp = mesh.shape.get("fsdp", 1) > 1
+    shardings = {g: (shd.param_shardings(v, mesh) if fsdp and g not in ("resnet", "context")
+                     else jax.tree.map(lambda _: rep, v)) for g, v in bundle.items()}
+    return shd.place(bundle, shardings)
+
+
+class Detector:
+    """A DiAD model ready to score: weights on the devices, one compiled program per batch bucket.
+
+    Build it with `diad_jax.load` (or, with weights already placed, `Detector(config, bundle, ...)`).
+    `eval_config` decides the maps and scores (schedule, steps, footprint, seed, batch size);
+    `calibration` (thresholds) adds labels, normalised scores and masks; `notes` say what a user
+    must know about these results (e.g. a random ResNet-50) and travel into every report."""
+
+    def __init__(self, config: ModelConfig, bundle: dict, *, eval_config: EvalConfig = EvalConfig(),
+                 mesh: Mesh | None = None, calibration: Calibration | None = None, notes: Sequence[str] = (),
+                 source: str | None = None):
+        self.config = config
+        self.eval_config = eval_config
+        self.mesh = mesh or default_mesh()
+        self.axes = batch_axes(self.mesh)
+        self.bundle = bundle
+        self.calibration = calibration
+        self.notes = list(notes)
+        self.source = source
+        n_dev = shd.batch_size_multiple(self.mesh, self.axes)
+        step = n_dev * jax.process_count() // np.gcd(n_dev, jax.process_count())
+        if eval_config.batch_size % step:
+            raise ConfigError(f"batch size {eval_config.batch_size} must be a multiple of {step} (the {n_dev} "
+                              f"devices of the mesh and the {jax.process_count()} processes)")
+        # the bucket sizes a batch is padded to: the batch size and its halvings that the devices divide
+        sizes, b = {eval_config.batch_size}, eval_config.batch_size
+        while b % 2 == 0 and (b // 2) % step == 0:
+            b //= 2
+            sizes.add(b)
+        self.buckets = tuple(sorted(sizes))
+        self.scorer = Scorer.from_eval_config(config, eval_config, self.mesh, self.axes)
+        # a raw uint32 key placed like the weights (a host value is not a valid input across processes)
+        self._key = shd.place(np.asarray(jax.random.PRNGKey(eval_config.seed)), shd.replicated(self.mesh))
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    # ---- scoring --------------------------------------------------------------------------------
+    def score_batch(self, images: np.ndarray, index: np.ndarray, *, reconstructions: bool = False) -> dict:
+        """Scores this process's rows `images` ((b, 3, S, S) normalised) with image ids `index` (b,)
+        -> host numpy {"maps", "scores"[, "reconstructions"]} of the WHOLE batch (every process's
+        rows, in process order). One process: b rows are padded to the next bucket and the padding is
+        dropped; several: every process passes the same b, a bucket size divided by the processes."""
+        images = np.asarray(images, np.float32)
+        index = np.asarray(index, np.int64)
+        b = len(images)
+        n_proc = jax.process_count()
+        if n_proc == 1:
+            size = next((s for s in self.buckets if s >= b), None)
+            if size is None:
+                raise ValueError(f"a batch of {b} exceeds the largest bucket {self.buckets[-1]}")
+            pad = size - b
+            if pad:
+                images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.float32)])
+                index = np.concatenate([index, np.full(pad, -1, np.int64)])
+        elif b * n_proc not in self.buckets:
+            raise ValueError(f"{n_proc} processes x {b} rows is not one of the batch sizes {self.buckets}")
+        g = shd.shard_batch({"image": images, "index": index}, self.mesh, self.axes)
+        out = self.scorer(self.bundle, g["image"], self._key, g["index"])
+        wanted = {"maps": out.maps, "scores": out.scores}
+        if reconstructions:
+            wanted["reconstructions"] = out.reconstructions
+        host = shd.gather_to_host(wanted)
+        return {k: np.asarray(v)[:b * n_proc] for k, v in host.items()}
+
+    # ---- prediction -----------------------------------------------------------------------------
+    def predict(self, inputs, *, class_name: str | None = None, original_size: bool = False,
+                progress: bool = False) -> list[Prediction]:
+        """Scores `inputs`: a folder (every image file below it, sorted), a file, uint8 HWC arrays
+        ((H, W, 3), (H, W), or a stacked (N, H, W, 3)), or a list mixing paths and arrays. Returns one
+        Prediction per image in input order; a file that cannot be read gets one with `error` set
+        (never dropped). `class_name` picks that class's threshold (calibrated checkpoints);
+        `original_size` also resizes the map (and mask) to each input's size."""
+        return list(self.iter_predict(inputs, class_name=class_name, original_size=original_size,
+                                      progress=progress))
+
+    def iter_predict(self, inputs, *, class_name: str | None = None, original_size: bool = False,
+                     progress: bool = False) -> Iterator[Prediction]:
+        """`predict`, one Prediction at a time (for folders too big to keep every map in memory)."""
+        from diad_jax.data.pipeline import normalize
+        if jax.process_count() > 1:
+            raise UserError("Detector.predict runs in one process; evaluate datasets on several hosts with "
+                            "diad_jax.evaluation.evaluate")
+        items = list(collect_inputs(inputs))
+        threshold = pixel = None
+        if self.calibration is not None:
+            threshold = self.calibration.image_threshold(class_name)
+            pixel = self.calibration.pixel
+        elif class_name is not None:
+            raise UserError(f"class {class_name!r} given, but {self.source or 'this model'} has no thresholds; "
+                            f"calibrate it first (scripts/evaluate.py --calibrate)")
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(items), desc="predict", unit="img", dynamic_ncols=True)
+        batch = self.eval_config.batch_size
+        size = self.image_size
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            def read(item):
+                return _read_item(item, size)
+
+            chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
+            pending = pool.map(read, chunks[0]) if chunks else None
+            start = 0
+            for k, chunk in enumerate(chunks):
+                loaded = list(pending)
+                if k + 1 < len(chunks):  # read the next chunk while this one is scored
+                    pending = pool.map(read, chunks[k + 1])
+                ok = [j for j, r in enumerate(loaded) if r.error is None]
+                if ok:
+                    images = normalize(np.stack([loaded[j].image for j in ok]))
+                    out = self.score_batch(images, np.asarray([start + j for j in ok]))
+                    for row, j in enumerate(ok):
+                        _finish(loaded[j], out["maps"][row], float(out["scores"][row]), threshold, pixel,
+                                class_name, original_size)
+                start += len(chunk)
+                for p in loaded:
+                    if p.error is not None:
+                        log.warning("%s", p.error)
+                    yield p
+                if bar is not None:
+                    bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+
+
+def _finish(p: Prediction, amap: np.ndarray, score: float, threshold, pixel, class_name, original_size: bool):
+    p.anomaly_map, p.score = amap, score
+    if original_size and p.original_size != amap.shape:
+        p.original_map = resize_map(amap, p.original_size)
+    if threshold is not None:
+        p.threshold = threshold.value
+        p.normalized_score = float(threshold.normalize(score))
+        p.label = int(score >= threshold.value)
+        p.class_name = class_name
+    if pixel is not None:
+        p.mask = (p.original_map if p.original_map is not None else amap) >= pixel.value
+
+
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float map resized to (height, width) with PIL's bilinear filter (as the images are)."""
+    from PIL import Image
+    return np.asarray(Image.fromarray(np.asarray(amap, np.float32), "F").resize((size[1], size[0]),
+                                                                                 Image.BILINEAR))
+
+
+def collect_inputs(inputs) -> Iterator[tuple[str, Any]]:
+    """(name, path or array) for every image of `inputs` (see `Detector.predict`). A folder is
+    walked recursively (hidden entries skipped); its files without an image extension are listed
+    in a warning, not scored. Arrays are checked here, so a wrong one fails before any scoring."""
+    if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
+        inputs = list(inputs)
+    elif isinstance(inputs, (str, os.PathLike, np.ndarray)):
+        inputs = [inputs]
+    for i, x in enumerate(inputs):
+        if isinstance(x, np.ndarray):
+            yield f"array[{i}]", _check_array(x, f"array[{i}]")
+        elif isinstance(x, (str, os.PathLike)):
+            path = Path(x)
+            if path.is_dir():
+                yield from _walk(path)
+            elif path.exists():
+                yield str(path), str(path)
+            else:
+                raise UserError(f"{path}: no such file or folder")
+        else:
+            raise UserError(f"input {i}: expected a path or a uint8 array, got {type(x).__name__}")
+
+
+def _walk(folder: Path) -> Iterator[tuple[str, str]]:
+    from diad_jax.data.imageio import is_image_file
+    others = []
+    found = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if f.startswith("."):
+                continue
+            path = os.path.join(root, f)
+            if is_image_file(f):
+                found += 1
+                yield path, path
+            else:
+                others.append(path)
+    if others:
+        log.warning("%s: %d file(s) without an image extension not scored: %s%s", folder, len(others),
+                    ", ".join(others[:5]), " ..." if len(others) > 5 else "")
+    if not found:
+        raise UserError(f"{folder}: no image files in this folder or below it")
+
+
+def _check_array(x: np.ndarray, name: str) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise UserError(f"{name}: dtype {x.dtype}; pass uint8 RGB images (H, W, 3) or grayscale (H, W)")
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[..., 0]
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, -1)
+    if x.ndim != 3 or x.shape[2] != 3 or min(x.shape[:2]) < 1:
+        raise UserError(f"{name}: shape {x.shape}; pass uint8 RGB images (H, W, 3) or grayscale (H, W)")
+    return x
+
+
+def _read_item(item: tuple[str, Any], size: int) -> Prediction:
+    from diad_jax.data.imageio import read_image, resize_image
+    name, x = item
+    try:
+        image = read_image(x) if isinstance(x, str) else x
+    except UserError as e:  # unreadable: reported for this file, the others go on
+        return Prediction(name, error=str(e))
+    return Prediction(name, image=resize_image(image, size), original_size=tuple(image.shape[:2]))
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resnet: str = "checkpoint",
+         eval_config: EvalConfig | None = None, batch_size: int | None = None) -> Detector:
+    """A Detector from a model checkpoint (convert/torch_to_flax.py), a training checkpoint or
+    workdir (scripts/train.py; its best checkpoint, else the newest), or "random:<preset>" (the
+    "tiny", "demo" or "sd15" model with random weights and a random ResNet-50, for trying things out).
+
+    mesh: devices to score on (default: one device). With an "fsdp" axis > 1 the model params are
+        sharded by the partition rules, as in training; the batch is split over the data (and
+        fsdp) axes.
+    dtype: compute dtype (jnp.float32 or jnp.bfloat16); default: the eval config's.
+    resnet: "checkpoint" (default) needs the checkpoint's ResNet-50 weights; "random" opts in to a
+        randomly initialised one when it has none (said in every result). A checkpoint whose
+        training run opted in records it, and then loads without this argument.
+    eval_config: how to score (default: the one the checkpoint records, else EvalConfig());
+    batch_size: overrides the eval config's batch size.
+    """
+    if resnet not in RESNET_CHOICES:
+        raise ConfigError(f"resnet must be one of {RESNET_CHOICES}, got {resnet!r}")
+    mesh = mesh or default_mesh()
+    notes: list[str] = []
+    path = os.fspath(path)
+    calibration = None
+    if path.startswith(RANDOM_PREFIX):
+        preset = path[len(RANDOM_PREFIX):]
+        if preset not in ("tiny", "demo", "sd15"):
+            raise ConfigError(f"{path!r}: expected random:tiny, random:demo or random:sd15")
+        from diad_jax.checkpoints import default_context
+        from diad_jax.models.diad import DiAD
+        config = ModelConfig.from_spec(preset)
+        params, context, resnet_params, recorded = DiAD(config).init(0), default_context(config), random_resnet(0), {}
+        notes += [f"{path}: RANDOM weights (the scores are meaningless; train a model with scripts/train.py or "
+                  f"convert one with convert/torch_to_flax.py)", RANDOM_RESNET_NOTE]
+        source = path
+    else:
+        from diad_jax.checkpoints import load_model, resolve
+        resolved = resolve(path)
+        ckpt = load_model(resolved)
+        config, params, context, resnet_params = ckpt.config, ckpt.params, ckpt.context, ckpt.resnet
+        recorded = ckpt.metadata.get("eval_config") or {}
+        if resnet_params is None:
+            if resnet != "random" and ckpt.metadata.get("resnet") != "random":
+                raise CheckpointError(
+                    f"{resolved} has no ResNet-50 weights, which compare the input with its reconstruction: convert "
+                    f"the reference's with `python convert/torch_to_flax.py --resnet-ckpt resnet50.pth ...`, or opt "
+                    f"in to a randomly initialised ResNet-50 (maps then compare random features): "
+                    f"diad_jax.load(path, resnet=\"random\") / --random-resnet")
+            resnet_params = random_resnet(0)
+            notes.append(RANDOM_RESNET_NOTE)
+        calibration = Calibration.load(resolved)
+        source = str(resolved)
+    if eval_config is None:
+        eval_config = EvalConfig.from_dict(recorded, f"{source}: eval_config") if recorded else EvalConfig()
+    overrides = {}
+    if dtype is not None:
+        overrides["dtype"] = np.dtype(dtype).name
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    eval_config = dataclasses.replace(eval_config, **overrides)
+    bundle = place_bundle(make_bundle(params, resnet_params, context), mesh)
+    return Detector(config, bundle, eval_config=eval_config, mesh=mesh, calibration=calibration, notes=notes,
+                    source=source)
+
+
+__all__ = ["Detector", "Prediction", "collect_inputs", "load", "place_bundle", "resize_map"]
