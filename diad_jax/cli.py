@@ -256,21 +256,20 @@ def eval_config_from_args(args: argparse.Namespace, base, image_size: int):
         raise ConfigError(f"{e} (from the flags {', '.join('--' + k.replace('_', '-') for k in changes)})") from e
 
 
-def load_detector(args: argparse.Namespace, checkpoint: str, mesh=None):
-    """`diad_jax.load(checkpoint)` with the eval flags of `add_eval_args` applied to the eval config the
-    checkpoint records; bad flag values are found before the weights are read."""
+def eval_config_for(args: argparse.Namespace, checkpoint: str):
+    """The EvalConfig a script scores `checkpoint` with: the one the checkpoint records (else the
+    default), with the flags of `add_eval_args` applied. Reads only the checkpoint's metadata, so bad
+    flag values are found before any weights are read."""
     from diad_jax import checkpoints
     from diad_jax.configs import EvalConfig
-    from diad_jax.detector import RANDOM_PREFIX, load
+    from diad_jax.detector import RANDOM_PREFIX
 
-    recorded, image_size = {}, ModelConfig.tiny().image_size
-    if not checkpoint.startswith(RANDOM_PREFIX):
+    if checkpoint.startswith(RANDOM_PREFIX):
+        recorded, image_size = {}, ModelConfig.from_spec(checkpoint[len(RANDOM_PREFIX):], "--checkpoint").image_size
+    else:
         meta = checkpoints.read_metadata(checkpoint, "--checkpoint")
         recorded, image_size = meta.get("eval_config") or {}, meta["model_config"]["image_size"]
-    elif checkpoint[len(RANDOM_PREFIX):] in ("tiny", "demo", "sd15"):
-        image_size = ModelConfig.from_spec(checkpoint[len(RANDOM_PREFIX):]).image_size
-    ec = eval_config_from_args(args, EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config"), image_size)
-    return load(checkpoint, mesh=mesh, eval_config=ec, resnet="random" if args.random_resnet else "checkpoint")
+    return eval_config_from_args(args, EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config"), image_size)
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> None:

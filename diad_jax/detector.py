@@ -148,17 +148,18 @@ class Detector:
 
     # ---- prediction -----------------------------------------------------------------------------
     def predict(self, inputs, *, class_name: str | None = None, original_size: bool = False,
-                progress: bool = False) -> list[Prediction]:
+                batch_size: int | None = None, progress: bool = False) -> list[Prediction]:
         """Scores `inputs`: a folder (every image file below it, sorted), a file, uint8 HWC arrays
         ((H, W, 3), (H, W), or a stacked (N, H, W, 3)), or a list mixing paths and arrays. Returns one
         Prediction per image in input order; a file that cannot be read gets one with `error` set
         (never dropped). `class_name` picks that class's threshold (calibrated checkpoints);
-        `original_size` also resizes the map (and mask) to each input's size."""
+        `original_size` also resizes the map (and mask) to each input's size; `batch_size` (at most the
+        eval config's) scores fewer images per call, e.g. 1 for the lowest latency."""
         return list(self.iter_predict(inputs, class_name=class_name, original_size=original_size,
-                                      progress=progress))
+                                      batch_size=batch_size, progress=progress))
 
     def iter_predict(self, inputs, *, class_name: str | None = None, original_size: bool = False,
-                     progress: bool = False) -> Iterator[Prediction]:
+                     batch_size: int | None = None, progress: bool = False) -> Iterator[Prediction]:
         """`predict`, one Prediction at a time (for folders too big to keep every map in memory)."""
         from diad_jax.data.pipeline import normalize
         if jax.process_count() > 1:
@@ -176,7 +177,9 @@ class Detector:
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(items), desc="predict", unit="img", dynamic_ncols=True)
-        batch = self.eval_config.batch_size
+        batch = batch_size or self.eval_config.batch_size
+        if not 1 <= batch <= self.eval_config.batch_size:
+            raise UserError(f"batch_size {batch_size} must be in 1..{self.eval_config.batch_size} (the eval config's)")
         size = self.image_size
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             def read(item):
@@ -209,8 +212,8 @@ class Detector:
 
 def _finish(p: Prediction, amap: np.ndarray, score: float, threshold, pixel, class_name, original_size: bool):
     p.anomaly_map, p.score = amap, score
-    if original_size and p.original_size != amap.shape:
-        p.original_map = resize_map(amap, p.original_size)
+    if original_size:
+        p.original_map = amap if p.original_size == amap.shape else resize_map(amap, p.original_size)
     if threshold is not None:
         p.threshold = threshold.value
         p.normalized_score = float(threshold.normalize(score))

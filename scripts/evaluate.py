@@ -97,18 +97,21 @@ def main(argv=None) -> int:
     if not checkpoint.startswith(RANDOM_PREFIX):
         from diad_jax import checkpoints
         checkpoint = str(checkpoints.resolve(checkpoint, "--checkpoint"))
+    eval_config = cli.eval_config_for(args, checkpoint)
     cli.check_writable(args.out, "--out")
 
     import jax
     import numpy as np
 
+    from diad_jax.detector import load
     from diad_jax.evaluation import evaluate
     mesh = None
-    batch = getattr(args, "batch_size", 8)
+    batch = eval_config.batch_size
     n_dev = args.data_parallel or math.gcd(batch, jax.device_count())
     if n_dev > 1:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("data",))
-    detector = cli.load_detector(args, checkpoint, mesh)
+    detector = load(checkpoint, mesh=mesh, eval_config=eval_config,
+                    resnet="random" if args.random_resnet else "checkpoint")
     for note in detector.notes:
         log.warning(note)
     prepared = dataio.prepare(args.dataset, args.data_dir, manual_dir=args.manual_dir, classes=args.classes,

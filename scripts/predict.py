@@ -52,14 +52,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cli.setup_logging()
     from diad_jax import checkpoints
-    from diad_jax.detector import RANDOM_PREFIX, collect_inputs
+    from diad_jax.detector import RANDOM_PREFIX, collect_inputs, load
 
     checkpoint = args.checkpoint
     if not checkpoint.startswith(RANDOM_PREFIX):
         checkpoint = str(checkpoints.resolve(checkpoint, "--checkpoint"))
+    eval_config = cli.eval_config_for(args, checkpoint)
     cli.check_writable(args.out, "--out")
     items = list(collect_inputs(args.input))  # a missing input or an empty folder fails here
-    detector = cli.load_detector(args, checkpoint)
+    detector = load(checkpoint, eval_config=eval_config, resnet="random" if args.random_resnet else "checkpoint")
     for note in detector.notes:
         log.warning(note)
     cal = detector.calibration

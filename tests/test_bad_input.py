@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from diad_jax import checkpoints, data
 from diad_jax import sharding as shd
-from diad_jax.configs import ModelConfig, TrainConfig, UNetConfig, VAEConfig
+from diad_jax.configs import ModelConfig, TrainConfig
 from diad_jax.convert.ldm import ConversionError
 from diad_jax.data.imageio import read_image, read_mask
 from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
@@ -29,18 +29,12 @@ from diad_jax.scoring import check_finite
 from diad_jax.train import Trainer
 
 from tests import oracle
+from tests.conftest import MICRO
 from tests.scripts import run_script
 from tests.test_data import _write_mask, _write_rgb, make_mvtec
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["bottle", "grid"]  # the classes make_mvtec writes
-# The tiny model's structure at its smallest (one res block per level, no attention, a 2x VAE on
-# 32 px images): the tests that train or score here compile in about half the tiny model's time.
-MICRO = ModelConfig.tiny(
-    unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-                    num_heads=4, context_dim=64),
-    vae=VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8), hint_block_channels=(16, 32),
-    image_size=32)
 
 
 def cli(name: str, argv, capsys, stdout: list | None = None) -> tuple[int, str]:

@@ -1,0 +1,203 @@
+"""diad_jax.load -> Detector: batch-invariant scores equal to the evaluation engine's, weights placed
+once (no transfers, one compile per bucket), predicting folders with bad files, thresholds, and the
+refusal to load a checkpoint without ResNet-50 weights. The model is the micro config at 32 px."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from PIL import Image
+
+import diad_jax
+from diad_jax import checkpoints, data
+from diad_jax import sharding as shd
+from diad_jax.calibration import Calibration, calibrate, threshold
+from diad_jax.configs import EvalConfig
+from diad_jax.detector import Detector, place_bundle
+from diad_jax.errors import CheckpointError, UserError
+from diad_jax.evaluation import evaluate
+from diad_jax.metrics import f1_optimal_threshold
+from diad_jax.models.diad import DiAD
+from diad_jax.scoring import make_bundle, random_resnet
+
+from tests.conftest import MICRO
+
+pytestmark = pytest.mark.xdist_group("detector")
+
+# two DDIM steps with eta > 0, so the per-image DDIM noise is exercised too
+EVAL = EvalConfig(ddim_steps=2, eta=0.5, seed=3).scaled_footprint(MICRO.image_size)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    """MICRO params with the zero-initialised layers filled (so the SG network matters), a random
+    ResNet-50 and a random context (host numpy)."""
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x if np.any(x) else rng.normal(0, 0.02, x.shape).astype(np.float32),
+                          jax.device_get(DiAD(MICRO).init(seed=1)))
+    ctx = rng.standard_normal((1, MICRO.context_len, MICRO.unet.context_dim)).astype(np.float32)
+    return params, random_resnet(0), ctx
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return data.prepare("synthetic", tmp_path_factory.mktemp("data"), image_size=MICRO.image_size,
+                        train_per_class=2, test_per_class=4)  # 20 test images: 3 batches of 8
+
+
+def detector(weights, batch_size: int, mesh: Mesh | None = None) -> Detector:
+    params, resnet, ctx = weights
+    mesh = mesh or Mesh(np.array(jax.devices()[:1]), ("data",))
+    return Detector(MICRO, place_bundle(make_bundle(params, resnet, ctx), mesh),
+                    eval_config=EvalConfig(**{**EVAL.to_dict(), "batch_size": batch_size}), mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+def sharded(weights, dataset):
+    """evaluate() on 8 devices (data 2 x fsdp 4, params sharded by the partition rules), batch 8."""
+    det = detector(weights, 8, shd.make_mesh(2, 4))
+    with jax.transfer_guard_host_to_device("disallow"):  # images go up explicitly; weights never
+        result = evaluate(det, dataset, progress=False)
+    return det, result
+
+
+@pytest.fixture(scope="module")
+def by_four(weights):
+    return detector(weights, 4)  # buckets 1, 2, 4
+
+
+def split_images(ds) -> list[np.ndarray]:
+    return [np.asarray(ds["test"][i]["image"]) for i in range(len(ds["test"]))]
+
+
+def test_scores_do_not_depend_on_batch_size_devices_or_the_loop(dataset, sharded, by_four):
+    """The same image: evaluate() on 8 devices (fsdp-sharded weights) with batch 8; predict() on one
+    device in batches of 4, of 1, and 6 images (4 + 2): equal maps and scores. No
+    host-to-device transfer but the images', one compiled program per bucket."""
+    det8, result = sharded
+    images = split_images(dataset)
+    assert result.file_names == [data.as_text(dataset["test"][i]["filename"]) for i in range(20)]
+    with jax.transfer_guard_host_to_device("disallow"):
+        fours = by_four.predict(images)
+        ones = by_four.predict(images[:5], batch_size=1)
+        six = by_four.predict(images[:6])
+    for preds, n in ((fours, 20), (ones, 5), (six, 6)):
+        np.testing.assert_allclose([p.score for p in preds], result.image_scores[:n], rtol=1e-5)
+        np.testing.assert_allclose(np.stack([p.anomaly_map for p in preds]), result.maps[:n], rtol=1e-5, atol=1e-6)
+    assert by_four.scorer.compiled_programs() == 3  # buckets 4, 1 and 2, each compiled once
+    assert det8.buckets == (8,) and det8.scorer.compiled_programs() == 1  # 3 batches, the last padded
+    # the noise is per image index: the same images at other positions score differently
+    shifted = by_four.predict(images[1:4])
+    assert not np.allclose([p.score for p in shifted], result.image_scores[1:4], rtol=1e-4)
+
+
+def test_weights_are_placed_once_with_the_partition_rules(sharded, weights):
+    det, _ = sharded
+    want = shd.param_shardings(weights[0], det.mesh)
+    for group in ("unet", "sg", "vae"):
+        for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(det.bundle[group]), jax.tree.leaves(want[group])):
+            assert isinstance(x, jax.Array) and x.committed and x.sharding == s, shd.path_str(path)
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(det.bundle["unet"])), "some UNet params are fsdp-sharded"
+    for x in jax.tree.leaves((det.bundle["resnet"], det.bundle["context"])):
+        assert x.sharding.is_fully_replicated
+
+
+def test_predict_a_folder_with_a_corrupt_grayscale_rgba_and_16_bit_file(tmp_path, by_four):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), np.uint8)).save(folder / "rgb.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20), np.uint8)).save(folder / "sub" / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 4), np.uint8)).save(folder / "sub" / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (24, 24)).astype(np.uint16)).save(folder / "sub" / "deep.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "readme.txt").write_text("not an image")
+    preds = by_four.predict(folder, original_size=True)
+    names = [p.name.split("/in/")[1] for p in preds]
+    assert names == ["broken.png", "rgb.png", "sub/deep.png", "sub/gray.png", "sub/rgba.png"]
+    assert "cannot read image" in preds[0].error and preds[0].score is None
+    for p in preds[1:]:
+        assert p.error is None and np.isfinite(p.score) and p.anomaly_map.shape == (32, 32)
+        assert p.original_map.shape == p.original_size and p.label is None  # not calibrated
+    assert preds[1].original_size == (40, 50)
+    with pytest.raises(UserError, match="no thresholds"):
+        by_four.predict(folder, class_name="bottle")
+    with pytest.raises(UserError, match="nope: no such file or folder"):
+        by_four.predict(tmp_path / "nope")
+
+
+def brute_force_f1(scores, labels):
+    best = (-1.0, None)
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp, fp, fn = np.sum(pred & labels), np.sum(pred & ~labels), np.sum(~pred & labels)
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        if f1 >= best[0]:
+            best = (f1, t)
+    return best
+
+
+def test_thresholds_f1_optimal_or_percentile():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        labels = rng.random(60) < 0.3
+        labels[:2] = [True, False]
+        scores = np.round(rng.normal(labels * 1.0, 1.0), 1)  # ties on purpose
+        t, f1 = f1_optimal_threshold(scores, labels)
+        want_f1, want_t = brute_force_f1(scores, labels)
+        assert f1 == pytest.approx(want_f1) and t == want_t, trial
+    normal = rng.normal(size=200)
+    th = threshold(normal, np.zeros(200))
+    assert th.value == pytest.approx(np.percentile(normal, 99)) and th.method.startswith("percentile 99")
+    assert th.normalize(th.value) == 0.5 and th.normalize(normal.max() + 10) == 1.0
+
+
+def test_calibration_survives_save_and_load_and_labels_follow_it(tmp_path, weights, sharded, by_four, dataset):
+    _, result = sharded
+    cal = calibrate(result)
+    scores, labels = result.image_scores, result.labels
+    assert cal.image.value == f1_optimal_threshold(scores, labels)[0] and cal.image.method == "f1"
+    assert set(cal.per_class) == set(dataset.class_names) and cal.pixel is not None
+    # a checkpoint with thresholds: they come back with the detector
+    params, resnet, ctx = weights
+    ckpt = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params, context=ctx, resnet=resnet,
+                                  metadata={"eval_config": EVAL.to_dict()})
+    cal.save(ckpt)
+    det = diad_jax.load(ckpt, batch_size=4)
+    assert det.calibration == cal == Calibration.load(ckpt) and det.eval_config == EvalConfig(
+        **{**EVAL.to_dict(), "batch_size": 4})
+    by_four.calibration = cal
+    try:
+        preds = by_four.predict(split_images(dataset)[:4], class_name=dataset.class_names[0])
+        preds_global = by_four.predict(split_images(dataset)[:4])
+    finally:
+        by_four.calibration = None
+    t_class = cal.per_class[dataset.class_names[0]].value
+    assert [p.label for p in preds] == [int(p.score >= t_class) for p in preds]
+    assert [p.label for p in preds_global] == [int(p.score >= cal.image.value) for p in preds_global]
+    assert all((p.normalized_score >= 0.5) == bool(p.label) for p in preds_global)
+    assert all(p.mask.dtype == bool and p.mask.shape == (32, 32) for p in preds)
+    with pytest.raises(UserError, match="no threshold for class 'nope'"):
+        by_four.calibration = cal
+        try:
+            by_four.predict(split_images(dataset)[:1], class_name="nope")
+        finally:
+            by_four.calibration = None
+
+
+def test_a_checkpoint_without_resnet_needs_an_opt_in(tmp_path, weights):
+    params, _, ctx = weights
+    meta = {"eval_config": EVAL.to_dict()}
+    ckpt = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params, context=ctx, metadata=meta)
+    with pytest.raises(CheckpointError, match=r"no ResNet-50 weights.*--resnet-ckpt.*resnet=\"random\""):
+        diad_jax.load(ckpt)
+    det = diad_jax.load(ckpt, resnet="random")
+    assert any("randomly initialised" in n for n in det.notes)
+    # a training run that opted in records it: its checkpoints load as they were evaluated
+    opted = checkpoints.save_model(tmp_path / "opted", config=MICRO, params=params, context=ctx,
+                                   metadata={"resnet": "random", **meta})
+    assert any("randomly initialised" in n for n in diad_jax.load(opted).notes)
+    with pytest.raises(Exception, match="random:tiny, random:demo or random:sd15"):
+        diad_jax.load("random:huge")
