@@ -272,4 +272,6 @@ def random_resnet(seed: int = 0) -> dict:
 
 def make_bundle(params: dict, resnet: dict, context) -> dict:
     """Everything the scorer needs in one pytree."""
-    return {**params, "resnet": resnet, "context": jnp.asarray(context, jnp.float32)}
+    if not isinstance(context, jax.Array):  # placed arrays (possibly spanning processes) are kept as they are
+        context = jnp.asarray(context, jnp.float32)
+    return {**params, "resnet": resnet, "context": context}

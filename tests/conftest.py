@@ -4,6 +4,13 @@ import os
 # Multi-device code is tested on 8 forced CPU devices (must be set before jax initialises).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session (set here in pytest's main process, so the xdist
+# workers and the subprocess tests inherit it): tests that build the same program again (a new
+# Scorer for the same model, a re-run of a CLI) load it instead of compiling it. Only programs that
+# took over a second to compile are stored.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diad_jax_test_cache_")
 
 import pytest  # noqa: E402
 

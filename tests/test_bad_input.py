@@ -126,10 +126,11 @@ def test_other_scripts_argument_errors(tmp_path, a_file, capsys):
                          (["--batch-size", "0"], "--batch-size: must be > 0"),
                          (["--sigma", "nan"], "--sigma: must be > 0.0, got nan"),
                          (["--dataset", "mvtec_ad", "--overwrite-data"], "--overwrite-data needs --manual-dir")]:
-        rc, err = cli("evaluate", argv, capsys)
+        rc, err = cli("evaluate", ["--checkpoint", "random:tiny", "--out", tmp_path / "o", *argv], capsys)
         assert rc == 2 and needle in err and "Traceback" not in err, (argv, err[-2000:])
     # 5: --out is checked before the model is loaded or any data prepared
-    rc, err = cli("evaluate", ["--out", a_file / "eval", "--data-dir", tmp_path / "d"], capsys)
+    rc, err = cli("evaluate", ["--checkpoint", "random:tiny", "--out", a_file / "eval", "--data-dir", tmp_path / "d"],
+                  capsys)
     assert_user_error(rc, err, "--out", "not a writable folder")
     assert not (tmp_path / "d").exists()
     rc, err = cli("evaluate", ["--checkpoint", tmp_path / "nope", "--out", tmp_path / "o"], capsys)
@@ -284,7 +285,7 @@ def test_evaluate_records_the_source_lists_skipped_files_and_keeps_results(tmp_p
         return real_save(self, out_dir)
 
     argv = ["--checkpoint", ckpt, "--dataset", "mvtec_ad", "--manual-dir", b, "--data-dir", cache, "--classes",
-            *CLASSES, "--skip-bad", "--ddim-steps", "1", "--batch-size", "4", "--heatmaps", "0",
+            *CLASSES, "--skip-bad", "--ddim-steps", "1", "--batch-size", "4", "--heatmaps", "0", "--random-resnet",
             "--out", tmp_path / "out"]
     # the reference's 256-px image-score pooling does not fit 32-px maps: said, not a JAX shape error
     rc, err = cli("evaluate", argv, capsys)

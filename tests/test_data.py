@@ -204,6 +204,35 @@ def test_folder_dataset(tmp_path):
     assert not train & set(test)  # held-out normals are not trained on
 
 
+def test_folder_anomalies_without_masks_count_in_image_metrics_only(tmp_path, caplog):
+    root = tmp_path / "folder"
+    for i in range(4):
+        _write_rgb(str(root / "widget" / "normal" / f"n{i}.png"), (16, 16))
+    _write_rgb(str(root / "widget" / "anomalous" / "a0.png"), (16, 16))
+    _write_mask(str(root / "widget" / "masks" / "a0.png"), (16, 16))
+    _write_rgb(str(root / "widget" / "anomalous" / "a1.png"), (16, 16))  # no mask: an image label only
+    with pytest.raises(data.DataError, match="a1.png: anomalous image has no mask"):
+        data.prepare("folder", tmp_path / "strict", manual_dir=root, image_size=16, require_masks=True)
+    ds = data.prepare("folder", tmp_path / "p", manual_dir=root, image_size=16, test_normal_fraction=0.5)
+    assert "1 anomalous image(s) without a mask" in caplog.text
+    names = [ex["filename"].decode() for ex in _read_all(ds["test"])]
+    assert "widget/anomalous/a1.png" in names and len(names) == 4  # 2 held-out normals + 2 anomalous
+    assert ds.has_mask["test"].tolist() == [n != "widget/anomalous/a1.png" for n in names]
+    assert data.load_from_directory(ds.path).has_mask["test"].tolist() == ds.has_mask["test"].tolist()
+    # the metrics: the unmasked image counts in the image metrics and not in the pixel metrics
+    from diad_jax.metrics import compute_metrics
+    n = len(names)
+    rng = np.random.default_rng(0)
+    maps, masks = rng.random((n, 16, 16)), np.zeros((n, 16, 16), bool)
+    labels = ds.labels["test"]
+    masks[names.index("widget/anomalous/a0.png"), 4:8, 4:8] = True
+    keep = ds.has_mask["test"]
+    full = compute_metrics(rng.random(n), labels, maps, masks, has_mask=keep)["all"]
+    assert full["p_auroc"] == compute_metrics(None, None, maps[keep], masks[keep])["all"]["p_auroc"]
+    scores = np.where(labels == 1, 1.0, 0.0)
+    assert compute_metrics(scores, labels, maps, masks, has_mask=keep)["all"]["i_auroc"] == 1.0
+
+
 def test_no_tensorflow_import(mvtec, synth, tmp_path):
     """Everything above and below runs without TensorFlow: preparing, reading, the grain pipeline."""
     root, _ = mvtec

@@ -1,16 +1,18 @@
 """The embedded default end to end (scripts/demo.py) with a handful of steps, and its pieces:
 the extra trainable mask, the latent std (scale_by_std) and the scaled scoring footprint."""
+import csv
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from diad_jax import autoencoder
 from diad_jax import data as dataio
 from diad_jax.checkpoints import load_model
-from diad_jax.configs import ModelConfig
+from diad_jax.configs import EvalConfig, ModelConfig
 from diad_jax.models.diad import DiAD, TRAINABLE_MASKS, partition
 from diad_jax.scoring import Scorer, pooled_max
 
@@ -22,8 +24,9 @@ def demo_main(argv):
 
 
 def test_scaled_footprint_is_the_reference_at_256_px():
-    assert Scorer.footprint(256) == {"sigma": 5.0, "pool_window": 8}
-    assert Scorer.footprint(64) == {"sigma": 1.25, "pool_window": 2}
+    assert EvalConfig().scaled_footprint(256) == EvalConfig()
+    scaled = EvalConfig().scaled_footprint(64)
+    assert (scaled.sigma, scaled.pool_window) == (1.25, 2)
     maps = jnp.asarray(np.random.default_rng(0).random((2, 64, 64)), jnp.float32)
     # window 2, eight pools: 64 -> 56 px; a different window gives different scores
     x = np.asarray(maps)
@@ -102,3 +105,17 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert demo_main(argv) == 0
     after = {p: p.stat().st_mtime_ns for p in wd.glob("*/checkpoints/*")} | {wd / "init": (wd / "init").stat().st_mtime_ns}
     assert after == before
+    # the final checkpoint records how it is scored (and holds thresholds): predict.py needs no extra flag
+    images = tmp_path / "new_images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.asarray(ds["test"][i]["image"])).save(images / f"{i}.png")
+    assert run_script("predict", ["--checkpoint", wd / "diad" / "checkpoints" / "4", "--input", images,
+                                  "--out", tmp_path / "preds", "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "preds" / "predictions.csv")))
+    scored = {r["file"].rsplit("/", 1)[1]: r for r in rows}
+    assert sorted(scored) == ["0.png", "1.png"]
+    for r in rows:  # verdicts by the thresholds the demo stored
+        assert int(r["label"]) == int(float(r["score"]) >= float(r["threshold"]))
+    assert len(list((tmp_path / "preds" / "overlays").glob("*.png"))) == 2
+    assert len(list((tmp_path / "preds" / "masks").glob("*.png"))) == 2

@@ -13,13 +13,14 @@ import diad_jax
 from diad_jax import checkpoints, data
 from diad_jax import sharding as shd
 from diad_jax.calibration import Calibration, calibrate, threshold
-from diad_jax.configs import EvalConfig
+from diad_jax.configs import EvalConfig, TrainConfig
 from diad_jax.detector import Detector, place_bundle
 from diad_jax.errors import CheckpointError, UserError
 from diad_jax.evaluation import evaluate
 from diad_jax.metrics import f1_optimal_threshold
 from diad_jax.models.diad import DiAD
 from diad_jax.scoring import make_bundle, random_resnet
+from diad_jax.train import Trainer, read_metrics
 
 from tests.conftest import MICRO
 
@@ -201,3 +202,38 @@ def test_a_checkpoint_without_resnet_needs_an_opt_in(tmp_path, weights):
     assert any("randomly initialised" in n for n in diad_jax.load(opted).notes)
     with pytest.raises(Exception, match="random:tiny, random:demo or random:sd15"):
         diad_jax.load("random:huge")
+
+
+def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores(tmp_path):
+    """Evaluations at steps 2 and 4 with the engine; best/ holds the best one (and is replaced only by
+    a better one); a checkpoint loads with the run's eval config and scores as the run evaluated it."""
+    micro = tmp_path / "micro.json"
+    micro.write_text(MICRO.to_json())
+    cfg = TrainConfig.tiny(model=str(micro), workdir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"),
+                           dataset_options=dict(train_per_class=2, test_per_class=2), steps=4, save_every=4,
+                           eval_every=2, eval_at_end=True, log_every=2, eval_sigma=EVAL.sigma,
+                           eval_pool_window=EVAL.pool_window)
+    assert cfg.eval_resnet == "random"  # the tiny preset opts in to a random ResNet-50
+    trainer = Trainer(cfg)
+    try:
+        out = trainer.run()
+        evals = read_metrics(tmp_path / "run" / "metrics.jsonl", kind="eval_test")
+        assert [r["step"] for r in evals] == [2, 4]
+        best = max(evals, key=lambda r: (r["val"], -r["step"]))  # the first of equal values stays
+        assert trainer.checkpointer.best_step() == best["step"]
+        # a worse evaluation does not replace it, a better one does
+        worse = {"mean": {"p_auroc": 0.0, "i_auroc": 0.0}}
+        trainer._after_eval(5, worse)
+        trainer.checkpointer.wait()
+        assert trainer.checkpointer.best_step() == best["step"]
+        trainer._after_eval(6, {"mean": {"p_auroc": 1.0, "i_auroc": 1.0}})
+        trainer.checkpointer.wait()
+        assert trainer.checkpointer.best_step() == 6
+    finally:
+        trainer.close()
+    det = diad_jax.load(tmp_path / "run" / "checkpoints" / "4")
+    assert det.eval_config == cfg.eval_config() and any("randomly initialised" in n for n in det.notes)
+    ds = data.load_from_directory(trainer.dataset.path)
+    again = evaluate(det, ds, progress=False).metrics["mean"]
+    for k, v in out["eval"]["mean"].items():
+        assert again[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k

@@ -93,15 +93,19 @@ def test_scan_equals_the_reference_loop():
     np.testing.assert_allclose(np.asarray(ours), img.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_eta_positive_adds_seeded_noise():
+def test_eta_positive_adds_per_example_seeded_noise():
     cfg = DiffusionConfig(ddim_eta=1.0)
-    x_T = jnp.ones((1, 4, 8, 8))
-    a = ddim_sample(cfg, toy_eps, x_T, jax.random.key(0))
-    b = ddim_sample(cfg, toy_eps, x_T, jax.random.key(0))
-    c = ddim_sample(cfg, toy_eps, x_T, jax.random.key(1))
+    x_T = jnp.ones((2, 4, 8, 8))
+    keys = jax.random.split(jax.random.key(0), 2)
+    a = ddim_sample(cfg, toy_eps, x_T, keys)
+    b = ddim_sample(cfg, toy_eps, x_T, keys)
+    c = ddim_sample(cfg, toy_eps, x_T, jax.random.split(jax.random.key(1), 2))
     d = ddim_sample(DiffusionConfig(), toy_eps, x_T)
     np.testing.assert_array_equal(a, b)
     assert np.abs(np.asarray(a - c)).max() > 1e-2 and np.abs(np.asarray(a - d)).max() > 1e-2
+    # an example's noise comes from its own key only: alone it samples the same
+    np.testing.assert_allclose(ddim_sample(cfg, toy_eps, x_T[1:], keys[1:]), a[1:], rtol=1e-6)
+    assert np.abs(np.asarray(a[0] - a[1])).max() > 1e-2
     with pytest.raises(ValueError, match="needs an rng"):
         ddim_sample(cfg, toy_eps, x_T)
 

@@ -1,11 +1,12 @@
-"""scripts/evaluate.py end to end on the embedded default and on a saved checkpoint."""
+"""scripts/evaluate.py end to end on a saved checkpoint, calibration included."""
 import json
 
 import numpy as np
 
+from diad_jax.calibration import Calibration
 from diad_jax.checkpoints import default_context, save_model
 from diad_jax.configs import ModelConfig
-from diad_jax.metrics import METRIC_NAMES
+from diad_jax.metrics import METRIC_NAMES, f1_optimal_threshold
 from diad_jax.models.diad import DiAD
 
 from tests.scripts import run_script
@@ -15,14 +16,14 @@ def evaluate_main(argv):
     return run_script("evaluate", argv)
 
 
-def test_evaluate_cli_writes_table_json_and_heatmaps(tmp_path, capsys):
+def test_evaluate_cli_writes_table_json_heatmaps_and_thresholds(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     cfg = ModelConfig.tiny()
     save_model(ckpt, config=cfg, params=DiAD(cfg).init(seed=3), context=default_context(cfg))
     out = tmp_path / "eval"
     rc = evaluate_main(["--checkpoint", ckpt, "--data-dir", tmp_path / "data", "--synthetic-train", 2,
                         "--synthetic-test", 4, "--limit-per-class", 4, "--batch-size", 4, "--heatmaps", 1,
-                        "--variant", "reference", "--out", out])
+                        "--variant", "reference", "--out", out, "--random-resnet", "--calibrate"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| **mean** |" in printed and "I-AUROC" in printed
@@ -39,6 +40,12 @@ def test_evaluate_cli_writes_table_json_and_heatmaps(tmp_path, capsys):
         pngs = list((out / "heatmaps" / c).glob("*.png"))
         assert len(pngs) == 1 and "good" not in pngs[0].name  # anomalous images first
     assert (out / "results.md").read_text().count("\n|") >= len(classes) + 2
+    assert any("randomly initialised" in n for n in res["info"]["notes"])
+    # --calibrate: thresholds stored in the checkpoint, F1-optimal on this labelled split
+    cal = Calibration.load(ckpt)
+    scores = np.array([im["score"] for im in res["images"]])
+    assert cal.image.value == f1_optimal_threshold(scores, labels)[0] and set(cal.per_class) == classes
+    assert "thresholds stored in" in printed
 
 
 def test_evaluate_cli_bad_checkpoint(tmp_path, capsys):

@@ -14,6 +14,7 @@ from scipy.ndimage import gaussian_filter
 from diad_jax.configs import DiffusionConfig, ModelConfig
 from diad_jax.convert.ldm import ldm_to_params
 from diad_jax.convert.pipeline import convert_resnet
+from diad_jax.detector import place_bundle
 from diad_jax.models.diad import DiAD
 from diad_jax.scoring import (
     Scorer, cosine_distance_map, gaussian_blur, image_scores, make_bundle, pooled_max,
@@ -123,14 +124,13 @@ def test_explicit_two_pass_guidance_equals_dedupe():
     assert np.abs(np.asarray(other.maps - deduped.maps)).max() > 1e-4
 
 
-@pytest.mark.parametrize("n_devices", [2, 8])
-def test_sharded_scoring_equals_single_device(n_devices):
+def test_sharded_scoring_equals_single_device(n_devices=8):
     assert jax.device_count() >= 8, "tests run with --xla_force_host_platform_device_count=8"
     cfg, _, _, bundle, _ = tiny_setup()
     images = np.random.default_rng(8).standard_normal((8, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
     single = Scorer(cfg)(bundle, images, jax.random.key(4))
     mesh = Mesh(np.array(jax.devices()[:n_devices]), ("data",))
-    sharded = Scorer(cfg, mesh=mesh)(bundle, images, jax.random.key(4))
+    sharded = Scorer(cfg, mesh=mesh)(place_bundle(bundle, mesh), images, jax.random.key(4))  # weights placed once
     assert len(sharded.maps.sharding.device_set) == n_devices
     np.testing.assert_allclose(np.asarray(sharded.maps), np.asarray(single.maps), atol=1e-5)
     np.testing.assert_allclose(np.asarray(sharded.scores), np.asarray(single.scores), atol=1e-5)

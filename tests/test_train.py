@@ -379,9 +379,12 @@ def test_two_processes_train_like_one(synth, jax_cache, reference_run, tmp_path)
     """Two processes (jax.distributed on 127.0.0.1, gloo), one CPU device each, the same mesh
     (fsdp=2: params and optimizer state split ACROSS the processes) and global batch 8, each
     reading its half of every batch through the per-host pipeline, train 4 steps and save a
-    checkpoint together; losses and params equal the single-process run on the full batch."""
-    data_dir, _ = synth
-    args = (*_ref_args(jax_cache), "--steps", "4", "--save-every", "4")
+    checkpoint together; losses and params equal the single-process run on the full batch. Then
+    they evaluate the test split together (each process scores its half of every batch, with the
+    fsdp-sharded weights): the same metrics as one process evaluating the saved checkpoint."""
+    data_dir, ds = synth
+    args = (*_ref_args(jax_cache), "--steps", "4", "--save-every", "4", "--eval-split", "test", "--eval-at-end",
+            "true", "--eval-resnet", "random", "--eval-batch-size", "8")
     port = _free_port()
     procs = [subprocess.Popen(_train_cmd(tmp_path / "multi", data_dir, *args, "--distributed", "--coordinator",
                                          f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)),
@@ -411,3 +414,10 @@ def test_two_processes_train_like_one(synth, jax_cache, reference_run, tmp_path)
     # each process saved its own data iterator state (its half of the data)
     data_dir_4 = tmp_path / "multi" / "checkpoints" / "4" / "data"
     assert sorted(p.name for p in data_dir_4.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    two = read_metrics(tmp_path / "multi" / "metrics.jsonl", kind="eval_test")
+    assert [r["step"] for r in two] == [4]
+    import diad_jax
+    from diad_jax.evaluation import evaluate
+    one = evaluate(diad_jax.load(tmp_path / "multi" / "checkpoints" / "4"), ds, progress=False).metrics["mean"]
+    for k, v in one.items():
+        assert two[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
