@@ -69,15 +69,19 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return axes
 
 
-def place_bundle(bundle: dict, mesh: Mesh) -> dict:
-    """The scoring weights onto `mesh`, once: the model params sharded by the partition rules when the
-    mesh has an fsdp axis > 1 (a model too big for one device), else replicated; ResNet and context
-    replicated."""
+def bundle_shardings(bundle: dict, mesh: Mesh) -> dict:
+    """Where the scoring weights live on `mesh`: the model params sharded by the partition rules
+    when the mesh has an fsdp axis > 1 (a model too big for one device), else replicated; ResNet
+    and context replicated. `bundle` may hold arrays or ShapeDtypeStructs."""
     rep = shd.replicated(mesh)
     fsdp = mesh.shape.get("fsdp", 1) > 1
-    shardings = {g: (shd.param_shardings(v, mesh) if fsdp and g not in ("resnet", "context")
-                     else jax.tree.map(lambda _: rep, v)) for g, v in bundle.items()}
-    return shd.place(bundle, shardings)
+    return {g: (shd.param_shardings(v, mesh) if fsdp and g not in ("resnet", "context")
+                else jax.tree.map(lambda _: rep, v)) for g, v in bundle.items()}
+
+
+def place_bundle(bundle: dict, mesh: Mesh) -> dict:
+    """The scoring weights onto `mesh` (see `bundle_shardings`), once."""
+    return shd.place(bundle, bundle_shardings(bundle, mesh))
 
 
 class Detector:
@@ -332,13 +336,15 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
                   f"convert one with convert/torch_to_flax.py)", RANDOM_RESNET_NOTE]
         source = path
     else:
-        from diad_jax.checkpoints import load_model, resolve
+        from diad_jax.checkpoints import load_model, read_metadata, resolve
         resolved = resolve(path)
-        ckpt = load_model(resolved)
-        config, params, context, resnet_params = ckpt.config, ckpt.params, ckpt.context, ckpt.resnet
-        recorded = ckpt.metadata.get("eval_config") or {}
+        meta = read_metadata(resolved)
+        config = ModelConfig.from_dict(meta["model_config"])
+        ckpt = load_model(resolved, sharding=_restore_shardings(config, meta.get("has_resnet"), mesh))
+        params, context, resnet_params = ckpt.params, ckpt.context, ckpt.resnet
+        recorded = meta.get("eval_config") or {}
         if resnet_params is None:
-            if resnet != "random" and ckpt.metadata.get("resnet") != "random":
+            if resnet != "random" and meta.get("resnet") != "random":
                 raise CheckpointError(
                     f"{resolved} has no ResNet-50 weights, which compare the input with its reconstruction: convert "
                     f"the reference's with `python convert/torch_to_flax.py --resnet-ckpt resnet50.pth ...`, or opt "
@@ -356,9 +362,25 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
     if batch_size is not None:
         overrides["batch_size"] = batch_size
     eval_config = dataclasses.replace(eval_config, **overrides)
-    bundle = place_bundle(make_bundle(params, resnet_params, context), mesh)
+    bundle = place_bundle(make_bundle(params, resnet_params, context), mesh)  # restored leaves: already there
     return Detector(config, bundle, eval_config=eval_config, mesh=mesh, calibration=calibration, notes=notes,
                     source=source)
 
 
-__all__ = ["Detector", "Prediction", "collect_inputs", "load", "place_bundle", "resize_map"]
+def _restore_shardings(config: ModelConfig, has_resnet: bool, mesh: Mesh):
+    """`load_model`'s per-leaf sharding callback: every array is read straight onto the devices where
+    the detector keeps it (on any mesh, whatever topology the checkpoint was saved from)."""
+    from diad_jax.models.diad import DiAD
+    from diad_jax.models.resnet import resnet_abstract_params
+    abstract = {**DiAD(config).abstract_params(),
+                "context": jax.ShapeDtypeStruct((1, config.context_len, config.unet.context_dim), np.float32)}
+    if has_resnet:
+        abstract["resnet"] = resnet_abstract_params()
+    placed = bundle_shardings(abstract, mesh)
+    in_checkpoint = {"params": {g: v for g, v in placed.items() if g not in ("context", "resnet")},
+                     **{g: placed[g] for g in ("context", "resnet") if g in placed}}
+    by_path = {shd.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(in_checkpoint)}
+    return lambda path, _: by_path[shd.path_str(path)]
+
+
+__all__ = ["Detector", "Prediction", "bundle_shardings", "collect_inputs", "load", "place_bundle", "resize_map"]

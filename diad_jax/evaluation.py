@@ -18,9 +18,12 @@ from typing import Any, Iterable
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
+from diad_jax import sharding as shd
 from diad_jax.metrics import compute_metrics, format_table
 from diad_jax.scoring import check_finite
+from diad_jax.visualize import evaluation_panel
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +76,7 @@ def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | st
     gathered, and image i of the split gets the noise of fold_in(key(seed), i) -- the same map and
     score as `detector.predict` gives it, at any batch size and number of devices or processes.
     Anomalous images without a ground-truth mask count in the image metrics only (`info["no_mask"]`)."""
-    from diad_jax import data as dataio
-    from diad_jax import sharding as shd
-    from diad_jax.data.pipeline import denormalize
-    from diad_jax.visualize import evaluation_panel
+    from diad_jax import data as dataio  # (TFDS/grain: imported when a dataset is evaluated)
 
     ec = detector.eval_config
     n_proc = jax.process_count()
@@ -94,9 +94,8 @@ def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | st
     keep: dict[str, list] = defaultdict(list)
     t0 = time.perf_counter()
     t_first = None
-    show = progress is True and jax.process_index() == 0
-    from tqdm import tqdm
-    bar = tqdm(total=len(indices), desc="denoise-and-score", unit="img", disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=len(indices), desc="denoise-and-score", unit="img", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
     for batch in ds:
         out = detector.score_batch(batch["image"], batch["index"], reconstructions=heatmaps_per_class > 0)
         meta = shd.gather_to_host({"mask": np.asarray(batch["mask"][:, 0]) > 0, "label": batch["label"],
@@ -119,10 +118,8 @@ def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | st
                 if sum(it[0] == lab for it in keep[c]) < heatmaps_per_class:
                     ex = data[split][int(meta["index"][j])]
                     keep[c].append((lab, dataio.as_text(ex["filename"]), dataio.as_text(ex["defect_type"]),
-                                    denormalize(images[j]), denormalize(out["reconstructions"][j]),
+                                    dataio.denormalize(images[j]), dataio.denormalize(out["reconstructions"][j]),
                                     out["maps"][j], np.asarray(meta["mask"][j])))
-        if callable(progress):
-            progress(int(v.sum()))
         bar.update(int(v.sum()))
     bar.close()
     t_score = time.perf_counter() - t0

@@ -121,7 +121,8 @@ def test_other_scripts_argument_errors(tmp_path, a_file, capsys):
     assert not (tmp_path / "d").exists() and not (tmp_path / "demo").exists()
     rc, err = cli("demo", ["--workdir", a_file / "demo", "--data-dir", tmp_path / "d"], capsys)
     assert_user_error(rc, err, "--workdir", "not a writable folder")
-    for argv, needle in [(["--ddim-steps", "0"], "ddim_steps must be in 1..1000, got 0"),
+    for argv, needle in [(["--ddim-steps", "0"], "--ddim-steps: must be > 0, got 0"),
+                         (["--ddim-steps", "1001"], "ddim_steps must be in 1..1000, got 1001"),
                          (["--ddim-steps", "3"], "ddim_steps=3"),
                          (["--batch-size", "0"], "--batch-size: must be > 0"),
                          (["--sigma", "nan"], "--sigma: must be > 0.0, got nan"),
