@@ -424,7 +424,7 @@ class TrainConfig:
     best_metric: str = "p_auroc+i_auroc"  # sum of mean metrics (reference val_acc = P-AUROC + I-AUROC)
     metrics_variant: str = "standard"   # "standard" or "reference" (compute_metrics)
     eval_schedule: str = "official"     # DiffusionConfig.schedule of the evaluation ("official" | "consistent")
-    eval_sigma: float = REFERENCE_SIGMA  # anomaly-map blur (reference 5 at 256 px; EvalConfig.scaled_footprint scales it)
+    eval_sigma: float = REFERENCE_SIGMA  # anomaly-map blur (reference 5 at 256 px; EvalConfig.scaled_footprint)
     eval_pool_window: int = REFERENCE_POOL_WINDOW  # image-score pool window (reference 8 at 256 px)
     # "checkpoint": evaluation needs the ResNet-50 of --init-checkpoint; "random": a randomly initialised
     # one (maps then compare random features; recorded in every checkpoint so that scoring it repeats it)

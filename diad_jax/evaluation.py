@@ -135,7 +135,8 @@ def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | st
     panels = {}
     for c, items in keep.items():
         items = sorted(items, key=lambda it: -it[0])[:heatmaps_per_class]  # anomalous first
-        panels[c] = [(f"{k:02d}_{defect}_{Path(f).stem}", evaluation_panel(img, rec, mp, mk, f"{c} {defect} {Path(f).name}"))
+        panels[c] = [(f"{k:02d}_{defect}_{Path(f).stem}",
+                      evaluation_panel(img, rec, mp, mk, f"{c} {defect} {Path(f).name}"))
                      for k, (lab, f, defect, img, rec, mp, mk) in enumerate(items)]
     n = len(maps)
     b = ec.batch_size

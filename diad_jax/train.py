@@ -460,7 +460,8 @@ def check_eval_resnet(cfg: TrainConfig, has_resnet: bool) -> None:
     """An evaluating run needs ResNet-50 weights (from --init-checkpoint) or the explicit opt-in to a
     random one; nothing random is substituted silently."""
     if evaluates(cfg) and not has_resnet and cfg.eval_resnet != "random":
-        where = f"--init-checkpoint {cfg.init_checkpoint} has" if cfg.init_checkpoint else "a run without --init-checkpoint has"
+        where = (f"--init-checkpoint {cfg.init_checkpoint} has" if cfg.init_checkpoint
+                 else "a run without --init-checkpoint has")
         raise ConfigError(f"{where} no ResNet-50 weights for the evaluation: convert them into the checkpoint "
                           f"(convert/torch_to_flax.py --resnet-ckpt), opt in to a randomly initialised ResNet-50 "
                           f"with --eval-resnet random (maps then compare random features), or --eval-split none")
@@ -609,9 +610,11 @@ class Trainer:
     def _model_meta(self) -> dict:
         """The model items' metadata: also how the run scores the model (its eval config, and the
         opt-in to a random ResNet-50), so that `diad_jax.load` of a checkpoint scores it the same way."""
-        extra = {"eval_config": self.cfg.eval_config().to_dict()}
-        if self.resnet_host is None and self.cfg.eval_resnet == "random":
-            extra["resnet"] = "random"
+        extra = {}
+        if self.task.name == "diad":
+            extra["eval_config"] = self.cfg.eval_config().to_dict()
+            if self.resnet_host is None and self.cfg.eval_resnet == "random":
+                extra["resnet"] = "random"
         return model_metadata(self.model_config, self.resnet_host is not None, source="diad_jax.train",
                               init_checkpoint=self.cfg.init_checkpoint, **extra)
 

@@ -94,7 +94,8 @@ def main(argv=None) -> int:
                                       save_every=max(1, args.vae_steps // 2))
     # how the checkpoints are scored (recorded in them, so scripts/predict.py and evaluate.py need no
     # flags): the schedule, the footprint scaled to 64 px, and the opt-in to a random ResNet-50
-    scoring = EvalConfig(schedule=args.schedule, batch_size=args.batch_size).scaled_footprint(ModelConfig.demo().image_size)
+    scoring = EvalConfig(schedule=args.schedule, batch_size=args.batch_size).scaled_footprint(
+        ModelConfig.demo().image_size)
     diad_cfg = TrainConfig.tiny(**common, batch_size=args.batch_size, init_checkpoint=str(init_dir),
                                 trainable="sg+unet", steps=args.diad_steps,
                                 learning_rate=args.lr, ema_decay=args.ema_decay, workdir=str(args.workdir / "diad"),

@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     _write_tables(args.out, rows, detector, checkpoint)
     scored = len(rows) - failed
-    summary = f"{scored} image(s) scored in {elapsed:.1f}s ({scored / max(elapsed, 1e-9):.1f} images/s incl. compilation)"
+    summary = (f"{scored} image(s) scored in {elapsed:.1f}s ({scored / max(elapsed, 1e-9):.1f} images/s incl. "
+               f"compilation)")
     if cal is not None:
         summary += f"; {sum(r['label'] == 1 for r in rows)} anomalous"
     if failed:
