@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -104,7 +105,7 @@ class Detector:
         self.notes = list(notes)
         self.source = source
         n_dev = shd.batch_size_multiple(self.mesh, self.axes)
-        step = n_dev * jax.process_count() // np.gcd(n_dev, jax.process_count())
+        step = math.lcm(n_dev, jax.process_count())
         if eval_config.batch_size % step:
             raise ConfigError(f"batch size {eval_config.batch_size} must be a multiple of {step} (the {n_dev} "
                               f"devices of the mesh and the {jax.process_count()} processes)")
