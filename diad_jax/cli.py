@@ -209,7 +209,7 @@ def config_from_args(base: TrainConfig, args: argparse.Namespace, ap: argparse.A
 
 def add_eval_args(ap: argparse.ArgumentParser) -> None:
     """The EvalConfig flags of scripts/evaluate.py and scripts/predict.py. Each one given overrides
-    the checkpoint's recorded eval config (see `eval_config_from_args`); the others keep it."""
+    the checkpoint's recorded eval config (see `eval_config_for`); the others keep it."""
     S = argparse.SUPPRESS
     g = ap.add_argument_group("scoring (default: what the checkpoint records, else the reference's)")
     g.add_argument("--batch-size", type=positive_int, default=S, help="global batch (default 8)")
@@ -241,25 +241,12 @@ _EVAL_FLAGS = ("batch_size", "ddim_steps", "schedule", "eta", "guidance_scale", 
                "sigma", "pool_window", "variant", "seed")
 
 
-def eval_config_from_args(args: argparse.Namespace, base, image_size: int):
-    """`base` (an EvalConfig: the checkpoint's, or the default) with the flags given applied;
-    --scaled-footprint scales the footprint to `image_size` before an explicit --sigma/--pool-window."""
-    import dataclasses
-
-    ec = base.scaled_footprint(image_size) if args.scaled_footprint else base
-    changes = {k: getattr(args, k) for k in _EVAL_FLAGS if hasattr(args, k)}
-    if args.bf16:
-        changes["dtype"] = "bfloat16"
-    try:
-        return dataclasses.replace(ec, **changes)
-    except ConfigError as e:
-        raise ConfigError(f"{e} (from the flags {', '.join('--' + k.replace('_', '-') for k in changes)})") from e
-
-
 def eval_config_for(args: argparse.Namespace, checkpoint: str):
     """The EvalConfig a script scores `checkpoint` with: the one the checkpoint records (else the
     default), with the flags of `add_eval_args` applied. Reads only the checkpoint's metadata, so bad
     flag values are found before any weights are read."""
+    import dataclasses
+
     from diad_jax import checkpoints
     from diad_jax.configs import EvalConfig
     from diad_jax.detector import RANDOM_PREFIX
@@ -269,7 +256,16 @@ def eval_config_for(args: argparse.Namespace, checkpoint: str):
     else:
         meta = checkpoints.read_metadata(checkpoint, "--checkpoint")
         recorded, image_size = meta.get("eval_config") or {}, meta["model_config"]["image_size"]
-    return eval_config_from_args(args, EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config"), image_size)
+    ec = EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config")
+    if args.scaled_footprint:  # before an explicit --sigma / --pool-window
+        ec = ec.scaled_footprint(image_size)
+    changes = {k: getattr(args, k) for k in _EVAL_FLAGS if hasattr(args, k)}
+    if args.bf16:
+        changes["dtype"] = "bfloat16"
+    try:
+        return dataclasses.replace(ec, **changes)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (from the flags {', '.join('--' + k.replace('_', '-') for k in changes)})") from e
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> None:
@@ -294,7 +290,6 @@ def preflight(cfg: TrainConfig) -> None:
     writable. (Mesh and batch sizes are checked first thing in `Trainer`.)"""
     from diad_jax import data
     from diad_jax.checkpoints import read_metadata
-
     from diad_jax.train import check_eval_resnet
 
     data.check_options(cfg.dataset, cfg.dataset_options)

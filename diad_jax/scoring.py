@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from diad_jax.configs import REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, EvalConfig, ModelConfig
 from diad_jax.diffusion import ddim_plan, ddim_sample, guided_eps, q_sample
 from diad_jax.errors import ConfigError, NonFiniteError
-from diad_jax.models.diad import DiAD, to_nchw, to_nhwc
+from diad_jax.models.diad import DiAD, to_nhwc
 from diad_jax.models.resnet import ResNet50Features
 
 
