@@ -214,7 +214,7 @@ def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores
                            eval_every=2, eval_at_end=True, log_every=2, eval_sigma=EVAL.sigma,
                            eval_pool_window=EVAL.pool_window)
     assert cfg.eval_resnet == "random"  # the tiny preset opts in to a random ResNet-50
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, mesh=shd.make_mesh(1, 1, jax.devices()[:1]))  # one device: the cheapest compiles
     try:
         out = trainer.run()
         evals = read_metrics(tmp_path / "run" / "metrics.jsonl", kind="eval_test")
