@@ -96,7 +96,9 @@ def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | st
     t_first = None
     bar = tqdm(total=len(indices), desc="denoise-and-score", unit="img", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0)
+    local_names: dict[int, str] = {}  # this process's rows: the pipeline already read their file names
     for batch in ds:
+        local_names.update((int(i), dataio.as_text(f)) for i, f in zip(batch["index"], batch["filename"]) if i >= 0)
         out = detector.score_batch(batch["image"], batch["index"], reconstructions=heatmaps_per_class > 0)
         meta = shd.gather_to_host({"mask": np.asarray(batch["mask"][:, 0]) > 0, "label": batch["label"],
                                    "class_index": batch["class_index"], "index": batch["index"],
@@ -124,7 +126,8 @@ def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | st
     bar.close()
     t_score = time.perf_counter() - t0
     maps, scores, index = np.concatenate(maps), np.concatenate(scores), np.concatenate(index)
-    files = [dataio.as_text(data[split][int(i)]["filename"]) for i in index]
+    # other processes' rows (several hosts only) are looked up in the prepared copy
+    files = [local_names.get(int(i)) or dataio.as_text(data[split][int(i)]["filename"]) for i in index]
     check_finite(maps, scores, files.__getitem__)
     has_mask = has_mask_split[index] if has_mask_split is not None else np.ones(len(index), bool)
     labels, masks = np.concatenate(labels), np.concatenate(masks)

@@ -750,10 +750,13 @@ class Trainer:
                             "--eval-data-dir for a separate validation set or --eval-split none")
             log.info("evaluating on split %r of %s; best checkpoint by %s", cfg.eval_split, where, cfg.best_metric)
             self._eval_resnet = resnet
-            self._detector = Detector(self.model_config, {}, eval_config=cfg.eval_config(), mesh=self.mesh,
-                                      source=str(self.workdir))
         # the weights as they are placed for training (fsdp-sharded or replicated): nothing is gathered
-        self._detector.bundle = make_bundle(self.eval_params(), self._eval_resnet, self.context)
+        bundle = make_bundle(self.eval_params(), self._eval_resnet, self.context)
+        if self._detector is None:
+            self._detector = Detector(self.model_config, bundle, eval_config=cfg.eval_config(), mesh=self.mesh,
+                                      source=str(self.workdir))
+        else:  # the same compiled programs, the new weights
+            self._detector.bundle = bundle
         t0 = time.perf_counter()
         result = evaluate(self._detector, self._eval_dataset, split=cfg.eval_split, classes=cfg.classes,
                           progress=False)
