@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from diad_jax import cli
+from diad_jax.configs import TrainConfig
 
 log = logging.getLogger("diad_jax.demo")
 
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vae-lr", type=cli.positive_float, default=2e-3)
     ap.add_argument("--lr", type=cli.positive_float, default=3e-4, help="DiAD AdamW learning rate")
     ap.add_argument("--ema-decay", type=float, default=0.995)
+    ap.add_argument("--seed", type=cli.nonnegative_int, default=TrainConfig.seed,
+                    help="training seed (initialisation, data order, noise) of both models; the dataset is fixed")
     ap.add_argument("--schedule", choices=["official", "consistent"], default="consistent",
                     help="evaluation DDIM schedule (see README, 'Differences from the reference')")
     ap.add_argument("--heatmaps", type=cli.nonnegative_int, default=4, help="heat-map PNGs per class")
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     from diad_jax import sharding as shd
     from diad_jax.calibration import calibrate
     from diad_jax.checkpoints import load_model, save_model
-    from diad_jax.configs import EvalConfig, ModelConfig, TrainConfig
+    from diad_jax.configs import EvalConfig, ModelConfig
     from diad_jax.detector import load
     from diad_jax.evaluation import evaluate
     from diad_jax.models.diad import DiAD
@@ -87,6 +90,7 @@ def main(argv=None) -> int:
     # every configuration is built and checked before the first (long) stage starts
     init_dir = args.workdir / "init"
     common = dict(model="demo", data_dir=str(args.data_dir), grad_accum=1, dataset_options={}, log_every=10,
+                  seed=args.seed,
                   eval_split=None, eval_at_end=False)
     vae_cfg = autoencoder.tiny_config(**common, batch_size=args.vae_batch_size, steps=args.vae_steps,
                                       learning_rate=args.vae_lr,
