@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from diad_jax.configs import ModelConfig, TrainConfig
+from diad_jax.configs import COMPARATORS, NO_WEIGHTS_COMPARATOR, ModelConfig, TrainConfig
 from diad_jax.errors import ConfigError, UserError
 
 log = logging.getLogger("diad_jax.train")
@@ -216,6 +216,14 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--ddim-steps", type=positive_int, default=S, help="DDIM steps (default 10)")
     g.add_argument("--schedule", choices=["official", "consistent"], default=S,
                    help="official: noise to t=999 then DDIM 901..1 as the reference; consistent: noise to 901")
+    g.add_argument("--start-t", type=positive_int, default=S,
+                   help="noise the latent to this timestep and start the DDIM steps there (with --schedule "
+                        "consistent; any --ddim-steps up to it; default: the schedule's, 999 / 901)")
+    g.add_argument("--one-step", action="store_true", default=S,
+                   help="reconstruct from ONE eps evaluation at --start-t (its DDIM pred_x0; --ddim-steps 1)")
+    g.add_argument("--comparator", choices=COMPARATORS, default=S,
+                   help="what compares input and reconstruction: resnet (the reference, needs ImageNet weights), "
+                        f"pixel_l1, ssim or vae (no weights needed; {NO_WEIGHTS_COMPARATOR} measured best on the demo)")
     g.add_argument("--eta", type=float, default=S, help="DDIM eta (default 0)")
     g.add_argument("--guidance-scale", type=float, default=S, help="default 9")
     g.add_argument("--no-dedupe", dest="dedupe_guidance", action="store_false", default=S,
@@ -237,8 +245,8 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
                         "compare random features)")
 
 
-_EVAL_FLAGS = ("batch_size", "ddim_steps", "schedule", "eta", "guidance_scale", "dedupe_guidance", "image_score",
-               "sigma", "pool_window", "variant", "seed")
+_EVAL_FLAGS = ("batch_size", "ddim_steps", "schedule", "start_t", "one_step", "comparator", "eta", "guidance_scale",
+               "dedupe_guidance", "image_score", "sigma", "pool_window", "variant", "seed")
 
 
 def eval_config_for(args: argparse.Namespace, checkpoint: str):

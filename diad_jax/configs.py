@@ -21,6 +21,11 @@ REFERENCE_MAP_SIZE = 256
 REFERENCE_SIGMA = 5.0
 REFERENCE_POOL_WINDOW = 8
 
+# The reference's input normalisation (ImageNet mean and std per RGB channel): model inputs are
+# (x / 255 - mean) / std, NCHW.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # The dataset builders of diad_jax.data (named here so a config can be checked without importing them).
 DATASETS = ("mvtec_ad", "visa", "folder", "synthetic")
 
@@ -267,9 +272,28 @@ def uniform_timesteps(num_train_timesteps: int, ddim_steps: int) -> range:
     return range(1, num_train_timesteps + 1, num_train_timesteps // ddim_steps)
 
 
+def spaced_timesteps(start_t: int, ddim_steps: int) -> list[int]:
+    """`ddim_steps` timesteps from `start_t` down to 1, evenly spaced and rounded (descending);
+    start_t=901 with 10 steps gives ldm's 901, 801, ..., 1. One step: [start_t]."""
+    if ddim_steps == 1:
+        return [start_t]
+    step = (start_t - 1) / (ddim_steps - 1)
+    return [start_t - int(round(i * step)) for i in range(ddim_steps)]
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """ldm DDPM schedule and the DDIM sampler used at inference (spec section 6)."""
+    """ldm DDPM schedule and the DDIM sampler used at inference (spec section 6).
+
+    The DDIM plan (which timesteps the sampler visits, and how noisy its starting latent is):
+    - start_t=None (the reference): ldm's uniform spacing 1, 1 + T/S, ..., and the latent noised to
+      t=999 ("official", the reference's quirk: the first step treats it as t=901) or to the first
+      step's timestep ("consistent"). Only step counts that ldm's spacing honours are valid (10, 20, 25, ...).
+    - start_t=t: the latent is noised to t and the S steps go from t down to 1, evenly spaced
+      (`spaced_timesteps`); any S in 1..t. This is the consistent schedule started lower.
+    - one_step=True (needs ddim_steps=1): the reconstruction is the DDIM pred_x0 of the single eps
+      evaluation, (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), instead of ldm's last step to acp[0].
+    """
 
     num_train_timesteps: int = 1000
     linear_start: float = 0.00085
@@ -277,9 +301,11 @@ class DiffusionConfig:
     ddim_steps: int = 10
     ddim_eta: float = 0.0
     # "official": noise to t=999 then DDIM 901..1 (the reference's behaviour);
-    # "consistent": noise to the first DDIM timestep.
+    # "consistent": noise to the first DDIM timestep. Only for start_t=None.
     schedule: str = "official"
     guidance_scale: float = 9.0
+    start_t: int | None = None          # noise level of the input latent = the first step's timestep
+    one_step: bool = False              # reconstruction = pred_x0 of one eps evaluation at the first timestep
 
     def __post_init__(self):
         if self.schedule not in ("official", "consistent"):
@@ -292,15 +318,46 @@ class DiffusionConfig:
         if self.ddim_eta < 0:
             raise ConfigError(f"DiffusionConfig.ddim_eta must be >= 0, got {self.ddim_eta}")
         T, S = self.num_train_timesteps, self.ddim_steps
-        if not 1 <= S <= T:
+        if not isinstance(S, int) or not 1 <= S <= T:
             raise ConfigError(f"DiffusionConfig.ddim_steps must be in 1..{T}, got {S}")
+        if not isinstance(self.one_step, bool):
+            raise ConfigError(f"DiffusionConfig.one_step must be True or False, got {self.one_step!r}")
+        if self.one_step and S != 1:
+            raise ConfigError(f"DiffusionConfig.one_step reconstructs from ONE eps evaluation: ddim_steps must "
+                              f"be 1, got {S}")
+        if self.start_t is not None:
+            if not isinstance(self.start_t, int) or not 1 <= self.start_t < T:
+                raise ConfigError(f"DiffusionConfig.start_t must be an integer timestep in 1..{T - 1}, "
+                                  f"got {self.start_t!r}")
+            if self.schedule != "consistent":
+                raise ConfigError(f"DiffusionConfig.start_t={self.start_t} noises the latent to the first step's "
+                                  f"timestep, which is the 'consistent' schedule; set schedule='consistent' "
+                                  f"('official' noises to {T - 1} and starts at ldm's first timestep, start_t=None)")
+            if S > self.start_t:
+                raise ConfigError(f"DiffusionConfig.ddim_steps={S} is more than the {self.start_t} timesteps "
+                                  f"from start_t={self.start_t} down to 1")
+            return
         spaced = uniform_timesteps(T, S)
         if len(spaced) != S or spaced[-1] >= T:  # ldm's spacing honours only some step counts
             good = [d for d in range(max(1, S - 5), S + 6)
                     if len(uniform_timesteps(T, d)) == d and uniform_timesteps(T, d)[-1] < T]
             raise ConfigError(f"DiffusionConfig.ddim_steps={S}: ldm's uniform spacing (every {T // S} of {T} "
                               f"timesteps, from 1) gives {len(spaced)} steps ending at timestep {spaced[-1]} "
-                              f"(valid: 0..{T - 1}); nearby valid values: {good}")
+                              f"(valid: 0..{T - 1}); nearby valid values: {good}; any step count works with "
+                              f"start_t (and schedule='consistent')")
+
+    def timesteps(self) -> list[int]:
+        """The timesteps the sampler visits, in order (descending)."""
+        if self.start_t is not None:
+            return spaced_timesteps(self.start_t, self.ddim_steps)
+        return list(uniform_timesteps(self.num_train_timesteps, self.ddim_steps))[::-1]
+
+    @property
+    def noise_t(self) -> int:
+        """The q_sample level of the starting latent."""
+        if self.start_t is None and self.schedule == "official":
+            return self.num_train_timesteps - 1
+        return self.timesteps()[0]
 
 
 # How a detector is scored, for scripts/evaluate.py, scripts/predict.py, the Trainer's evaluations,
@@ -308,6 +365,12 @@ class DiffusionConfig:
 IMAGE_SCORES = ("pooled", "max")
 METRIC_VARIANTS = ("standard", "reference")
 RESNET_CHOICES = ("checkpoint", "random")
+# What compares an image with its reconstruction (diad_jax.scoring): the reference's ResNet-50
+# features, or comparators that need no ImageNet weights (see EvalConfig.comparator).
+COMPARATORS = ("resnet", "pixel_l1", "ssim", "vae")
+# The comparator without ImageNet weights that scored best on the demo models (benchmarks/RESULTS.md,
+# "Comparators"): the demo's, and what a missing ResNet-50 error proposes.
+NO_WEIGHTS_COMPARATOR = "pixel_l1"
 
 
 @dataclass(frozen=True)
@@ -319,6 +382,13 @@ class EvalConfig:
     ddim_steps: int = 10
     eta: float = 0.0                    # DDIM eta (the reference: 0)
     guidance_scale: float = 9.0
+    start_t: int | None = None          # DiffusionConfig.start_t: noise level = first step (None: the schedule's)
+    one_step: bool = False              # DiffusionConfig.one_step: reconstruct from one eps evaluation
+    # "resnet": 1 - cos of ResNet-50 layer1-3 features (the reference; needs ImageNet weights);
+    # "pixel_l1": |x - x_hat| averaged over channels (normalised space); "ssim": 1 - SSIM (11-tap
+    # Gaussian window, sigma 1.5, on [0, 1] images), averaged over channels; "vae": 1 - cos of the
+    # model's own VAE-encoder activations at its first three levels. The map is then blurred (sigma).
+    comparator: str = "resnet"
     sigma: float = REFERENCE_SIGMA      # anomaly-map Gaussian blur (the reference's 5 is for 256 px maps)
     pool_window: int = REFERENCE_POOL_WINDOW  # image score: eight window x window average pools, then the max
     image_score: str = "pooled"         # "pooled" (the reference) or "max"
@@ -339,13 +409,13 @@ class EvalConfig:
         if self.seed < 0:
             raise ConfigError(f"EvalConfig.seed must be >= 0, got {self.seed}")
         for name, allowed in (("image_score", IMAGE_SCORES), ("variant", METRIC_VARIANTS),
-                              ("dtype", ("float32", "bfloat16"))):
+                              ("dtype", ("float32", "bfloat16")), ("comparator", COMPARATORS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"EvalConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def diffusion(self) -> DiffusionConfig:
         return DiffusionConfig(ddim_steps=self.ddim_steps, ddim_eta=self.eta, schedule=self.schedule,
-                               guidance_scale=self.guidance_scale)
+                               guidance_scale=self.guidance_scale, start_t=self.start_t, one_step=self.one_step)
 
     def scaled_footprint(self, image_size: int) -> "EvalConfig":
         """The blur sigma and pool window scaled from the reference's 256 px to `image_size`, so they
@@ -429,6 +499,7 @@ class TrainConfig:
     # "checkpoint": evaluation needs the ResNet-50 of --init-checkpoint; "random": a randomly initialised
     # one (maps then compare random features; recorded in every checkpoint so that scoring it repeats it)
     eval_resnet: str = "checkpoint"
+    eval_comparator: str = "resnet"     # EvalConfig.comparator ("resnet" needs ResNet-50 weights, see eval_resnet)
     # ---- autoencoder fine-tuning only (scripts/finetune_autoencoder.py) --------------------------
     kl_weight: float = 1e-6
     perceptual_weight: float = 1.0      # LPIPS weight, when its weights are given
@@ -481,7 +552,7 @@ class TrainConfig:
         """The run's evaluation settings as the EvalConfig every scorer takes."""
         return EvalConfig(schedule=self.eval_schedule, sigma=self.eval_sigma, pool_window=self.eval_pool_window,
                           variant=self.metrics_variant, batch_size=self.eval_batch_size, seed=self.eval_seed,
-                          dtype=self.compute_dtype)
+                          dtype=self.compute_dtype, comparator=self.eval_comparator)
 
     @classmethod
     def tiny(cls, **overrides) -> "TrainConfig":

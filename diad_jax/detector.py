@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from diad_jax import sharding as shd
 from diad_jax.calibration import Calibration
-from diad_jax.configs import RESNET_CHOICES, EvalConfig, ModelConfig
+from diad_jax.configs import NO_WEIGHTS_COMPARATOR, RESNET_CHOICES, EvalConfig, ModelConfig
 from diad_jax.errors import CheckpointError, ConfigError, UserError
 from diad_jax.scoring import Scorer, make_bundle, random_resnet
 
@@ -100,6 +100,9 @@ class Detector:
         self.eval_config = eval_config
         self.mesh = mesh or default_mesh()
         self.axes = batch_axes(self.mesh)
+        if eval_config.comparator == "resnet" and "resnet" not in bundle:
+            raise ConfigError("the 'resnet' comparator needs ResNet-50 weights in the bundle (make_bundle(params, "
+                              "resnet, context)); other comparators need none")
         self.bundle = bundle
         self.calibration = calibration
         self.notes = list(notes)
@@ -332,29 +335,19 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
         from diad_jax.checkpoints import default_context
         from diad_jax.models.diad import DiAD
         config = ModelConfig.from_spec(preset)
-        params, context, resnet_params, recorded = DiAD(config).init(0), default_context(config), random_resnet(0), {}
-        notes += [f"{path}: RANDOM weights (the scores are meaningless; train a model with scripts/train.py or "
-                  f"convert one with convert/torch_to_flax.py)", RANDOM_RESNET_NOTE]
-        source = path
+        params, context, resnet_params, recorded = DiAD(config).init(0), default_context(config), None, {}
+        notes.append(f"{path}: RANDOM weights (the scores are meaningless; train a model with scripts/train.py or "
+                     f"convert one with convert/torch_to_flax.py)")
+        source, resnet = path, "random"
     else:
         from diad_jax.checkpoints import load_model, read_metadata, resolve
         resolved = resolve(path)
         meta = read_metadata(resolved)
         config = ModelConfig.from_dict(meta["model_config"])
-        ckpt = load_model(resolved, sharding=_restore_shardings(config, meta.get("has_resnet"), mesh))
-        params, context, resnet_params = ckpt.params, ckpt.context, ckpt.resnet
         recorded = meta.get("eval_config") or {}
-        if resnet_params is None:
-            if resnet != "random" and meta.get("resnet") != "random":
-                raise CheckpointError(
-                    f"{resolved} has no ResNet-50 weights, which compare the input with its reconstruction: convert "
-                    f"the reference's with `python convert/torch_to_flax.py --resnet-ckpt resnet50.pth ...`, or opt "
-                    f"in to a randomly initialised ResNet-50 (maps then compare random features): "
-                    f"diad_jax.load(path, resnet=\"random\") / --random-resnet")
-            resnet_params = random_resnet(0)
-            notes.append(RANDOM_RESNET_NOTE)
-        calibration = Calibration.load(resolved)
         source = str(resolved)
+        if meta.get("resnet") == "random":  # the training run opted in
+            resnet = "random"
     if eval_config is None:
         eval_config = EvalConfig.from_dict(recorded, f"{source}: eval_config") if recorded else EvalConfig()
     overrides = {}
@@ -363,6 +356,23 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
     if batch_size is not None:
         overrides["batch_size"] = batch_size
     eval_config = dataclasses.replace(eval_config, **overrides)
+    if not path.startswith(RANDOM_PREFIX):
+        ckpt = load_model(resolved, sharding=_restore_shardings(config, meta.get("has_resnet"), mesh))
+        params, context, resnet_params = ckpt.params, ckpt.context, ckpt.resnet
+        calibration = Calibration.load(resolved)
+    if eval_config.comparator != "resnet":
+        resnet_params = None  # not needed
+    elif resnet_params is None:
+        if resnet != "random":
+            raise CheckpointError(
+                f"{source} has no ResNet-50 weights, which the 'resnet' comparator (the reference's) uses to compare "
+                f"the input with its reconstruction: convert the reference's with `python convert/torch_to_flax.py "
+                f"--resnet-ckpt resnet50.pth ...`, score with a comparator that needs no ImageNet weights "
+                f"(EvalConfig(comparator=\"{NO_WEIGHTS_COMPARATOR}\") / --comparator {NO_WEIGHTS_COMPARATOR}, the "
+                f"best one measured without them), or opt in to a randomly initialised ResNet-50 (maps then compare "
+                f"random features): diad_jax.load(path, resnet=\"random\") / --random-resnet")
+        resnet_params = random_resnet(0)
+        notes.append(RANDOM_RESNET_NOTE)
     bundle = place_bundle(make_bundle(params, resnet_params, context), mesh)  # restored leaves: already there
     return Detector(config, bundle, eval_config=eval_config, mesh=mesh, calibration=calibration, notes=notes,
                     source=source)

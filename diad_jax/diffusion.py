@@ -3,7 +3,8 @@
 The reference's test path (sgn.py `log_images_test` -> ldm `DDIMSampler.sample`) noises the latent
 to t=999, then runs 10 DDIM steps at timesteps 901, 801, ..., 1 with the pairs
 (a_t, a_prev) = (acp[ts[i]], acp[ts[i-1]]) and acp[0] for the last step: the "official" schedule.
-The "consistent" schedule noises to the first DDIM timestep (901) instead.
+The "consistent" schedule noises to the first DDIM timestep (901) instead. `DiffusionConfig.start_t`
+and `one_step` start the sampler lower and stop it after one step (see DiffusionConfig).
 
 Precision follows ldm: the schedule is built in float64 (betas = linspace(sqrt(b0), sqrt(b1))^2,
 alphas_cumprod = cumprod(1 - betas)); q_sample uses float32(sqrt(acp)) as ldm's buffers do; DDIM
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diad_jax.configs import DiffusionConfig, uniform_timesteps
+from diad_jax.configs import DiffusionConfig
 
 
 def betas_linear(cfg: DiffusionConfig) -> np.ndarray:
@@ -32,8 +33,8 @@ def alphas_cumprod(cfg: DiffusionConfig) -> np.ndarray:
 
 
 def ddim_timesteps(cfg: DiffusionConfig) -> np.ndarray:
-    """ldm's 'uniform' discretisation (`uniform_timesteps`): 1, 101, ..., 901 (ascending)."""
-    return np.asarray(uniform_timesteps(cfg.num_train_timesteps, cfg.ddim_steps), np.int64)
+    """The visited timesteps in ascending order (ldm's `ddim_timesteps`): 1, 101, ..., 901 by default."""
+    return np.asarray(cfg.timesteps()[::-1], np.int64)
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,13 @@ class DDIMPlan:
 
 def ddim_plan(cfg: DiffusionConfig) -> DDIMPlan:
     acp = alphas_cumprod(cfg)
-    ts = ddim_timesteps(cfg)
+    ts = np.asarray(cfg.timesteps(), np.int64)  # descending: ddim.py walks the flipped timesteps
     alphas = acp[ts].astype(np.float32)
-    # ddim.py: alphas_prev = [acp[0]] + acp[ts[:-1]] (through float32 torch buffers)
-    alphas_prev = np.concatenate([[acp[0]], acp[ts[:-1]]]).astype(np.float32)
+    # ddim.py: a step's a_prev is the next visited timestep's, the last step's acp[0] (through float32 buffers)
+    alphas_prev = np.concatenate([acp[ts[1:]], [acp[0]]]).astype(np.float32)
     a64, p64 = alphas.astype(np.float64), alphas_prev.astype(np.float64)
     sigmas = (cfg.ddim_eta * np.sqrt((1 - p64) / (1 - a64) * (1 - a64 / p64))).astype(np.float32)
-    order = np.arange(len(ts))[::-1]  # ddim.py walks the flipped timesteps: 901 ... 1
-    noise_t = cfg.num_train_timesteps - 1 if cfg.schedule == "official" else int(ts[-1])
-    return DDIMPlan(noise_t, ts[order], alphas[order], alphas_prev[order], sigmas[order])
+    return DDIMPlan(cfg.noise_t, ts, alphas, alphas_prev, sigmas)
 
 
 def q_sample(cfg: DiffusionConfig, z0, t, noise):
@@ -105,9 +104,10 @@ def guided_eps(eps_fn_ctx: Callable[[jax.Array, jax.Array, jax.Array], jax.Array
 
 
 def ddim_sample(cfg: DiffusionConfig, eps_fn: EpsFn, x_T, rng=None):
-    """Run the planned DDIM steps from x_T as one `lax.scan`. `eps_fn(x, t)` predicts the noise
-    (guidance included). eta > 0 needs `rng`: one key per example, shape (B,), so that an
-    example's step noise does not depend on the rest of its batch."""
+    """Run the planned DDIM steps from x_T as one `lax.scan` and return the denoised latent (with
+    `cfg.one_step`: the single step's pred_x0). `eps_fn(x, t)` predicts the noise (guidance
+    included). eta > 0 needs `rng`: one key per example, shape (B,), so that an example's step
+    noise does not depend on the rest of its batch."""
     plan = ddim_plan(cfg)
     if cfg.ddim_eta > 0 and rng is None:
         raise ValueError("ddim_sample: ddim_eta > 0 needs an rng for the step noise")
@@ -124,8 +124,8 @@ def ddim_sample(cfg: DiffusionConfig, eps_fn: EpsFn, x_T, rng=None):
         noise = None
         if key is not None:
             noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(key)
-        x_prev, _ = ddim_step(x, eps.astype(x.dtype), a_t, a_prev, sigma, noise)
-        return x_prev, None
+        x_prev, pred_x0 = ddim_step(x, eps.astype(x.dtype), a_t, a_prev, sigma, noise)
+        return x_prev, (pred_x0 if cfg.one_step else None)
 
-    x, _ = jax.lax.scan(step, x_T, (xs, keys))
-    return x
+    x, pred_x0 = jax.lax.scan(step, x_T, (xs, keys))
+    return pred_x0[-1] if cfg.one_step else x

@@ -5,6 +5,9 @@
     -> sum -> Gaussian blur (sigma 5, truncate 4, reflect) = pixel map
     image score = max of the map after eight 8x8 stride-1 average pools (the reference), or max.
 
+The comparator (x vs x_hat) is the reference's ResNet-50 by default; "pixel_l1", "ssim" and "vae"
+(the model's own VAE-encoder features, compared like the ResNet's) need no ImageNet weights.
+
 `Scorer` compiles all of it into a single XLA program (no host round-trips), batched, sharded
 over the `data` axis of a mesh when one is given.
 """
@@ -19,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diad_jax.configs import REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, EvalConfig, ModelConfig
+from diad_jax.configs import (COMPARATORS, IMAGENET_MEAN, IMAGENET_STD, REFERENCE_POOL_WINDOW, REFERENCE_SIGMA,
+                              DiffusionConfig, EvalConfig, ModelConfig)
 from diad_jax.diffusion import ddim_plan, ddim_sample, guided_eps, q_sample
 from diad_jax.errors import ConfigError, NonFiniteError
 from diad_jax.models.diad import DiAD, to_nhwc
@@ -97,12 +101,42 @@ def cosine_distance_map(a, b, eps: float = 1e-8):
     return 1.0 - dot / jnp.maximum(norm, eps)
 
 
-def anomaly_map(feats_in, feats_out, size: tuple[int, int], sigma: float = REFERENCE_SIGMA):
-    """Sum over scales of upsampled (1 - cos) maps, then the Gaussian blur (amap_mode 'a')."""
+def feature_distance(feats_in, feats_out, size: tuple[int, int]):
+    """Sum over scales of (1 - cos) maps upsampled to `size` (the reference's amap_mode 'a')."""
     total = 0.0
     for fi, fo in zip(feats_in, feats_out):
         total = total + resize_bilinear_align_corners(cosine_distance_map(fi, fo), size)
-    return gaussian_blur(total, sigma)
+    return total
+
+
+def pixel_l1_distance(images, recon):
+    """|x - x_hat| averaged over channels, in the normalised input space: (B, 3, H, W) -> (B, H, W)."""
+    return jnp.mean(jnp.abs(images.astype(jnp.float32) - recon.astype(jnp.float32)), axis=1)
+
+
+SSIM_SIGMA, SSIM_TRUNCATE = 1.5, 3.5  # the usual 11-tap Gaussian window (radius 5)
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # (k * data range)^2 for images in [0, 1]
+
+
+def ssim_distance(images, recon):
+    """1 - SSIM (Wang et al. 2004; Gaussian window, sigma 1.5) per pixel, averaged over channels, on
+    the images mapped back to [0, 1]: (B, 3, H, W) normalised -> (B, H, W)."""
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)[:, None, None]
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)[:, None, None]
+    b, c, h, w = images.shape
+    x = (images.astype(jnp.float32) * std + mean).reshape(b * c, h, w)
+    y = (recon.astype(jnp.float32) * std + mean).reshape(b * c, h, w)
+    blur = partial(gaussian_blur, sigma=SSIM_SIGMA, truncate=SSIM_TRUNCATE)
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)) / (
+        (mu_x ** 2 + mu_y ** 2 + SSIM_C1) * (var_x + var_y + SSIM_C2))
+    return 1.0 - jnp.mean(ssim.reshape(b, c, h, w), axis=1)
+
+
+VAE_FEATURE_LEVELS = 3  # the VAE encoder's first three down levels (full, 1/2 and 1/4 size in SD's)
 
 
 IMAGE_SCORE_POOLS = 8  # the reference's EvalImageMax: eight successive average pools
@@ -156,14 +190,18 @@ class Scorer:
     sigma: float = REFERENCE_SIGMA
     dedupe_guidance: bool = True
     pool_window: int = REFERENCE_POOL_WINDOW
+    comparator: str = "resnet"
 
     @classmethod
     def from_eval_config(cls, config: ModelConfig, ec: EvalConfig, mesh=None, data_axis="data") -> "Scorer":
         return cls(config, ec.diffusion(), image_score=ec.image_score,
                    dtype=jnp.bfloat16 if ec.dtype == "bfloat16" else jnp.float32, mesh=mesh, data_axis=data_axis,
-                   sigma=ec.sigma, dedupe_guidance=ec.dedupe_guidance, pool_window=ec.pool_window)
+                   sigma=ec.sigma, dedupe_guidance=ec.dedupe_guidance, pool_window=ec.pool_window,
+                   comparator=ec.comparator)
 
     def __post_init__(self):
+        if self.comparator not in COMPARATORS:
+            raise ConfigError(f"Scorer: comparator must be one of {COMPARATORS}, got {self.comparator!r}")
         self.model = DiAD(self.config, dtype=self.dtype)
         self.resnet = ResNet50Features(dtype=self.dtype)
         image_scores(jnp.zeros((1, 64, 64)), self.image_score, 1)  # validate the mode early
@@ -209,11 +247,22 @@ class Scorer:
 
         z = ddim_sample(self.diffusion, eps_fn, x_T, ddim_keys if self.diffusion.ddim_eta > 0 else None)
         recon = model.decode(bundle, z)
-        feats = self.resnet.apply({"params": bundle["resnet"]}, to_nhwc(jnp.concatenate([images, recon])))
-        b = images.shape[0]
-        maps = anomaly_map([f[:b] for f in feats], [f[b:] for f in feats],
-                           (images.shape[2], images.shape[3]), self.sigma)
+        maps = gaussian_blur(self.distance(bundle, images, recon), self.sigma)
         return ScoreOutput(maps, image_scores(maps, self.image_score, self.pool_window), recon)
+
+    def distance(self, bundle, images, recon):
+        """The comparator's unblurred (B, H, W) map of how `recon` differs from `images` (NCHW)."""
+        size = (images.shape[2], images.shape[3])
+        b = images.shape[0]
+        if self.comparator == "pixel_l1":
+            return pixel_l1_distance(images, recon)
+        if self.comparator == "ssim":
+            return ssim_distance(images, recon)
+        if self.comparator == "vae":
+            feats = self.model.encoder_features(bundle, jnp.concatenate([images, recon]))[:VAE_FEATURE_LEVELS]
+        else:
+            feats = self.resnet.apply({"params": bundle["resnet"]}, to_nhwc(jnp.concatenate([images, recon])))
+        return feature_distance([f[:b] for f in feats], [f[b:] for f in feats], size)
 
     def _args(self, bundle, images, rng, index, uncond_context):
         cfg = self.config
@@ -270,8 +319,8 @@ def random_resnet(seed: int = 0) -> dict:
     return init_params({"resnet": resnet_abstract_params()}, seed)["resnet"]
 
 
-def make_bundle(params: dict, resnet: dict, context) -> dict:
-    """Everything the scorer needs in one pytree."""
+def make_bundle(params: dict, resnet: dict | None, context) -> dict:
+    """Everything the scorer needs in one pytree (`resnet` only for the "resnet" comparator)."""
     if not isinstance(context, jax.Array):  # placed arrays (possibly spanning processes) are kept as they are
         context = jnp.asarray(context, jnp.float32)
-    return {**params, "resnet": resnet, "context": context}
+    return {**params, "context": context} | ({} if resnet is None else {"resnet": resnet})

@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 
 from diad_jax import sharding as shd
 from diad_jax.checkpoints import restoring
-from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
+from diad_jax.configs import NO_WEIGHTS_COMPARATOR, DiffusionConfig, ModelConfig, TrainConfig
 from diad_jax.diffusion import q_sample
 from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from diad_jax.models.diad import TRAINABLE_MASKS, DiAD, combine, partition, trainable_mask
@@ -459,12 +459,13 @@ def evaluates(cfg: TrainConfig, task_name: str = "diad") -> bool:
 def check_eval_resnet(cfg: TrainConfig, has_resnet: bool) -> None:
     """An evaluating run needs ResNet-50 weights (from --init-checkpoint) or the explicit opt-in to a
     random one; nothing random is substituted silently."""
-    if evaluates(cfg) and not has_resnet and cfg.eval_resnet != "random":
+    if evaluates(cfg) and cfg.eval_comparator == "resnet" and not has_resnet and cfg.eval_resnet != "random":
         where = (f"--init-checkpoint {cfg.init_checkpoint} has" if cfg.init_checkpoint
                  else "a run without --init-checkpoint has")
         raise ConfigError(f"{where} no ResNet-50 weights for the evaluation: convert them into the checkpoint "
                           f"(convert/torch_to_flax.py --resnet-ckpt), opt in to a randomly initialised ResNet-50 "
-                          f"with --eval-resnet random (maps then compare random features), or --eval-split none")
+                          f"with --eval-resnet random (maps then compare random features), compare without it "
+                          f"(--eval-comparator {NO_WEIGHTS_COMPARATOR}), or --eval-split none")
 
 
 def selection_value(results: dict, best_metric: str) -> float:
@@ -574,7 +575,7 @@ class Trainer:
         self.model_config = config
         if self.task.name == "diad":
             check_eval_resnet(cfg, self.resnet_host is not None)
-        if self.resnet_host is None and self._evaluates():
+        if self.resnet_host is None and self._evaluates() and cfg.eval_comparator == "resnet":
             log.warning("evaluation uses a RANDOM ResNet-50 (--eval-resnet random): anomaly maps compare random "
                         "features")
 
@@ -613,7 +614,7 @@ class Trainer:
         extra = {}
         if self.task.name == "diad":
             extra["eval_config"] = self.cfg.eval_config().to_dict()
-            if self.resnet_host is None and self.cfg.eval_resnet == "random":
+            if self.resnet_host is None and self.cfg.eval_resnet == "random" and self.cfg.eval_comparator == "resnet":
                 extra["resnet"] = "random"
         return model_metadata(self.model_config, self.resnet_host is not None, source="diad_jax.train",
                               init_checkpoint=self.cfg.init_checkpoint, **extra)
@@ -734,8 +735,8 @@ class Trainer:
         from diad_jax.evaluation import evaluate
         from diad_jax.scoring import make_bundle, random_resnet
         if self._detector is None:
-            resnet = self._resnet_for_save()
-            if resnet is None:  # --eval-resnet random (checked in __init__)
+            resnet = self._resnet_for_save() if cfg.eval_comparator == "resnet" else None
+            if resnet is None and cfg.eval_comparator == "resnet":  # --eval-resnet random (checked in __init__)
                 host = random_resnet(0)
                 resnet = shd.place(host, jax.tree.map(lambda _: shd.replicated(self.mesh), host))
             if cfg.eval_data_dir:

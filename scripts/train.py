@@ -37,7 +37,7 @@ import argparse
 import sys
 
 from diad_jax import cli
-from diad_jax.configs import TrainConfig
+from diad_jax.configs import COMPARATORS, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-resnet", choices=["checkpoint", "random"], default=S,
                    help="checkpoint (default): evaluate with --init-checkpoint's ResNet-50; random: opt in to a "
                         "randomly initialised one (maps compare random features; recorded in the checkpoints)")
+    g.add_argument("--eval-comparator", choices=COMPARATORS, default=S,
+                   help="what compares input and reconstruction (default resnet, the reference's; pixel_l1, ssim "
+                        "and vae need no ResNet-50 weights)")
     return ap
 
 

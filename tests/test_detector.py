@@ -3,6 +3,8 @@ once (no transfers, one compile per bucket), predicting folders with bad files, 
 refusal to load a checkpoint without ResNet-50 weights. The model is the micro config at 32 px."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -192,10 +194,15 @@ def test_a_checkpoint_without_resnet_needs_an_opt_in(tmp_path, weights):
     params, _, ctx = weights
     meta = {"eval_config": EVAL.to_dict()}
     ckpt = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params, context=ctx, metadata=meta)
-    with pytest.raises(CheckpointError, match=r"no ResNet-50 weights.*--resnet-ckpt.*resnet=\"random\""):
+    with pytest.raises(CheckpointError,
+                       match=r"no ResNet-50 weights.*--resnet-ckpt.*--comparator pixel_l1.*resnet=\"random\""):
         diad_jax.load(ckpt)
     det = diad_jax.load(ckpt, resnet="random")
     assert any("randomly initialised" in n for n in det.notes)
+    # a comparator that needs no ImageNet weights: nothing random, no ResNet-50 at all
+    det = diad_jax.load(ckpt, eval_config=dataclasses.replace(EVAL, comparator="pixel_l1"))
+    assert det.notes == [] and "resnet" not in det.bundle
+    assert np.isfinite(det.predict([np.zeros((32, 32, 3), np.uint8)])[0].score)
     # a training run that opted in records it: its checkpoints load as they were evaluated
     opted = checkpoints.save_model(tmp_path / "opted", config=MICRO, params=params, context=ctx,
                                    metadata={"resnet": "random", **meta})

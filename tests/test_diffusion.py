@@ -1,4 +1,6 @@
 """The ldm schedule and the reference's DDIM, against NumPy/torch transcriptions of the spec."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,56 @@ def test_consistent_schedule_noises_to_the_first_ddim_step():
     assert plan.noise_t == 901 and plan.timesteps[0] == 901
     with pytest.raises(ValueError, match="schedule must be"):
         DiffusionConfig(schedule="other")
+
+
+@pytest.mark.parametrize("steps, start_t, timesteps", [
+    (3, 999, [999, 500, 1]),          # 3 steps: impossible with ldm's spacing (its third step is t=1000)
+    (5, 300, [300, 225, 150, 76, 1]),  # (300 - 1) / 4 = 74.75 apart, rounded
+    (1, 500, [500]),
+])
+def test_start_t_plans_match_hand_computed_steps(steps, start_t, timesteps):
+    cfg = DiffusionConfig(schedule="consistent", ddim_steps=steps, start_t=start_t)
+    plan = ddim_plan(cfg)
+    acp = spec_acp().astype(np.float32)
+    assert plan.noise_t == start_t  # the latent is noised to the first step's timestep
+    np.testing.assert_array_equal(plan.timesteps, timesteps)
+    np.testing.assert_array_equal(plan.a_t, acp[timesteps])
+    np.testing.assert_array_equal(plan.a_prev, acp[timesteps[1:] + [0]])  # ldm: the last step goes to acp[0]
+    # start_t at ldm's first timestep is the consistent schedule exactly
+    same = ddim_plan(DiffusionConfig(schedule="consistent", start_t=901))
+    default = ddim_plan(DiffusionConfig(schedule="consistent"))
+    for field in ("noise_t", "timesteps", "a_t", "a_prev", "sigma"):
+        np.testing.assert_array_equal(getattr(same, field), getattr(default, field))
+
+
+def test_step_counts_and_start_t_are_checked():
+    with pytest.raises(ValueError, match=r"ddim_steps=3: .*ending at timestep 1000.*start_t"):
+        DiffusionConfig(ddim_steps=3)
+    for steps in range(1, 51):  # any step count with a start_t
+        assert len(ddim_plan(DiffusionConfig(schedule="consistent", start_t=999, ddim_steps=steps)).timesteps) == steps
+    with pytest.raises(ValueError, match="start_t=700 noises the latent .* schedule='consistent'"):
+        DiffusionConfig(start_t=700)
+    with pytest.raises(ValueError, match="start_t must be an integer timestep in 1..999, got 1000"):
+        DiffusionConfig(schedule="consistent", start_t=1000)
+    with pytest.raises(ValueError, match="ddim_steps=6 is more than the 5 timesteps"):
+        DiffusionConfig(schedule="consistent", start_t=5, ddim_steps=6)
+    with pytest.raises(ValueError, match="one_step .* ddim_steps must be 1, got 2"):
+        DiffusionConfig(schedule="consistent", start_t=500, ddim_steps=2, one_step=True)
+
+
+def test_one_step_reconstruction_is_the_single_steps_pred_x0():
+    cfg = DiffusionConfig(schedule="consistent", start_t=500, ddim_steps=1, one_step=True)
+    x_T = jnp.asarray(np.random.default_rng(4).standard_normal((2, 4, 8, 8), dtype=np.float32))
+    plan = ddim_plan(cfg)
+    ours = jax.jit(lambda x: ddim_sample(cfg, toy_eps, x))(x_T)
+    x_prev, pred_x0 = jax.jit(lambda x: ddim_step(x, toy_eps(x, jnp.full((2,), 500)), plan.a_t[0], plan.a_prev[0],
+                                                  0.0))(x_T)
+    # the same float32 formula; separately compiled programs may round the last bit differently
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(pred_x0), rtol=1e-6, atol=0)
+    # S=1 DDIM without one_step returns ldm's step to acp[0] instead
+    np.testing.assert_allclose(np.asarray(ddim_sample(dataclasses.replace(cfg, one_step=False), toy_eps, x_T)),
+                               np.asarray(x_prev), rtol=1e-6, atol=0)
+    assert np.abs(np.asarray(x_prev - pred_x0)).max() > 1e-3
 
 
 def test_eta_sigmas_match_ddim_formula():

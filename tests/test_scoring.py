@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from diad_jax.configs import DiffusionConfig, ModelConfig
+from diad_jax.configs import COMPARATORS, DiffusionConfig, ModelConfig
 from diad_jax.convert.ldm import ldm_to_params
 from diad_jax.convert.pipeline import convert_resnet
 from diad_jax.models.diad import DiAD
@@ -146,3 +146,33 @@ def test_bf16_scoring_runs_and_tracks_fp32():
     corr = np.corrcoef(np.asarray(bf16.maps).ravel(), np.asarray(fp32.maps).ravel())[0, 1]
     print(f"bf16 vs fp32 map correlation: {corr:.4f}")
     assert corr > 0.9
+
+
+@pytest.mark.parametrize("comparator", COMPARATORS)
+def test_comparators_are_zero_on_identical_images_and_grow_where_they_differ(comparator):
+    cfg, bundle, images = micro_setup()
+    scorer = Scorer(cfg, comparator=comparator, **FOOTPRINT_32PX)
+    distance = jax.jit(scorer.distance)
+    same = np.asarray(distance(bundle, images, images))
+    assert same.shape == (2, 32, 32) and np.abs(same).max() < 1e-5
+    recon = images.copy()
+    recon[:, :, 4:12, 4:12] = -recon[:, :, 4:12, 4:12]  # a defect in the top-left corner
+    d = np.asarray(distance(bundle, images, recon))
+    inside, far = d[:, 4:12, 4:12].mean(), d[:, 24:, 24:].mean()
+    print(f"{comparator}: defect {inside:.4f}, far corner {far:.4f}")
+    assert inside > 0.05 and inside > 2 * far
+    # the whole program with this comparator: the blurred distance of the input and its reconstruction
+    out = scorer(bundle, images, jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(out.maps), np.asarray(gaussian_blur(distance(bundle, images,
+                                                                                        out.reconstructions),
+                                                                               FOOTPRINT_32PX["sigma"])),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_other_comparators_need_no_resnet():
+    cfg, bundle, images = micro_setup()
+    no_resnet = {k: v for k, v in bundle.items() if k != "resnet"}
+    out = Scorer(cfg, comparator="pixel_l1", **FOOTPRINT_32PX)(no_resnet, images, jax.random.key(0))
+    assert np.all(np.isfinite(np.asarray(out.maps)))
+    with pytest.raises(ValueError, match="comparator must be one of"):
+        Scorer(cfg, comparator="lpips")

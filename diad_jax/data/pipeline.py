@@ -39,14 +39,16 @@ from collections.abc import Iterable, Sequence
 import grain
 import numpy as np
 
+from diad_jax import configs
 from diad_jax.data.builders import PreparedDataset
 from diad_jax.data.imageio import resize_image, resize_mask
 from diad_jax.data.records import DataError, as_text
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.array(configs.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.array(configs.IMAGENET_STD, np.float32)
+
 
 _flags_lock = threading.Lock()
 

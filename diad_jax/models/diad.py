@@ -139,6 +139,11 @@ class DiAD:
             z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
         return self.config.scale_factor * z
 
+    def encoder_features(self, params: Params, images):
+        """The VAE encoder's down-level activations of NCHW images (NHWC, finest first)."""
+        self._check_image("images", images, self.config.vae.in_channels)
+        return self.vae.apply({"params": params["vae"]}, to_nhwc(images), method=AutoencoderKL.encoder_features)
+
     def decode(self, params: Params, z):
         """Image (NCHW, normalised space) from a scaled latent."""
         self._check_latent("z", z)

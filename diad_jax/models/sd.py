@@ -232,13 +232,18 @@ class VAEEncoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, features: bool = False):
+        """The posterior moments' features, or with `features=True` the output of each down level."""
         cfg = self.config
         h = Conv(cfg.ch, 3, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         n = len(cfg.ch_mult)
+        levels = []
         for i, mult in enumerate(cfg.ch_mult):
             h = VAEDownLevel(cfg.ch * mult, cfg.num_res_blocks, i != n - 1, cfg.norm_groups,
                              self.dtype, name=f"down_{i}")(h)
+            levels.append(h)
+        if features:
+            return levels
         h = VAEMid(cfg.norm_groups, self.dtype, name="mid")(h)
         h = nn.silu(GroupNorm(cfg.norm_groups, 1e-6, name="norm_out")(h))
         return Conv(2 * cfg.z_channels, 3, dtype=self.dtype, name="conv_out")(h)
@@ -282,6 +287,10 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(jnp.float32)
+
+    def encoder_features(self, x):
+        """The encoder's down-level outputs (NHWC, finest first), e.g. to compare two images."""
+        return self.encoder(x, features=True)
 
     def __call__(self, x):
         mean, _ = self.encode(x)
