@@ -239,6 +239,9 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", choices=["standard", "reference"], default=S,
                    help="metric definitions: standard, or the reference's (AUROC flip, AUPRO normalisation)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 compute (maps and metrics stay float32)")
+    g.add_argument("--attention", choices=["xla", "cudnn"], default=S,
+                   help="attention implementation (default: XLA's choice); cudnn: fused attention on NVIDIA GPUs "
+                        "(with --bf16)")
     g.add_argument("--seed", type=nonnegative_int, default=S, help="noise seed (default 0)")
     g.add_argument("--random-resnet", action="store_true",
                    help="opt in to a randomly initialised ResNet-50 when the checkpoint has none (maps then "
@@ -246,7 +249,7 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
 
 
 _EVAL_FLAGS = ("batch_size", "ddim_steps", "schedule", "start_t", "one_step", "comparator", "eta", "guidance_scale",
-               "dedupe_guidance", "image_score", "sigma", "pool_window", "variant", "seed")
+               "dedupe_guidance", "image_score", "sigma", "pool_window", "variant", "seed", "attention")
 
 
 def eval_config_for(args: argparse.Namespace, checkpoint: str):

@@ -397,6 +397,9 @@ class EvalConfig:
     seed: int = 0                       # image i's noise: fold_in(key(seed), i), the same at any batch size
     dtype: str = "float32"              # compute dtype ("float32" | "bfloat16"); maps are float32
     dedupe_guidance: bool = True        # skip guidance's duplicate half when both contexts are equal (exact)
+    # jax.nn.dot_product_attention's implementation: None (XLA's choice, any device), "xla", or "cudnn"
+    # (fused attention on NVIDIA GPUs, with dtype "bfloat16")
+    attention: str | None = None
 
     def __post_init__(self):
         self.diffusion()  # validates schedule, ddim_steps, eta, guidance_scale
@@ -409,7 +412,8 @@ class EvalConfig:
         if self.seed < 0:
             raise ConfigError(f"EvalConfig.seed must be >= 0, got {self.seed}")
         for name, allowed in (("image_score", IMAGE_SCORES), ("variant", METRIC_VARIANTS),
-                              ("dtype", ("float32", "bfloat16")), ("comparator", COMPARATORS)):
+                              ("dtype", ("float32", "bfloat16")), ("comparator", COMPARATORS),
+                              ("attention", (None, "xla", "cudnn"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"EvalConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

@@ -191,18 +191,19 @@ class Scorer:
     dedupe_guidance: bool = True
     pool_window: int = REFERENCE_POOL_WINDOW
     comparator: str = "resnet"
+    attention: str | None = None  # jax.nn.dot_product_attention's implementation (None: XLA's choice)
 
     @classmethod
     def from_eval_config(cls, config: ModelConfig, ec: EvalConfig, mesh=None, data_axis="data") -> "Scorer":
         return cls(config, ec.diffusion(), image_score=ec.image_score,
                    dtype=jnp.bfloat16 if ec.dtype == "bfloat16" else jnp.float32, mesh=mesh, data_axis=data_axis,
                    sigma=ec.sigma, dedupe_guidance=ec.dedupe_guidance, pool_window=ec.pool_window,
-                   comparator=ec.comparator)
+                   comparator=ec.comparator, attention=ec.attention)
 
     def __post_init__(self):
         if self.comparator not in COMPARATORS:
             raise ConfigError(f"Scorer: comparator must be one of {COMPARATORS}, got {self.comparator!r}")
-        self.model = DiAD(self.config, dtype=self.dtype)
+        self.model = DiAD(self.config, dtype=self.dtype, attention=self.attention)
         self.resnet = ResNet50Features(dtype=self.dtype)
         image_scores(jnp.zeros((1, 64, 64)), self.image_score, 1)  # validate the mode early
         if self.image_score == "pooled" and self.config.image_size <= IMAGE_SCORE_POOLS * (self.pool_window - 1):

@@ -52,11 +52,12 @@ def _check(name: str, x, expected: tuple, what: str = "") -> None:
 class DiAD:
     """The DiAD model as pure functions of its params. NCHW at every method."""
 
-    def __init__(self, config: ModelConfig, dtype=jnp.float32, remat: bool = False):
+    def __init__(self, config: ModelConfig, dtype=jnp.float32, remat: bool = False, attention: str | None = None):
+        """`attention`: jax.nn.dot_product_attention's implementation (None: XLA's choice; "cudnn")."""
         self.config = config
         self.dtype = dtype
-        self.unet = UNet(config.unet, dtype=dtype, remat=remat)
-        self.sg = SemanticGuidedNetwork(config, dtype=dtype, remat=remat)
+        self.unet = UNet(config.unet, dtype=dtype, remat=remat, attention=attention)
+        self.sg = SemanticGuidedNetwork(config, dtype=dtype, remat=remat, attention=attention)
         self.vae = AutoencoderKL(config.vae, dtype=dtype)
 
     # ---- parameters ---------------------------------------------------------------------------

@@ -201,11 +201,14 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """ldm CrossAttention: bias-free q/k/v, softmax(q k^T / sqrt(d_head)) v, output Linear."""
+    """ldm CrossAttention: bias-free q/k/v, softmax(q k^T / sqrt(d_head)) v, output Linear.
+    `attention` is jax.nn.dot_product_attention's implementation: None (XLA picks), "xla" or
+    "cudnn" (fused flash attention on NVIDIA GPUs; float16/bfloat16 only)."""
 
     heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -217,7 +220,7 @@ class CrossAttention(nn.Module):
         v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
         split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.dim_head)
         out = jax.nn.dot_product_attention(split(q), split(k), split(v),
-                                           scale=self.dim_head ** -0.5)
+                                           scale=self.dim_head ** -0.5, implementation=self.attention)
         return Dense(c, dtype=self.dtype, name="to_out_0")(out.reshape(b, t, inner))
 
 
@@ -247,10 +250,12 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, x, context):
-        attn = lambda name: CrossAttention(self.heads, self.dim_head, dtype=self.dtype, name=name)
+        attn = lambda name: CrossAttention(self.heads, self.dim_head, dtype=self.dtype, attention=self.attention,
+                                           name=name)
         x = attn("attn1")(LayerNorm(name="norm1")(x)) + x
         x = attn("attn2")(LayerNorm(name="norm2")(x), context.astype(x.dtype)) + x
         x = FeedForward(dtype=self.dtype, name="ff")(LayerNorm(name="norm3")(x)) + x
@@ -264,6 +269,7 @@ class SpatialTransformer(nn.Module):
     depth: int = 1
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, x, context):
@@ -272,7 +278,7 @@ class SpatialTransformer(nn.Module):
         y = Conv(c, 1, dtype=self.dtype, name="proj_in")(y)
         y = y.reshape(b, h * w, c)
         for d in range(self.depth):
-            y = BasicTransformerBlock(self.heads, c // self.heads, dtype=self.dtype,
+            y = BasicTransformerBlock(self.heads, c // self.heads, dtype=self.dtype, attention=self.attention,
                                       name=f"transformer_blocks_{d}")(y, context)
         y = y.reshape(b, h, w, c)
         y = Conv(c, 1, zero=True, dtype=self.dtype, name="proj_out")(y)

@@ -38,7 +38,8 @@ def _attention_heads(cfg: UNetConfig) -> int:
     return cfg.num_heads  # legacy=False, use_spatial_transformer: dim_head = channels // heads
 
 
-def unet_encoder(cfg: UNetConfig, x, emb, context, dtype, hint=None, remat: bool = False):
+def unet_encoder(cfg: UNetConfig, x, emb, context, dtype, hint=None, remat: bool = False,
+                 attention: str | None = None):
     """The input blocks. Returns the final activation and every block's output (the skips).
 
     `hint`, when given, is added to the output of the first conv (ControlNet / SG network)."""
@@ -55,7 +56,7 @@ def unet_encoder(cfg: UNetConfig, x, emb, context, dtype, hint=None, remat: bool
             h = res_block(ch, cfg.norm_groups, dtype=dtype, name=f"input_blocks_{idx}_0")(h, emb)
             if cfg.has_attention(level):
                 h = transformer(_attention_heads(cfg), cfg.transformer_depth, cfg.norm_groups,
-                                dtype=dtype, name=f"input_blocks_{idx}_1")(h, context)
+                                dtype=dtype, attention=attention, name=f"input_blocks_{idx}_1")(h, context)
             skips.append(h)
             idx += 1
         if level != cfg.num_levels - 1:
@@ -65,13 +66,13 @@ def unet_encoder(cfg: UNetConfig, x, emb, context, dtype, hint=None, remat: bool
     return h, skips
 
 
-def unet_middle(cfg: UNetConfig, h, emb, context, dtype, remat: bool = False):
+def unet_middle(cfg: UNetConfig, h, emb, context, dtype, remat: bool = False, attention: str | None = None):
     res_block = nn.remat(ResBlock) if remat else ResBlock
     transformer = nn.remat(SpatialTransformer) if remat else SpatialTransformer
     ch = h.shape[-1]
     h = res_block(ch, cfg.norm_groups, dtype=dtype, name="middle_block_0")(h, emb)
     h = transformer(_attention_heads(cfg), cfg.transformer_depth, cfg.norm_groups, dtype=dtype,
-                    name="middle_block_1")(h, context)
+                    attention=attention, name="middle_block_1")(h, context)
     return res_block(ch, cfg.norm_groups, dtype=dtype, name="middle_block_2")(h, emb)
 
 
@@ -96,6 +97,7 @@ class UNet(nn.Module):
     config: UNetConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str | None = None  # jax.nn.dot_product_attention's implementation (layers.CrossAttention)
 
     @nn.compact
     def __call__(self, x, timesteps, context, control: Sequence[jax.Array] | None = None,
@@ -105,8 +107,9 @@ class UNet(nn.Module):
         transformer = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
         emb = time_embedding(cfg, timesteps, dtype)
         context = context.astype(dtype)
-        h, skips = unet_encoder(cfg, x.astype(dtype), emb, context, dtype, remat=self.remat)
-        h = unet_middle(cfg, h, emb, context, dtype, remat=self.remat)
+        h, skips = unet_encoder(cfg, x.astype(dtype), emb, context, dtype, remat=self.remat,
+                                attention=self.attention)
+        h = unet_middle(cfg, h, emb, context, dtype, remat=self.remat, attention=self.attention)
         controlled = set()
         if control is not None:
             if len(control) != len(skips) + 1:
@@ -128,7 +131,7 @@ class UNet(nn.Module):
                 n_layers = 1
                 if cfg.has_attention(level):
                     h = transformer(_attention_heads(cfg), cfg.transformer_depth, cfg.norm_groups,
-                                    dtype=dtype, name=f"output_blocks_{idx}_1")(h, context)
+                                    dtype=dtype, attention=self.attention, name=f"output_blocks_{idx}_1")(h, context)
                     n_layers = 2
                 if level and i == cfg.num_res_blocks:
                     h = Upsample(dtype=dtype, name=f"output_blocks_{idx}_{n_layers}")(h)

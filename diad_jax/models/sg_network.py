@@ -32,6 +32,7 @@ class SemanticGuidedNetwork(nn.Module):
     config: ModelConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str | None = None  # jax.nn.dot_product_attention's implementation (layers.CrossAttention)
 
     @nn.compact
     def __call__(self, x, hint, timesteps, context):
@@ -41,11 +42,11 @@ class SemanticGuidedNetwork(nn.Module):
         context = context.astype(dtype)
         guided_hint = self._hint(hint)
         h, skips = unet_encoder(cfg, x.astype(dtype), emb, context, dtype, hint=guided_hint,
-                                remat=self.remat)
+                                remat=self.remat, attention=self.attention)
         outs = [Conv(s.shape[-1], 1, zero=True, dtype=dtype, name=f"zero_convs_{k}_0")(s)
                 for k, s in enumerate(skips)]
         outs = self._sff(outs)
-        h = unet_middle(cfg, h, emb, context, dtype, remat=self.remat)
+        h = unet_middle(cfg, h, emb, context, dtype, remat=self.remat, attention=self.attention)
         outs.append(Conv(h.shape[-1], 1, zero=True, dtype=dtype, name="middle_block_out_0")(h))
         return tuple(outs)
 

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""The scoring frontier: accuracy against network passes per image, on trained checkpoints.
+
+Stage 1 ("comparators") scores a split with each comparator at the checkpoint's recorded sampler
+(the demo's: consistent schedule, 10 DDIM steps from t=901). Stage 2 ("grid") scores it with the
+best comparator of stage 1 (or --grid-comparator) at every (DDIM steps S, start_t) of the grid,
+plus one_step (the pred_x0 of ONE eps evaluation) at each start_t. Every setting runs on every
+checkpoint (independently trained models) with every evaluation seed, on the SAME checkpoints and
+images, so differences between settings are paired. Reported per setting: the seven metrics as
+mean +- standard deviation over all (checkpoint, seed) runs, the paired difference to the baseline,
+network passes per image (SG network + UNet evaluations) and images/s (steady state: the first
+batch, which may compile, is left out; the median over runs), then per class, and the frontier:
+for each cost, the most accurate setting.
+
+  python benchmarks/bench_sampler.py --checkpoints runs/demo/diad/checkpoints/2250 \\
+      --data-dir data_cache --eval-seeds 0 1 2 --out benchmarks/sampler.json --markdown sampler.md
+  # a subset of the grid
+  python benchmarks/bench_sampler.py ... --stages grid --steps 1 2 5 --start-t 500 300
+
+Writes everything to --out (JSON, one record per run: appended as it goes, so a killed run resumes
+where it stopped) and the tables to --markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METRICS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
+HEADERS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+
+
+def setting_key(ec) -> str:
+    one = "one_step" if ec.one_step else f"S={ec.ddim_steps}"
+    start = ec.start_t if ec.start_t is not None else f"{ec.schedule}"
+    return f"{ec.comparator} {one} start_t={start}"
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", nargs="+", required=True, help="trained checkpoints (independent trainings)")
+    ap.add_argument("--dataset", default="synthetic")
+    ap.add_argument("--data-dir", required=True, help="where the prepared dataset is (or goes)")
+    ap.add_argument("--manual-dir", help="raw dataset folder (not for the generated dataset)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--stages", nargs="+", choices=["comparators", "grid"], default=["comparators", "grid"])
+    ap.add_argument("--comparators", nargs="+", default=["resnet", "pixel_l1", "ssim", "vae"])
+    ap.add_argument("--grid-comparator", help="default: the best of the comparators stage (I-AUROC + P-AUROC)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 5, 10])
+    ap.add_argument("--start-t", type=int, nargs="+", default=[999, 700, 500, 300])
+    ap.add_argument("--no-one-step", action="store_true", help="leave out the one_step points")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's evaluation batch")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/sampler.json"))
+    ap.add_argument("--markdown", type=Path, help="also write the tables here")
+    ap.add_argument("--title", default="", help="a line describing the checkpoints, for the tables")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import jax
+
+    from diad_jax import cli
+    from diad_jax import data as dataio
+    from diad_jax.detector import load
+    from diad_jax.evaluation import evaluate
+
+    cli.setup_logging()
+    jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "diad_jax" / "jax_cache"))
+    runs = _read_runs(args.out)
+    first = load(args.checkpoints[0], batch_size=args.batch_size)
+    prepared = dataio.prepare(args.dataset, args.data_dir, manual_dir=args.manual_dir,
+                              image_size=first.image_size)
+    baseline = first.eval_config  # the recorded sampler (the demo's: consistent, 10 steps)
+
+    def run(ec):
+        for ck in args.checkpoints:
+            for seed in args.eval_seeds:
+                key = f"{setting_key(ec)} | {ck} | seed={seed}"
+                if key in runs:
+                    continue
+                det = load(ck, eval_config=dataclasses.replace(ec, seed=seed), batch_size=args.batch_size)
+                t0 = time.perf_counter()
+                result = evaluate(det, prepared, split=args.split, progress=False)
+                t = result.timings
+                steady = (t["images"] - det.eval_config.batch_size) / max(t["score_s"] - t["first_batch_s"], 1e-9)
+                runs[key] = dict(setting=setting_key(ec), checkpoint=ck, seed=seed, eval_config=det.eval_config.to_dict(),
+                                 metrics=result.metrics, images_per_s=steady, wall_s=time.perf_counter() - t0)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({key: runs[key]}) + "\n")
+                m = result.metrics["mean"]
+                print(f"{key}: I-AUROC {100 * m['i_auroc']:.1f} P-AUROC {100 * m['p_auroc']:.1f} "
+                      f"AUPRO {100 * m['aupro']:.1f}, {steady:.1f} img/s", flush=True)
+        return setting_key(ec)
+
+    comparator_keys, grid_keys = [], []
+    if "comparators" in args.stages:
+        for comp in args.comparators:
+            comparator_keys.append(run(dataclasses.replace(baseline, comparator=comp)))
+    grid_comp = args.grid_comparator
+    if grid_comp is None:
+        scored = {k: _mean(runs, k, "i_auroc") + _mean(runs, k, "p_auroc") for k in comparator_keys}
+        grid_comp = max(scored, key=scored.get).split()[0] if scored else baseline.comparator
+    ref = dataclasses.replace(baseline, comparator=grid_comp)
+    ref_key = setting_key(ref)
+    if "grid" in args.stages:
+        run(ref)
+        for start in args.start_t:
+            points = [dict(ddim_steps=s) for s in args.steps if s <= start]
+            if not args.no_one_step:
+                points.append(dict(ddim_steps=1, one_step=True))
+            for p in points:
+                ec = dataclasses.replace(ref, schedule="consistent", start_t=start, one_step=False, **p)
+                grid_keys.append(run(ec))
+    tables = _tables(runs, args, comparator_keys, ref_key, [ref_key] + grid_keys, baseline)
+    print(tables)
+    if args.markdown:
+        args.markdown.write_text(tables)
+
+
+def _read_runs(path: Path) -> dict:
+    runs = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                runs.update(json.loads(line))
+    return runs
+
+
+def _values(runs, setting, metric, cls="mean"):
+    return [100 * r["metrics"][cls][metric] for r in runs.values() if r["setting"] == setting]
+
+
+def _mean(runs, setting, metric, cls="mean"):
+    v = _values(runs, setting, metric, cls)
+    return statistics.fmean(v) if v else float("nan")
+
+
+def _paired_delta(runs, setting, ref, metric):
+    by_run = {(r["checkpoint"], r["seed"]): 100 * r["metrics"]["mean"][metric]
+              for r in runs.values() if r["setting"] == ref}
+    d = [100 * r["metrics"]["mean"][metric] - by_run[(r["checkpoint"], r["seed"])]
+         for r in runs.values() if r["setting"] == setting and (r["checkpoint"], r["seed"]) in by_run]
+    return (statistics.fmean(d), statistics.pstdev(d)) if d else (float("nan"), float("nan"))
+
+
+def _cell(runs, setting, metric, cls="mean"):
+    v = _values(runs, setting, metric, cls)
+    return f"{statistics.fmean(v):.1f} ± {statistics.pstdev(v):.1f}" if v else "-"
+
+
+def _passes(runs, setting):
+    ec = next(r["eval_config"] for r in runs.values() if r["setting"] == setting)
+    return ec["ddim_steps"]
+
+
+def _speed(runs, setting):
+    return statistics.median(r["images_per_s"] for r in runs.values() if r["setting"] == setting)
+
+
+def _tables(runs, args, comparator_keys, ref_key, grid_keys, baseline) -> str:
+    import jax
+    n_ck, n_seed = len(args.checkpoints), len(args.eval_seeds)
+    lines = [f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
+             f"{jax.default_backend()} device(s), jax {jax.__version__}. {args.title}",
+             f"Each cell: mean ± standard deviation over {n_ck} checkpoints x {n_seed} evaluation seeds "
+             f"({n_ck * n_seed} runs) on the {args.split} split; Δ = paired difference to the reference row "
+             f"(same checkpoint and seed), mean ± sd. images/s: steady state, median over the runs.", ""]
+    head = "| setting | passes / image | images/s | " + " | ".join(HEADERS) + " | Δ I-AUROC | Δ P-AUROC |"
+    sep = "|---|---:|---:|" + "---:|" * (len(HEADERS) + 2)
+
+    def row(key, ref):
+        di, dp = (_paired_delta(runs, key, ref, m) for m in ("i_auroc", "p_auroc"))
+        return (f"| {key} | {_passes(runs, key)} | {_speed(runs, key):.1f} | "
+                + " | ".join(_cell(runs, key, m) for m in METRICS)
+                + f" | {di[0]:+.1f} ± {di[1]:.1f} | {dp[0]:+.1f} ± {dp[1]:.1f} |")
+
+    classes = sorted(c for c in next(iter(runs.values()))["metrics"] if c != "mean")
+    if comparator_keys:
+        first = comparator_keys[0]
+        lines += [f"### Comparators at the recorded sampler (Δ vs {first})", "", head, sep]
+        lines += [row(k, first) for k in comparator_keys] + [""]
+        lines += _per_class(runs, comparator_keys, classes)
+    grid = [k for k in dict.fromkeys(grid_keys) if _values(runs, k, "i_auroc")]
+    if len(grid) > 1:
+        lines += [f"### Sampler grid (Δ vs {ref_key})", "", head, sep]
+        lines += [row(k, ref_key) for k in sorted(grid, key=lambda k: (_passes(runs, k), k))] + [""]
+        lines += _per_class(runs, grid, classes)
+        lines += ["### Frontier: the most accurate setting (mean I-AUROC + P-AUROC) at each cost", "",
+                  "| passes / image | setting | images/s | I-AUROC | P-AUROC | AUPRO | Δ I-AUROC | Δ P-AUROC |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for passes in sorted({_passes(runs, k) for k in grid}):
+            at = [k for k in grid if _passes(runs, k) == passes]
+            best = max(at, key=lambda k: _mean(runs, k, "i_auroc") + _mean(runs, k, "p_auroc"))
+            di, dp = (_paired_delta(runs, best, ref_key, m) for m in ("i_auroc", "p_auroc"))
+            lines.append(f"| {passes} | {best} | {_speed(runs, best):.1f} | {_cell(runs, best, 'i_auroc')} | "
+                         f"{_cell(runs, best, 'p_auroc')} | {_cell(runs, best, 'aupro')} | "
+                         f"{di[0]:+.1f} ± {di[1]:.1f} | {dp[0]:+.1f} ± {dp[1]:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _per_class(runs, keys, classes) -> list[str]:
+    lines = ["Per class, I-AUROC / P-AUROC / AUPRO (means over the runs):", "",
+             "| setting | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for k in keys:
+        cells = [" / ".join(f"{_mean(runs, k, m, c):.1f}" for m in ("i_auroc", "p_auroc", "aupro")) for c in classes]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+if __name__ == "__main__":
+    main()
