@@ -458,6 +458,7 @@ class TrainConfig:
     compute_dtype: str = "float32"      # "float32" or "bfloat16" (fp32 master weights either way)
     remat: bool = False                 # rematerialise res/transformer blocks in the backward pass
     trainable: str = "reference"        # "reference": SG network + UNet decoder; "sg+unet": also the UNet encoder
+    train_t_max: int = 1000             # noise levels trained on: t ~ U{0..train_t_max-1} (the reference: 1000)
     # ---- data ------------------------------------------------------------------------------------
     dataset: str = "synthetic"          # "synthetic", "mvtec_ad", "visa", "folder"
     data_dir: str | None = None         # prepared datasets; None: $DIAD_DATA_DIR or ~/.cache/diad_jax/data
@@ -543,6 +544,9 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.eval_pool_window must be >= 1, got {self.eval_pool_window}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if not isinstance(self.train_t_max, int) or not 1 <= self.train_t_max <= DiffusionConfig.num_train_timesteps:
+            raise ConfigError(f"TrainConfig.train_t_max must be an integer in 1..{DiffusionConfig.num_train_timesteps}, "
+                              f"got {self.train_t_max!r}")
         if self.trainable not in ("reference", "sg+unet"):
             raise ConfigError(f"TrainConfig.trainable must be 'reference' or 'sg+unet', got {self.trainable!r}")
         if self.eval_schedule not in ("official", "consistent"):

@@ -45,7 +45,7 @@ from diad_jax.checkpoints import restoring
 from diad_jax.configs import NO_WEIGHTS_COMPARATOR, DiffusionConfig, ModelConfig, TrainConfig
 from diad_jax.diffusion import q_sample
 from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
-from diad_jax.models.diad import TRAINABLE_MASKS, DiAD, combine, partition, trainable_mask
+from diad_jax.models.diad import TRAINABLE_MASKS, DiAD, combine, partition
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,11 @@ def example_keys(key, index):
 
 
 def diffusion_loss(model: DiAD, diffusion: DiffusionConfig, trainable: Params, frozen: Params, context,
-                   images, index, key):
+                   images, index, key, t_max: int | None = None):
     """The reference's training loss (ldm DDPM p_losses, eps-parameterisation, l2, logvar 0):
 
         z   = scale_factor * (mean + std * n),  n ~ N(0, I)   (VAE posterior SAMPLE, no gradient)
-        t   ~ U{0, ..., T-1},  eps ~ N(0, I),  x_t = q_sample(z, t, eps)
+        t   ~ U{0, ..., T-1} (T = t_max when given),  eps ~ N(0, I),  x_t = q_sample(z, t, eps)
         loss = mean((eps - eps_theta(x_t, t, context, hint=images))^2)
 
     `images` (B, 3, H, W) normalised are both the VAE input and the hint; `context` (1, L, D) is
@@ -92,7 +92,7 @@ def diffusion_loss(model: DiAD, diffusion: DiffusionConfig, trainable: Params, f
     # ldm DiagonalGaussianDistribution clamps logvar to [-30, 20]
     std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
     z = jax.lax.stop_gradient(model.config.scale_factor * (mean + std * post_noise))
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_train_timesteps))(keys[:, 1])
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, t_max or diffusion.num_train_timesteps))(keys[:, 1])
     eps = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(keys[:, 2])
     x_t = q_sample(diffusion, z, t, eps)
     pred = model.eps(params, x_t, t, context, images)
@@ -104,7 +104,7 @@ def diffusion_loss(model: DiAD, diffusion: DiffusionConfig, trainable: Params, f
 class Task:
     """What a training run optimises: which param groups the step sees, which of them train, the
     loss `loss_fn(model, trainable, frozen, context, batch, key) -> (loss, {name: scalar})` and the
-    optimiser. `DIAD_TASK` is DiAD's; diad_jax/autoencoder.py defines the VAE fine-tuning one."""
+    optimiser. `diad_task(cfg)` is DiAD's; diad_jax/autoencoder.py defines the VAE fine-tuning one."""
 
     name: str
     groups: tuple[str, ...]
@@ -116,11 +116,16 @@ class Task:
     extra_frozen: dict = dataclasses.field(default_factory=dict)
 
 
-def _diad_loss(model, trainable, frozen, context, batch, key, diffusion: DiffusionConfig = DiffusionConfig()):
-    return diffusion_loss(model, diffusion, trainable, frozen, context, batch["image"], batch["index"], key), {}
+def diad_task(cfg: TrainConfig) -> Task:
+    """DiAD's task: the parameters cfg.trainable names (the reference: SG network + UNet decoder)
+    trained with `diffusion_loss` on the noise levels t < cfg.train_t_max (the reference: all 1000)."""
+    diffusion = DiffusionConfig()
 
+    def loss(model, trainable, frozen, context, batch, key):
+        return diffusion_loss(model, diffusion, trainable, frozen, context, batch["image"], batch["index"], key,
+                              t_max=cfg.train_t_max), {}
 
-DIAD_TASK = Task("diad", ("unet", "sg", "vae"), trainable_mask, _diad_loss, make_optimizer)
+    return Task("diad", ("unet", "sg", "vae"), TRAINABLE_MASKS[cfg.trainable], loss, make_optimizer)
 
 
 # ---- train state -------------------------------------------------------------------------------
@@ -163,9 +168,11 @@ class StepFactory:
     model: DiAD
     cfg: TrainConfig
     mesh: Mesh
-    task: Task = DIAD_TASK
+    task: Task | None = None  # None: diad_task(cfg)
 
     def __post_init__(self):
+        if self.task is None:
+            self.task = diad_task(self.cfg)
         self.optimizer = self.task.optimizer_fn(self.cfg)
         full = self.model.abstract_params()
         self.abstract_full = full
@@ -528,12 +535,10 @@ class Trainer:
         trainer.close()
     """
 
-    def __init__(self, cfg: TrainConfig, mesh: Mesh | None = None, task: Task = DIAD_TASK,
+    def __init__(self, cfg: TrainConfig, mesh: Mesh | None = None, task: Task | None = None,
                  overwrite_data: bool = False):
         self.cfg = cfg
-        if task.name == "diad" and cfg.trainable != "reference":
-            task = dataclasses.replace(task, mask_fn=TRAINABLE_MASKS[cfg.trainable])
-        self.task = task
+        self.task = task or diad_task(cfg)
         self.mesh = mesh or shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
         log.info("mesh: %s", shd.describe_mesh(self.mesh))
         check_batch(cfg, self.mesh, self._evaluates())
@@ -541,7 +546,7 @@ class Trainer:
         self._load_model_source()
         dtype = DTYPES[cfg.compute_dtype]
         self.model = DiAD(self.model_config, dtype=dtype, remat=cfg.remat)
-        self.factory = StepFactory(self.model, cfg, self.mesh, task=task)
+        self.factory = StepFactory(self.model, cfg, self.mesh, task=self.task)
         self.dataset = self._prepare_data(overwrite_data)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.keep, async_save=cfg.async_checkpoint,
                                          best_directory=(self.workdir / "best") if self._evaluates() else None)

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vae-lr", type=cli.positive_float, default=2e-3)
     ap.add_argument("--lr", type=cli.positive_float, default=3e-4, help="DiAD AdamW learning rate")
     ap.add_argument("--ema-decay", type=float, default=0.995)
+    ap.add_argument("--train-t-max", type=cli.positive_int, default=TrainConfig.train_t_max,
+                    help="DiAD trains on the noise levels t < this (default: all 1000)")
     ap.add_argument("--seed", type=cli.nonnegative_int, default=TrainConfig.seed,
                     help="training seed (initialisation, data order, noise) of both models; the dataset is fixed")
     ap.add_argument("--schedule", choices=["official", "consistent"], default="consistent",
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     scoring = EvalConfig(schedule=args.schedule, batch_size=args.batch_size).scaled_footprint(
         ModelConfig.demo().image_size)
     diad_cfg = TrainConfig.tiny(**common, batch_size=args.batch_size, init_checkpoint=str(init_dir),
-                                trainable="sg+unet", steps=args.diad_steps,
+                                trainable="sg+unet", steps=args.diad_steps, train_t_max=args.train_t_max,
                                 learning_rate=args.lr, ema_decay=args.ema_decay, workdir=str(args.workdir / "diad"),
                                 save_every=max(1, args.diad_steps // 4), eval_schedule=scoring.schedule,
                                 eval_sigma=scoring.sigma, eval_pool_window=scoring.pool_window,

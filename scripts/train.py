@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("DiAD")
     g.add_argument("--only-mid-control", type=cli._bool, default=S,
                    help="override the model's only_mid_control (released train.py: true)")
+    g.add_argument("--train-t-max", type=int, default=S,
+                   help="train on the noise levels t < this (default 1000, the reference); see --start-t of "
+                        "scripts/evaluate.py")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=S, help="evaluate every N steps (0: never during training)")
     g.add_argument("--eval-at-end", type=cli._bool, default=S, help="evaluate after the last step")

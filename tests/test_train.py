@@ -21,9 +21,9 @@ from jax.sharding import PartitionSpec as P
 
 from diad_jax import data
 from diad_jax import sharding as shd
-from diad_jax.configs import ModelConfig, TrainConfig
+from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
 from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
-from diad_jax.train import Checkpointer, StepFactory, model_metadata, read_metrics
+from diad_jax.train import Checkpointer, StepFactory, diffusion_loss, model_metadata, read_metrics
 
 # one xdist worker for the whole module: its fixtures (compiled steps, the reference run) are shared
 pytestmark = pytest.mark.xdist_group("train")
@@ -421,3 +421,29 @@ def test_two_processes_train_like_one(synth, jax_cache, reference_run, tmp_path)
     one = evaluate(diad_jax.load(tmp_path / "multi" / "checkpoints" / "4"), ds, progress=False).metrics["mean"]
     for k, v in one.items():
         assert two[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_train_t_max_limits_the_noise_levels_trained_on():
+    """t ~ U{0..t_max-1} per example: every drawn level is below t_max and they spread over it."""
+    seen = []
+
+    class Recorder:  # stands in for DiAD: records the timesteps the loss asks eps for
+        config = ModelConfig.tiny()
+
+        def encode_moments(self, params, images):
+            z = jnp.zeros((images.shape[0], 4, 8, 8))
+            return z, z
+
+        def eps(self, params, x_t, t, context, hint):
+            seen.append(np.asarray(t))
+            return jnp.zeros_like(x_t)
+
+    images = jnp.zeros((512, 3, 64, 64))
+    for t_max, expect_max in ((300, 299), (None, 999)):
+        seen.clear()
+        diffusion_loss(Recorder(), DiffusionConfig(), {}, {}, None, images, jnp.arange(512), jax.random.key(0),
+                       t_max=t_max)
+        t = seen[0]
+        assert t.min() >= 0 and t.max() <= expect_max and t.max() > 0.9 * expect_max
+    with pytest.raises(ValueError, match="train_t_max must be an integer in 1..1000"):
+        TrainConfig(train_t_max=1001)
