@@ -62,6 +62,7 @@ def build_parser():
     ap.add_argument("--out", type=Path, default=Path("benchmarks/sampler.json"))
     ap.add_argument("--markdown", type=Path, help="also write the tables here")
     ap.add_argument("--title", default="", help="a line describing the checkpoints, for the tables")
+    ap.add_argument("--report-only", action="store_true", help="only write the tables of the runs in --out")
     return ap
 
 
@@ -76,7 +77,8 @@ def main(argv=None):
 
     cli.setup_logging()
     jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "diad_jax" / "jax_cache"))
-    runs = _read_runs(args.out)
+    runs = {k: r for k, r in _read_runs(args.out).items() if r["checkpoint"] in args.checkpoints
+            and r["seed"] in args.eval_seeds}
     first = load(args.checkpoints[0], batch_size=args.batch_size)
     prepared = dataio.prepare(args.dataset, args.data_dir, manual_dir=args.manual_dir,
                               image_size=first.image_size)
@@ -102,26 +104,28 @@ def main(argv=None):
                       f"AUPRO {100 * m['aupro']:.1f}, {steady:.1f} img/s", flush=True)
         return setting_key(ec)
 
-    comparator_keys, grid_keys = [], []
-    if "comparators" in args.stages:
+    comparator_keys = [setting_key(dataclasses.replace(baseline, comparator=c)) for c in args.comparators]
+    if "comparators" in args.stages and not args.report_only:
         for comp in args.comparators:
-            comparator_keys.append(run(dataclasses.replace(baseline, comparator=comp)))
+            run(dataclasses.replace(baseline, comparator=comp))
     grid_comp = args.grid_comparator
     if grid_comp is None:
-        scored = {k: _mean(runs, k, "i_auroc") + _mean(runs, k, "p_auroc") for k in comparator_keys}
+        scored = {k: _mean(runs, k, "i_auroc") + _mean(runs, k, "p_auroc") for k in comparator_keys
+                  if _values(runs, k, "i_auroc")}
         grid_comp = max(scored, key=scored.get).split()[0] if scored else baseline.comparator
     ref = dataclasses.replace(baseline, comparator=grid_comp)
-    ref_key = setting_key(ref)
-    if "grid" in args.stages:
+    if "grid" in args.stages and not args.report_only:
         run(ref)
         for start in args.start_t:
-            points = [dict(ddim_steps=s) for s in args.steps if s <= start]
+            points = [dict(ddim_steps=s, one_step=False) for s in args.steps if s <= start]
             if not args.no_one_step:
                 points.append(dict(ddim_steps=1, one_step=True))
             for p in points:
-                ec = dataclasses.replace(ref, schedule="consistent", start_t=start, one_step=False, **p)
-                grid_keys.append(run(ec))
-    tables = _tables(runs, args, comparator_keys, ref_key, [ref_key] + grid_keys, baseline)
+                run(dataclasses.replace(ref, schedule="consistent", start_t=start, **p))
+    # every setting of the grid comparator in --out (also those of earlier invocations)
+    grid_keys = sorted({r["setting"] for r in runs.values() if r["setting"].split()[0] == grid_comp})
+    tables = _tables(runs, args, [k for k in comparator_keys if _values(runs, k, "i_auroc")], setting_key(ref),
+                     grid_keys)
     print(tables)
     if args.markdown:
         args.markdown.write_text(tables)
@@ -167,7 +171,7 @@ def _speed(runs, setting):
     return statistics.median(r["images_per_s"] for r in runs.values() if r["setting"] == setting)
 
 
-def _tables(runs, args, comparator_keys, ref_key, grid_keys, baseline) -> str:
+def _tables(runs, args, comparator_keys, ref_key, grid_keys) -> str:
     import jax
     n_ck, n_seed = len(args.checkpoints), len(args.eval_seeds)
     lines = [f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
@@ -190,7 +194,7 @@ def _tables(runs, args, comparator_keys, ref_key, grid_keys, baseline) -> str:
         lines += [f"### Comparators at the recorded sampler (Δ vs {first})", "", head, sep]
         lines += [row(k, first) for k in comparator_keys] + [""]
         lines += _per_class(runs, comparator_keys, classes)
-    grid = [k for k in dict.fromkeys(grid_keys) if _values(runs, k, "i_auroc")]
+    grid = grid_keys
     if len(grid) > 1:
         lines += [f"### Sampler grid (Δ vs {ref_key})", "", head, sep]
         lines += [row(k, ref_key) for k in sorted(grid, key=lambda k: (_passes(runs, k), k))] + [""]
