@@ -212,6 +212,9 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
     the checkpoint's recorded eval config (see `eval_config_for`); the others keep it."""
     S = argparse.SUPPRESS
     g = ap.add_argument_group("scoring (default: what the checkpoint records, else the reference's)")
+    g.add_argument("--preset", choices=["fast"], default=None,
+                   help="fast: ONE network pass per image (pred_x0 at t=700) instead of 10 DDIM steps; measured on "
+                        "the demo only (README, 'Scoring'); the flags below still apply on top")
     g.add_argument("--batch-size", type=positive_int, default=S, help="global batch (default 8)")
     g.add_argument("--ddim-steps", type=positive_int, default=S, help="DDIM steps (default 10)")
     g.add_argument("--schedule", choices=["official", "consistent"], default=S,
@@ -268,6 +271,8 @@ def eval_config_for(args: argparse.Namespace, checkpoint: str):
         meta = checkpoints.read_metadata(checkpoint, "--checkpoint")
         recorded, image_size = meta.get("eval_config") or {}, meta["model_config"]["image_size"]
     ec = EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config")
+    if args.preset == "fast":  # before the explicit sampler flags
+        ec = ec.fast()
     if args.scaled_footprint:  # before an explicit --sigma / --pool-window
         ec = ec.scaled_footprint(image_size)
     changes = {k: getattr(args, k) for k in _EVAL_FLAGS if hasattr(args, k)}

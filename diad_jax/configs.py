@@ -360,6 +360,11 @@ class DiffusionConfig:
         return self.timesteps()[0]
 
 
+# The fast preset's sampler (EvalConfig.fast, --preset fast): the reconstruction is the pred_x0 of one
+# eps evaluation at t=700, the cheapest setting of the measured grid that was at least as accurate as
+# 10 DDIM steps on the demo models (benchmarks/RESULTS.md, "Scoring frontier").
+FAST_SAMPLER = dict(schedule="consistent", ddim_steps=1, start_t=700, one_step=True)
+
 # How a detector is scored, for scripts/evaluate.py, scripts/predict.py, the Trainer's evaluations,
 # the demo and diad_jax.load; a checkpoint may record one (its "eval_config" metadata).
 IMAGE_SCORES = ("pooled", "max")
@@ -416,6 +421,12 @@ class EvalConfig:
                               ("attention", (None, "xla", "cudnn"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"EvalConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def fast(self) -> "EvalConfig":
+        """This config with the fast sampler (`FAST_SAMPLER`: ONE network pass per image instead of 10;
+        measured on the demo models only, benchmarks/RESULTS.md "Scoring frontier": re-check it on
+        your data, e.g. `scripts/evaluate.py --preset fast` against the default)."""
+        return dataclasses.replace(self, **FAST_SAMPLER)
 
     def diffusion(self) -> DiffusionConfig:
         return DiffusionConfig(ddim_steps=self.ddim_steps, ddim_eta=self.eta, schedule=self.schedule,

@@ -13,8 +13,9 @@ Stages (each resumable: rerunning continues or skips what is done; --fresh start
      thresholds in the final checkpoint, so that scripts/predict.py gives verdicts
 
 Differences from the reference recipe, all forced by training from scratch in minutes on a CPU, are
-printed at the end. The ResNet-50 that compares input and reconstruction is RANDOMLY initialised
-(no ImageNet weights are downloaded): the anomaly maps compare random features.
+printed at the end. Input and reconstruction are compared per pixel (the "pixel_l1" comparator, the
+best one measured without ImageNet weights) instead of by the reference's ResNet-50 features (no
+weights are downloaded).
 
 Examples:
   python scripts/demo.py                        # the whole thing, ~13 minutes on 2 CPU cores
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 from diad_jax import cli
-from diad_jax.configs import TrainConfig
+from diad_jax.configs import NO_WEIGHTS_COMPARATOR, TrainConfig
 
 log = logging.getLogger("diad_jax.demo")
 
@@ -99,15 +100,15 @@ def main(argv=None) -> int:
                                       workdir=str(args.workdir / "autoencoder"),
                                       save_every=max(1, args.vae_steps // 2))
     # how the checkpoints are scored (recorded in them, so scripts/predict.py and evaluate.py need no
-    # flags): the schedule, the footprint scaled to 64 px, and the opt-in to a random ResNet-50
-    scoring = EvalConfig(schedule=args.schedule, batch_size=args.batch_size).scaled_footprint(
-        ModelConfig.demo().image_size)
+    # flags): the schedule, the footprint scaled to 64 px, and a comparator that needs no ImageNet weights
+    scoring = EvalConfig(schedule=args.schedule, batch_size=args.batch_size,
+                         comparator=NO_WEIGHTS_COMPARATOR).scaled_footprint(ModelConfig.demo().image_size)
     diad_cfg = TrainConfig.tiny(**common, batch_size=args.batch_size, init_checkpoint=str(init_dir),
                                 trainable="sg+unet", steps=args.diad_steps, train_t_max=args.train_t_max,
                                 learning_rate=args.lr, ema_decay=args.ema_decay, workdir=str(args.workdir / "diad"),
                                 save_every=max(1, args.diad_steps // 4), eval_schedule=scoring.schedule,
                                 eval_sigma=scoring.sigma, eval_pool_window=scoring.pool_window,
-                                eval_batch_size=scoring.batch_size, eval_resnet="random")
+                                eval_batch_size=scoring.batch_size, eval_comparator=scoring.comparator)
     for cfg in (vae_cfg, diad_cfg):
         check_batch(cfg, shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp), evaluates=False)
     if args.fresh and args.workdir.exists():
@@ -151,10 +152,10 @@ def main(argv=None) -> int:
     # 5. evaluation of the EMA weights (the model items of a training checkpoint), then thresholds
     t0 = time.perf_counter()
     final = args.workdir / "diad" / "checkpoints" / str(args.diad_steps)
-    detector = load(final)  # the checkpoint records its scoring settings and the random-ResNet opt-in
+    detector = load(final)  # the checkpoint records its scoring settings
     ec = detector.eval_config
-    log.info("stage 3/3: evaluating the test split (%s schedule, blur sigma %.2f, pool window %d)",
-             ec.schedule, ec.sigma, ec.pool_window)
+    log.info("stage 3/3: evaluating the test split (%s schedule, %s comparator, blur sigma %.2f, pool window %d)",
+             ec.schedule, ec.comparator, ec.sigma, ec.pool_window)
     result = evaluate(detector, prepared, heatmaps_per_class=args.heatmaps, progress=not args.no_progress,
                       limit_per_class=args.limit_per_class)
     result.info.update(demo=vars(args) | {"workdir": str(args.workdir), "data_dir": str(args.data_dir)})
@@ -167,8 +168,9 @@ def main(argv=None) -> int:
     print(f"\n{result.table}\n")
     print(f"Mean I-AUROC {100 * mean['i_auroc']:.1f}, P-AUROC {100 * mean['p_auroc']:.1f}, "
           f"AUPRO {100 * mean['aupro']:.1f} on {len(result.labels)} generated test images.")
-    print("NOTE: the ResNet-50 comparing input and reconstruction is RANDOMLY initialised (no weights are "
-          "downloaded); with ImageNet weights (convert/torch_to_flax.py --resnet-ckpt) maps compare real features.")
+    print(f"NOTE: input and reconstruction are compared per pixel ({ec.comparator} comparator, the best measured "
+          f"without ImageNet weights; benchmarks/RESULTS.md); the reference compares ResNet-50 features: convert "
+          f"ImageNet weights (convert/torch_to_flax.py --resnet) and score with --comparator resnet.")
     print("Demo recipe vs the reference (all because it trains from scratch on a CPU in minutes): a 4x VAE "
           "trained first with scale_factor = 1/latent std; the whole UNet trains (the reference freezes its "
           "pretrained encoder); lr 3e-4 with an EMA; evaluation with the 'consistent' schedule and the blur / "
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
     print(f"Thresholds (F1-optimal on the test split, so optimistic) stored in {final}: image "
           f"{cal.image.value:.4g}, pixel {cal.pixel.value:.4g}.")
     print(f"Results, heat maps and checkpoints: {out}/, {args.workdir}/diad/checkpoints/")
-    print(f"Re-evaluate: python scripts/evaluate.py --checkpoint {final} --data-dir {args.data_dir}")
+    print(f"Re-evaluate: python scripts/evaluate.py --checkpoint {final} --data-dir {args.data_dir} "
+          f"(--preset fast: one network pass per image)")
     print(f"Verdicts on any images: python scripts/predict.py --checkpoint {final} --input <folder> --out preds")
     (args.workdir / "timings.json").write_text(json.dumps(times, indent=2))
     return 0

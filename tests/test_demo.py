@@ -83,7 +83,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
             "--limit-per-class", 2, "--heatmaps", 1, "--no-progress"]
     assert demo_main(argv) == 0
     out = capsys.readouterr().out
-    assert "| **mean** |" in out and "RANDOMLY initialised" in out
+    assert "| **mean** |" in out and "compared per pixel (pixel_l1 comparator" in out
     res = json.loads((wd / "eval" / "results.json").read_text())
     assert len(res["images"]) == 10 and np.isfinite(res["metrics"]["mean"]["p_auroc"])
     assert len(list((wd / "eval" / "heatmaps").rglob("*.png"))) == 5
