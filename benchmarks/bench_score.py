@@ -52,6 +52,10 @@ def main(argv=None):
                     help="attention implementation of the bf16 variants (default: XLA's choice)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's dense bf16 peak, to report the fraction of it reached")
+    ap.add_argument("--gflop-per-image", type=float, nargs="+", default=None,
+                    help="FLOPs per image of each --samplers entry, for the fraction of peak (XLA:GPU's cost analysis "
+                         "leaves out the cuDNN/cuBLAS calls, i.e. almost everything: take the CPU count, --flops-only)")
+    ap.add_argument("--flops-only", action="store_true", help="compile and count FLOPs, do not time")
     ap.add_argument("--hlo-report", action="store_true",
                     help="only lower the bf16 eps program and count its float32 vs bf16 operations")
     args = ap.parse_args(argv)
@@ -128,6 +132,13 @@ def main(argv=None):
             eps_cost = eps_cost[0] if isinstance(eps_cost, (list, tuple)) else eps_cost
             loop_extra = (diffusion.ddim_steps - 1) * float(eps_cost.get("flops", float("nan")))
             flops = (float(cost.get("flops", float("nan"))) + loop_extra) / b if cost else float("nan")
+            if args.gflop_per_image:
+                flops = args.gflop_per_image[args.samplers.index(sampler)] * 1e9
+            elif jax.default_backend() != "cpu":
+                flops = None  # XLA:GPU/TPU counts leave out library calls (convolutions, matmuls)
+            if args.flops_only:
+                print(f"  {variant}, sampler {sampler}, batch {b}: {flops / 1e9:.0f} GFLOP/image", flush=True)
+                continue
             if args.repeats > 1:  # warm-up (with --repeats 1 the single timed call is the first one)
                 out = jax.block_until_ready(compiled(bundle, images, post, noise, uncond))
             times = []
@@ -141,7 +152,7 @@ def main(argv=None):
             rows.append(dict(impl=f"diad_jax Scorer, {'guidance half skipped' if dedupe == 'dedupe' else 'batched CFG (two halves)'}, {prec}{attn}, sampler {sampler}",
                              batch=b, t=min(times), err=err, compile=t_compile, flops=flops))
             print(f"  {rows[-1]['impl']}, batch {b}: {b / rows[-1]['t']:.2f} images/s, "
-                  f"{flops / 1e9:.0f} GFLOP/image, compile {t_compile:.0f}s", flush=True)
+                  f"compile {t_compile:.0f}s", flush=True)
             del compiled, fn, scorer
             gc.collect()
 

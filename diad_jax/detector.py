@@ -367,7 +367,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
             raise CheckpointError(
                 f"{source} has no ResNet-50 weights, which the 'resnet' comparator (the reference's) uses to compare "
                 f"the input with its reconstruction: convert the reference's with `python convert/torch_to_flax.py "
-                f"--resnet-ckpt resnet50.pth ...`, score with a comparator that needs no ImageNet weights "
+                f"--resnet resnet50.pth ...`, score with a comparator that needs no ImageNet weights "
                 f"(EvalConfig(comparator=\"{NO_WEIGHTS_COMPARATOR}\") / --comparator {NO_WEIGHTS_COMPARATOR}, the "
                 f"best one measured without them), or opt in to a randomly initialised ResNet-50 (maps then compare "
                 f"random features): diad_jax.load(path, resnet=\"random\") / --random-resnet")

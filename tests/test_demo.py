@@ -1,6 +1,7 @@
 """The embedded default end to end (scripts/demo.py) with a handful of steps, and its pieces:
 the extra trainable mask, the latent std (scale_by_std) and the scaled scoring footprint."""
 import csv
+import os
 import json
 
 import jax
@@ -119,3 +120,28 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert int(r["label"]) == int(float(r["score"]) >= float(r["threshold"]))
     assert len(list((tmp_path / "preds" / "overlays").glob("*.png"))) == 8
     assert len(list((tmp_path / "preds" / "masks").glob("*.png"))) == 8
+
+
+TRAINED_DEMO = os.environ.get("DIAD_DEMO_CHECKPOINT")
+
+
+@pytest.mark.skipif(not TRAINED_DEMO, reason="needs a trained demo model (13 min of training): "
+                                             "DIAD_DEMO_CHECKPOINT=runs/demo/diad/checkpoints/2250")
+def test_fast_preset_reconstructs_normal_images_better_than_anomalous_ones(tmp_path):
+    """At the fast preset (one network pass) a trained demo model's maps are lower on the normal test
+    images than on the anomalous ones, in every class."""
+    import diad_jax
+    from diad_jax.evaluation import evaluate
+
+    detector = diad_jax.load(TRAINED_DEMO)
+    detector = diad_jax.load(TRAINED_DEMO, eval_config=detector.eval_config.fast())
+    assert detector.eval_config.ddim_steps == 1 and detector.eval_config.one_step
+    result = evaluate(detector, dataio.prepare("synthetic", tmp_path / "data", image_size=detector.image_size),
+                      limit_per_class=10, progress=False)
+    means = result.maps.mean(axis=(1, 2))
+    names = np.asarray(result.class_names)
+    for cls in sorted(set(result.class_names)):
+        normal = means[(names == cls) & (result.labels == 0)].mean()
+        anomalous = means[(names == cls) & (result.labels == 1)].mean()
+        print(f"{cls}: normal {normal:.4f} < anomalous {anomalous:.4f}")
+        assert normal < anomalous

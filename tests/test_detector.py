@@ -195,7 +195,7 @@ def test_a_checkpoint_without_resnet_needs_an_opt_in(tmp_path, weights):
     meta = {"eval_config": EVAL.to_dict()}
     ckpt = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params, context=ctx, metadata=meta)
     with pytest.raises(CheckpointError,
-                       match=r"no ResNet-50 weights.*--resnet-ckpt.*--comparator pixel_l1.*resnet=\"random\""):
+                       match=r"no ResNet-50 weights.*--resnet resnet50.pth.*--comparator pixel_l1.*resnet=\"random\""):
         diad_jax.load(ckpt)
     det = diad_jax.load(ckpt, resnet="random")
     assert any("randomly initialised" in n for n in det.notes)
