@@ -328,7 +328,8 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
     notes: list[str] = []
     path = os.fspath(path)
     calibration = None
-    if path.startswith(RANDOM_PREFIX):
+    random_weights = path.startswith(RANDOM_PREFIX)
+    if random_weights:
         preset = path[len(RANDOM_PREFIX):]
         if preset not in ("tiny", "demo", "sd15"):
             raise ConfigError(f"{path!r}: expected random:tiny, random:demo or random:sd15")
@@ -356,7 +357,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
     if batch_size is not None:
         overrides["batch_size"] = batch_size
     eval_config = dataclasses.replace(eval_config, **overrides)
-    if not path.startswith(RANDOM_PREFIX):
+    if not random_weights:
         ckpt = load_model(resolved, sharding=_restore_shardings(config, meta.get("has_resnet"), mesh))
         params, context, resnet_params = ckpt.params, ckpt.context, ckpt.resnet
         calibration = Calibration.load(resolved)

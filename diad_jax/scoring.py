@@ -136,7 +136,9 @@ def ssim_distance(images, recon):
     return 1.0 - jnp.mean(ssim.reshape(b, c, h, w), axis=1)
 
 
-VAE_FEATURE_LEVELS = 3  # the VAE encoder's first three down levels (full, 1/2 and 1/4 size in SD's)
+# the "vae" comparator's features: the outputs of the VAE encoder's first three down levels (after
+# their downsampling: 1/2, 1/4 and 1/8 of the image size in SD's VAE)
+VAE_FEATURE_LEVELS = 3
 
 
 IMAGE_SCORE_POOLS = 8  # the reference's EvalImageMax: eight successive average pools
