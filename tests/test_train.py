@@ -5,6 +5,7 @@ Everything uses ModelConfig.tiny() on the generated dataset at 64 px; the in-pro
 the 8 forced CPU devices conftest.py sets up; subprocess tests set their own XLA_FLAGS."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -23,7 +24,9 @@ from diad_jax import data
 from diad_jax import sharding as shd
 from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
 from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
-from diad_jax.train import Checkpointer, StepFactory, diffusion_loss, model_metadata, read_metrics
+from diad_jax.errors import ConfigError
+from diad_jax.train import (Checkpointer, StepFactory, check_eval_resnet, diffusion_loss, model_metadata,
+                            read_metrics)
 
 # one xdist worker for the whole module: its fixtures (compiled steps, the reference run) are shared
 pytestmark = pytest.mark.xdist_group("train")
@@ -447,3 +450,13 @@ def test_train_t_max_limits_the_noise_levels_trained_on():
         assert t.min() >= 0 and t.max() <= expect_max and t.max() > 0.9 * expect_max
     with pytest.raises(ValueError, match="train_t_max must be an integer in 1..1000"):
         TrainConfig(train_t_max=1001)
+
+
+def test_evaluating_without_resnet_weights_needs_an_opt_in_or_a_weight_free_comparator():
+    cfg = TrainConfig(eval_at_end=True)  # evaluates; no --init-checkpoint, so no ResNet-50 weights
+    with pytest.raises(ConfigError, match=r"no ResNet-50 weights.*--eval-resnet random.*--eval-comparator pixel_l1"):
+        check_eval_resnet(cfg, has_resnet=False)
+    check_eval_resnet(dataclasses.replace(cfg, eval_comparator="pixel_l1"), has_resnet=False)
+    check_eval_resnet(dataclasses.replace(cfg, eval_resnet="random"), has_resnet=False)
+    check_eval_resnet(cfg, has_resnet=True)
+    assert dataclasses.replace(cfg, eval_comparator="ssim").eval_config().comparator == "ssim"
