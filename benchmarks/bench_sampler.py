@@ -122,10 +122,11 @@ def main(argv=None):
                 points.append(dict(ddim_steps=1, one_step=True))
             for p in points:
                 run(dataclasses.replace(ref, schedule="consistent", start_t=start, **p))
-    # every setting of the grid comparator in --out (also those of earlier invocations)
-    grid_keys = sorted({r["setting"] for r in runs.values() if r["setting"].split()[0] == grid_comp})
-    tables = _tables(runs, args, [k for k in comparator_keys if _values(runs, k, "i_auroc")], setting_key(ref),
-                     grid_keys)
+    # every setting in --out (also from earlier invocations) run on all these checkpoints and seeds
+    complete = {k for k in {r["setting"] for r in runs.values()}
+                if len(_values(runs, k, "i_auroc")) == len(args.checkpoints) * len(args.eval_seeds)}
+    grid_keys = sorted(k for k in complete if k.split()[0] == grid_comp)
+    tables = _tables(runs, args, [k for k in comparator_keys if k in complete], setting_key(ref), grid_keys)
     print(tables)
     if args.markdown:
         args.markdown.write_text(tables)
