@@ -740,10 +740,12 @@ class Trainer:
         from diad_jax.evaluation import evaluate
         from diad_jax.scoring import make_bundle, random_resnet
         if self._detector is None:
-            resnet = self._resnet_for_save() if cfg.eval_comparator == "resnet" else None
-            if resnet is None and cfg.eval_comparator == "resnet":  # --eval-resnet random (checked in __init__)
-                host = random_resnet(0)
-                resnet = shd.place(host, jax.tree.map(lambda _: shd.replicated(self.mesh), host))
+            resnet = None  # other comparators need none
+            if cfg.eval_comparator == "resnet":
+                resnet = self._resnet_for_save()
+                if resnet is None:  # --eval-resnet random (checked in __init__)
+                    host = random_resnet(0)
+                    resnet = shd.place(host, jax.tree.map(lambda _: shd.replicated(self.mesh), host))
             if cfg.eval_data_dir:
                 from diad_jax import data as data_lib
                 self._eval_dataset = data_lib.load_from_directory(cfg.eval_data_dir)
