@@ -12,7 +12,7 @@ network passes per image (SG network + UNet evaluations) and images/s (steady st
 batch, which may compile, is left out; the median over runs), then per class, and the frontier:
 for each cost, the most accurate setting.
 
-  python benchmarks/bench_sampler.py --checkpoints runs/demo/diad/checkpoints/2250 \\
+  python benchmarks/bench_sampler.py --checkpoints runs/demo/diad/checkpoints/2250 --random-resnet \\
       --data-dir data_cache --eval-seeds 0 1 2 --out benchmarks/sampler.json --markdown sampler.md
   # a subset of the grid
   python benchmarks/bench_sampler.py ... --stages grid --steps 1 2 5 --start-t 500 300
@@ -54,6 +54,9 @@ def build_parser():
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--stages", nargs="+", choices=["comparators", "grid"], default=["comparators", "grid"])
     ap.add_argument("--comparators", nargs="+", default=["resnet", "pixel_l1", "ssim", "vae"])
+    ap.add_argument("--random-resnet", action="store_true",
+                    help="the resnet comparator with a randomly initialised ResNet-50 for checkpoints without one "
+                         "(the demo's)")
     ap.add_argument("--grid-comparator", help="default: the best of the comparators stage (I-AUROC + P-AUROC)")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 5, 10])
     ap.add_argument("--start-t", type=int, nargs="+", default=[999, 700, 500, 300])
@@ -90,7 +93,8 @@ def main(argv=None):
                 key = f"{setting_key(ec)} | {ck} | seed={seed}"
                 if key in runs:
                     continue
-                det = load(ck, eval_config=dataclasses.replace(ec, seed=seed), batch_size=args.batch_size)
+                det = load(ck, eval_config=dataclasses.replace(ec, seed=seed), batch_size=args.batch_size,
+                           resnet="random" if args.random_resnet else "checkpoint")
                 t0 = time.perf_counter()
                 result = evaluate(det, prepared, split=args.split, progress=False)
                 t = result.timings
@@ -102,7 +106,6 @@ def main(argv=None):
                 m = result.metrics["mean"]
                 print(f"{key}: I-AUROC {100 * m['i_auroc']:.1f} P-AUROC {100 * m['p_auroc']:.1f} "
                       f"AUPRO {100 * m['aupro']:.1f}, {steady:.1f} img/s", flush=True)
-        return setting_key(ec)
 
     comparator_keys = [setting_key(dataclasses.replace(baseline, comparator=c)) for c in args.comparators]
     if "comparators" in args.stages and not args.report_only:
