@@ -36,7 +36,7 @@ def test_evaluate_cli_writes_table_json_heatmaps_and_thresholds(tmp_path, capsys
     assert sum(labels) == 2 * len(classes)  # balanced subset: 2 anomalous + 2 good per class
     assert all(np.isfinite(im["score"]) for im in res["images"])
     for c in classes:
-        assert 0 <= res["metrics"][c]["i_auroc"] <= 1
+        assert 0.5 <= res["metrics"][c]["i_auroc"] <= 1  # the reference variant flips every AUROC below 0.5
         pngs = list((out / "heatmaps" / c).glob("*.png"))
         assert len(pngs) == 1 and "good" not in pngs[0].name  # anomalous images first
     assert (out / "results.md").read_text().count("\n|") >= len(classes) + 2
