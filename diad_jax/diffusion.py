@@ -32,11 +32,6 @@ def alphas_cumprod(cfg: DiffusionConfig) -> np.ndarray:
     return np.cumprod(1.0 - betas_linear(cfg))
 
 
-def ddim_timesteps(cfg: DiffusionConfig) -> np.ndarray:
-    """The visited timesteps in ascending order (ldm's `ddim_timesteps`): 1, 101, ..., 901 by default."""
-    return np.asarray(cfg.timesteps()[::-1], np.int64)
-
-
 @dataclass(frozen=True)
 class DDIMPlan:
     """The visited steps in order, with everything each step needs (float32 like the reference)."""

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diad_jax.configs import (COMPARATORS, IMAGENET_MEAN, IMAGENET_STD, REFERENCE_POOL_WINDOW, REFERENCE_SIGMA,
                               DiffusionConfig, EvalConfig, ModelConfig)
-from diad_jax.diffusion import ddim_plan, ddim_sample, guided_eps, q_sample
+from diad_jax.diffusion import ddim_sample, guided_eps, q_sample
 from diad_jax.errors import ConfigError, NonFiniteError
 from diad_jax.models.diad import DiAD, to_nhwc
 from diad_jax.models.resnet import ResNet50Features
@@ -237,8 +237,7 @@ class Scorer:
         model = self.model
         mean, logvar = model.encode_moments(bundle, images)
         z0 = self.config.scale_factor * (mean + jnp.exp(0.5 * logvar) * posterior_noise)
-        plan = ddim_plan(self.diffusion)
-        x_T = q_sample(self.diffusion, z0, plan.noise_t, noise)
+        x_T = q_sample(self.diffusion, z0, self.diffusion.noise_t, noise)
         context = bundle["context"]
 
         def eps_ctx(x, t, ctx):
