@@ -84,9 +84,9 @@ def worker(args) -> None:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     rows = []
     for devices, data, fsdp, batch in cases:
-        tcfg = TrainConfig(model=args.model, batch_size=batch, grad_accum=args.grad_accum, compute_dtype=args.dtype,
-                           remat=not args.no_remat, mesh_data=data, mesh_fsdp=fsdp,
-                           ema_decay=0.999 if args.ema else None)
+        tcfg = TrainConfig(model=args.model, compute_dtype=args.dtype, remat=not args.no_remat).replace(**{
+            "data.batch_size": batch, "optimizer.grad_accum": args.grad_accum, "mesh.data": data, "mesh.fsdp": fsdp,
+            "optimizer.ema_decay": 0.999 if args.ema else None})
         mesh = shd.make_mesh(data, fsdp, jax.devices()[:devices])
         t0 = time.perf_counter()
         factory = StepFactory(DiAD(config, dtype=dtype, remat=tcfg.remat), tcfg, mesh)

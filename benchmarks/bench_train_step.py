@@ -58,8 +58,9 @@ def main(argv=None):
     rows = []
     params_host = None
     for dt in args.dtype:
-        cfg = TrainConfig(model=args.model, batch_size=args.batch, grad_accum=args.grad_accum, compute_dtype=dt,
-                          remat=args.remat, mesh_data=args.mesh_data, mesh_fsdp=args.mesh_fsdp)
+        cfg = TrainConfig(model=args.model, compute_dtype=dt, remat=args.remat).replace(**{
+            "data.batch_size": args.batch, "optimizer.grad_accum": args.grad_accum, "mesh.data": args.mesh_data,
+            "mesh.fsdp": args.mesh_fsdp})
         model = DiAD(config, dtype=jnp.bfloat16 if dt == "bfloat16" else jnp.float32, remat=args.remat)
         f = StepFactory(model, cfg, mesh)
         if params_host is None:

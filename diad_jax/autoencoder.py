@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diad_jax.configs import TrainConfig
+from diad_jax.configs import (AutoencoderConfig, CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig,
+                              ValidationConfig)
 from diad_jax.errors import ConfigError
 from diad_jax.models.diad import combine, to_nchw, to_nhwc
 from diad_jax.models.sd import AutoencoderKL
@@ -67,25 +68,26 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuses a run the implemented loss does not cover (the discriminator's phase)."""
-    if cfg.steps >= cfg.disc_start:
-        raise ConfigError(f"--steps {cfg.steps} reaches --disc-start {cfg.disc_start}: the patch discriminator "
+    if cfg.steps >= cfg.autoencoder.disc_start:
+        raise ConfigError(f"--steps {cfg.steps} reaches --disc-start {cfg.autoencoder.disc_start}: the patch discriminator "
                           f"would engage, and it is not implemented (the reference's never does in its ~25k steps)")
 
 
 def autoencoder_task(cfg: TrainConfig, lpips_params: dict | None = None) -> Task:
-    """The VAE fine-tuning task for diad_jax.train.Trainer."""
+    """The VAE fine-tuning task for diad_jax.train.Trainer: cfg.autoencoder's loss, cfg.optimizer."""
     check_config(cfg)
+    ae = cfg.autoencoder
     if lpips_params is None:
         log.warning("no LPIPS weights given (--lpips-vgg16 and --lpips-lin): fine-tuning with L1 + %g KL only "
-                    "(the reference adds LPIPS with weight %g)", cfg.kl_weight, cfg.perceptual_weight)
+                    "(the reference adds LPIPS with weight %g)", ae.kl_weight, ae.perceptual_weight)
 
     def loss(model, trainable, frozen, context, batch, key):
-        return autoencoder_loss(model, trainable, frozen, context, batch, key, kl_weight=cfg.kl_weight,
-                                perceptual_weight=cfg.perceptual_weight)
+        return autoencoder_loss(model, trainable, frozen, context, batch, key, kl_weight=ae.kl_weight,
+                                perceptual_weight=ae.perceptual_weight)
 
     extra = {"lpips": lpips_params} if lpips_params is not None else {}
-    return Task("autoencoder", ("vae",), lambda p: jax.tree.map(lambda _: True, p), loss, make_optimizer,
-                extra_frozen=extra)
+    return Task("autoencoder", ("vae",), lambda p: jax.tree.map(lambda _: True, p), loss,
+                make_optimizer(cfg.optimizer), extra_frozen=extra)
 
 
 def latent_std(model, params, dataset, *, n_images: int | None = None, batch_size: int = 16, seed: int = 0,
@@ -118,23 +120,23 @@ def latent_std(model, params, dataset, *, n_images: int | None = None, batch_siz
     return float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
 
 
-def reference_config(**overrides) -> TrainConfig:
+def reference_config(**changes) -> TrainConfig:
     """finetune_autoencoder.py's settings: batch 4 x accumulation 8, Adam(0.5, 0.9), lr 4.5e-5 x 4,
-    no weight decay, fp32, about 25k steps, no evaluation."""
-    kw = dict(model="sd15", batch_size=4, grad_accum=8, learning_rate=4.5e-5 * 4, b1=0.5, b2=0.9, weight_decay=0.0,
-              steps=25_000, eval_split=None, eval_at_end=False, workdir="runs/autoencoder", save_every=1000)
-    kw.update(overrides)
-    return TrainConfig(**kw)
+    no weight decay, fp32, about 25k steps, no evaluation. `changes` as TrainConfig.replace takes them."""
+    base = TrainConfig(model="sd15", steps=25_000, workdir="runs/autoencoder", data=DataConfig(batch_size=4),
+                       optimizer=OptimizerConfig(learning_rate=4.5e-5 * 4, b1=0.5, b2=0.9, weight_decay=0.0,
+                                                 grad_accum=8),
+                       checkpoint=CheckpointConfig(save_every=1000), validation=ValidationConfig(split=None),
+                       autoencoder=AutoencoderConfig())
+    return base.replace(**changes)
 
 
-def tiny_config(**overrides) -> TrainConfig:
+def tiny_config(**changes) -> TrainConfig:
     """The embedded default: tiny model, generated data, a few minutes on CPU."""
-    base = TrainConfig.tiny()
-    kw = dict(model="tiny", batch_size=8, grad_accum=1, learning_rate=1e-4, b1=0.5, b2=0.9, weight_decay=0.0,
-              steps=200, eval_split=None, eval_at_end=False, workdir="runs/autoencoder_tiny", save_every=100,
-              dataset_options=base.dataset_options)
-    kw.update(overrides)
-    return TrainConfig(**kw)
+    base = TrainConfig.tiny(workdir="runs/autoencoder_tiny", validation=ValidationConfig(split=None),
+                            optimizer=OptimizerConfig(learning_rate=1e-4, b1=0.5, b2=0.9, weight_decay=0.0,
+                                                      grad_accum=1))
+    return base.replace(**changes)
 
 
 __all__ = ["autoencoder_loss", "autoencoder_task", "check_config", "latent_std", "reference_config", "tiny_config"]

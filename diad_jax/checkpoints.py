@@ -5,8 +5,8 @@
     <dir>/model_config   JSON: the ModelConfig plus metadata (source files, conversion date)
     <dir>/model_config.json  the same JSON, for people (written beside the orbax items)
 
-Training checkpoints (diad_jax/train.py) use an orbax CheckpointManager with the same "params"
-naming, so a converted checkpoint initialises training and a trained one evaluates.
+Training checkpoints (diad_jax/train/checkpoint.py) write the same items through `model_items`
+beside their train state, so a converted checkpoint initialises training and a trained one evaluates.
 """
 from __future__ import annotations
 
@@ -58,14 +58,26 @@ def save_model(path: str | Path, *, config: ModelConfig, params: dict, context, 
     if context.ndim != 3 or context.shape[0] != 1 or context.shape[1:] != expected:
         raise ValueError(f"context has shape {context.shape}, expected (1, {expected[0]}, {expected[1]}) "
                          f"for this model config")
+    meta = model_metadata(config, resnet is not None, **(metadata or {}))
+    _checkpointer().save(path, args=ocp.args.Composite(**model_items(params, context, resnet, meta)))
+    (path / "model_config.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def model_metadata(config: ModelConfig, has_resnet: bool, **extra) -> dict:
+    """The model_config item of a model checkpoint: the ModelConfig, whether a ResNet-50 is stored,
+    and what else the writer records (e.g. "eval_config", "source")."""
+    return {"model_config": config.to_dict(), "has_resnet": has_resnet, **extra}
+
+
+def model_items(params: dict, context, resnet: dict | None, metadata: dict) -> dict:
+    """The items of a model checkpoint as orbax save args: "state" {"params", "context",
+    "resnet"?} and "model_config" (`model_metadata`). The one writer of this layout: `save_model`
+    and the training checkpoints (diad_jax/train/checkpoint.py) both use it."""
     state = {"params": params, "context": context}
     if resnet is not None:
         state["resnet"] = resnet
-    meta = {"model_config": config.to_dict(), "has_resnet": resnet is not None, **(metadata or {})}
-    _checkpointer().save(path, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), model_config=ocp.args.JsonSave(meta)))
-    (path / "model_config.json").write_text(json.dumps(meta, indent=2))
-    return path
+    return dict(state=ocp.args.StandardSave(state), model_config=ocp.args.JsonSave(metadata))
 
 
 def step_dirs(directory: Path) -> list[Path]:

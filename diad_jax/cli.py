@@ -16,13 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from diad_jax.configs import COMPARATORS, NO_WEIGHTS_COMPARATOR, ModelConfig, TrainConfig
+from diad_jax.configs import (COMPARATORS, NO_WEIGHTS_COMPARATOR, ModelConfig, TrainConfig, set_path,
+                              unflatten_train_dict)
 from diad_jax.errors import ConfigError, UserError
 
 log = logging.getLogger("diad_jax.train")
 
+# the flags that are not TrainConfig fields (each of the others has its field's dotted path as its dest)
 _RUNTIME = {"preset", "config", "print_config", "no_progress", "distributed", "coordinator", "num_processes",
-            "process_id", "compilation_cache", "kill_at_step", "overwrite_data"}
+            "process_id", "compilation_cache", "overwrite_data"}
 
 
 def entry_point(main):
@@ -74,6 +76,17 @@ nonnegative_int = _number(int, 0, strict=False)
 positive_float = _number(float, 0.0, strict=True)
 
 
+def _step_range(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition(":")
+    try:
+        a, b = int(first), int(last)
+    except ValueError:
+        a = b = None
+    if not sep or a is None or not 0 <= a < b:
+        raise argparse.ArgumentTypeError(f"expected FIRST:LAST with 0 <= FIRST < LAST, got {text!r}")
+    return a, b
+
+
 def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> None:
     """Flags shared by both scripts. Every flag defaults to "not given" (argparse.SUPPRESS), so only
     what is typed overrides the preset and the --config file."""
@@ -82,14 +95,16 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
                     help=f"starting values (default {presets[0]}); see the description above")
     ap.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (applied after the preset; "
                     "see --print-config)")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved TrainConfig as JSON and exit")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved TrainConfig (nested: optimizer, data, eval, ...) as JSON and exit")
 
     g = ap.add_argument_group("model")
     g.add_argument("--model", default=S, help="tiny, sd15, or a ModelConfig JSON file (random init)")
     g.add_argument("--init-checkpoint", default=S,
                    help="converted model checkpoint dir (convert/torch_to_flax.py): params, CLIP context, ResNet")
     g.add_argument("--dtype", dest="compute_dtype", choices=["float32", "bfloat16"], default=S,
-                   help="compute dtype; master weights and optimizer state stay float32")
+                   help="compute dtype of training (evaluations: --eval-dtype); master weights and optimizer "
+                        "state stay float32")
     g.add_argument("--trainable", choices=["reference", "sg+unet"], default=S,
                    help="what trains: 'reference' = SG network + UNet decoder (default); 'sg+unet' also the "
                         "UNet encoder (for a model trained from scratch)")
@@ -97,41 +112,44 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
                    help="rematerialise blocks in the backward pass (less memory, more compute)")
 
     g = ap.add_argument_group("data")
-    g.add_argument("--dataset", default=S, help="synthetic (default), mvtec_ad, visa, folder")
-    g.add_argument("--data-dir", default=S,
+    g.add_argument("--dataset", dest="data.dataset", default=S, help="synthetic (default), mvtec_ad, visa, folder")
+    g.add_argument("--data-dir", dest="data.data_dir", default=S,
                    help="where prepared datasets live (default: $DIAD_DATA_DIR or ~/.cache/diad_jax/data)")
-    g.add_argument("--manual-dir", default=S, help="the downloaded dataset's root folder (mvtec_ad, visa, folder)")
+    g.add_argument("--manual-dir", dest="data.manual_dir", default=S, help="the downloaded dataset's root folder (mvtec_ad, visa, folder)")
     g.add_argument("--dataset-option", action="append", default=S, metavar="KEY=JSON",
                    help="a data.prepare option, e.g. train_per_class=60 or exclude='[\"screw/train/good/232.png\"]'")
-    g.add_argument("--classes", nargs="+", default=S, help="train on these classes only (default: all, mixed)")
-    g.add_argument("--skip-bad", action="store_true", default=S,
+    g.add_argument("--classes", dest="data.classes", nargs="+", default=S, help="train on these classes only (default: all, mixed)")
+    g.add_argument("--skip-bad", dest="data.skip_bad", action="store_true", default=S,
                    help="skip unreadable images and anomalous images without a mask (each one logged and listed "
                         "in the prepared copy's metadata.json) instead of stopping at the first")
     g.add_argument("--overwrite-data", action="store_true",
                    help="delete the prepared copy of the dataset and prepare it again from --manual-dir")
 
     g = ap.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=S, help="GLOBAL batch per step (all devices and hosts)")
-    g.add_argument("--grad-accum", type=int, default=S, help="steps per optimizer update")
+    g.add_argument("--batch-size", dest="data.batch_size", type=int, default=S, help="GLOBAL batch per step (all devices and hosts)")
+    g.add_argument("--grad-accum", dest="optimizer.grad_accum", type=int, default=S, help="steps per optimizer update")
     g.add_argument("--steps", type=int, default=S, help="total steps (batches) of the run, resumed steps included")
-    g.add_argument("--lr", dest="learning_rate", type=float, default=S, help="constant learning rate")
-    g.add_argument("--weight-decay", type=float, default=S)
-    g.add_argument("--ema-decay", type=float, default=S, help="keep an EMA of the trained params (e.g. 0.999)")
+    g.add_argument("--lr", dest="optimizer.learning_rate", type=float, default=S, help="constant learning rate")
+    g.add_argument("--weight-decay", dest="optimizer.weight_decay", type=float, default=S)
+    g.add_argument("--ema-decay", dest="optimizer.ema_decay", type=float, default=S, help="keep an EMA of the trained params (e.g. 0.999)")
     g.add_argument("--seed", type=int, default=S)
 
     g = ap.add_argument_group("mesh (devices = data x fsdp; the batch is split over both)")
-    g.add_argument("--mesh-data", type=int, default=S, help="data-parallel axis size (-1: all remaining devices)")
-    g.add_argument("--mesh-fsdp", type=int, default=S,
+    g.add_argument("--mesh-data", dest="mesh.data", type=int, default=S, help="data-parallel axis size (-1: all remaining devices)")
+    g.add_argument("--mesh-fsdp", dest="mesh.fsdp", type=int, default=S,
                    help="fsdp axis size: shards params and optimizer state (-1: all remaining devices)")
 
     g = ap.add_argument_group("checkpoints and logging")
     g.add_argument("--workdir", default=S, help="checkpoints/, best/, metrics.jsonl, tensorboard/")
-    g.add_argument("--save-every", type=int, default=S, help="steps between checkpoints")
-    g.add_argument("--keep", type=int, default=S, help="how many recent checkpoints to keep")
-    g.add_argument("--async-checkpoint", type=_bool, default=S, help="save in the background (default true)")
-    g.add_argument("--no-resume", dest="resume", action="store_false", default=S,
+    g.add_argument("--save-every", dest="checkpoint.save_every", type=int, default=S, help="steps between checkpoints")
+    g.add_argument("--keep", dest="checkpoint.keep", type=int, default=S, help="how many recent checkpoints to keep")
+    g.add_argument("--async-checkpoint", dest="checkpoint.async_save", type=_bool, default=S, help="save in the background (default true)")
+    g.add_argument("--no-resume", dest="checkpoint.resume", action="store_false", default=S,
                    help="do not resume (fails if the workdir holds checkpoints)")
     g.add_argument("--log-every", type=int, default=S, help="steps between metric records")
+    g.add_argument("--profile-steps", type=_step_range, default=S, metavar="FIRST:LAST",
+                   help="write a jax.profiler trace of steps FIRST..LAST-1 (counted from 0) to <workdir>/profile "
+                        "(TensorBoard's profile plugin or Perfetto open it)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     g = ap.add_argument_group("multi-host and runtime")
@@ -142,7 +160,6 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
     g.add_argument("--num-processes", type=int)
     g.add_argument("--process-id", type=int)
     g.add_argument("--compilation-cache", help="JAX persistent compilation cache directory")
-    g.add_argument("--kill-at-step", type=int, help=S)  # testing: SIGKILL itself at this step
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -175,36 +192,46 @@ def dataset_options(items) -> dict:
 
 
 def config_from_args(base: TrainConfig, args: argparse.Namespace, ap: argparse.ArgumentParser) -> TrainConfig:
-    """The preset `base`, then the --config file, then the flags given (`ap` parsed them). A preset's
-    dataset options belong to the preset's dataset: choosing another dataset (by file or flag)
-    without options starts from none. An invalid value is reported with the flag or file it came from."""
+    """The preset `base`, then the --config file (nested, or the flat names of older versions), then
+    the flags given (`ap` parsed them; each flag's dest is its field's dotted path, e.g.
+    "optimizer.learning_rate"). A preset's dataset options belong to the preset's dataset: choosing
+    another dataset (by file or flag) without options starts from none. An invalid value is reported
+    with the flag or file it came from."""
     d = base.to_dict()
-    from_file = read_config_file(args.config) if args.config else {}
-    d.update(from_file)
-    flags = {k: v for k, v in vars(args).items() if k not in _RUNTIME}
-    d.update({k: v for k, v in flags.items() if k != "dataset_option"})
-    if d["dataset"] != base.dataset and "dataset_options" not in from_file:
-        d["dataset_options"] = {}
-    for key, value in dataset_options(flags.get("dataset_option", ())).items():
+    from_file = unflatten_train_dict(read_config_file(args.config))[0] if args.config else {}
+    for key, value in from_file.items():
+        d[key] = {**d[key], **value} if isinstance(d.get(key), dict) and isinstance(value, dict) else value
+    flags = {k: v for k, v in vars(args).items() if k not in _RUNTIME and k != "dataset_option"}
+    for path, value in flags.items():
+        set_path(d, path, value)
+    if d["data"]["dataset"] != base.data.dataset and "options" not in from_file.get("data", {}):
+        d["data"]["options"] = {}
+    for key, value in dataset_options(getattr(args, "dataset_option", ())).items():
         if key == "skip_bad":  # older spelling of --skip-bad
-            d["skip_bad"] = value in (True, "true", "1", 1)
+            d["data"]["skip_bad"] = value in (True, "true", "1", 1)
         else:
-            d["dataset_options"] = {**d["dataset_options"], key: value}
-    if isinstance(d.get("eval_split"), str) and d["eval_split"].lower() in ("none", ""):
-        d["eval_split"] = None
+            d["data"]["options"] = {**d["data"]["options"], key: value}
+    split = d["validation"]["split"]
+    if isinstance(split, str) and split.lower() in ("none", ""):
+        d["validation"]["split"] = None
     try:
         return TrainConfig.from_dict(d)
     except ConfigError as e:
-        field = re.search(r"TrainConfig\.(\w+)", str(e))
-        field = field.group(1) if field else None
-        options = {a.dest: a.option_strings[0] for a in ap._actions if a.option_strings}
-        if field in flags and field in options:
-            origin = f"{options[field]} {flags[field]}"
-        elif field in from_file or (field is None and args.config):
-            origin = f"--config {args.config}"
-        else:
-            origin = f"--preset {args.preset}"
-        raise ConfigError(f"{origin}: {e}") from e
+        raise ConfigError(f"{_origin(e, flags, from_file, args, ap)}: {e}") from e
+
+
+def _origin(e: ConfigError, flags: dict, from_file: dict, args: argparse.Namespace, ap) -> str:
+    """Which flag, file or preset the invalid field of `e` ("<Section>.<field> ...") came from."""
+    sections = {cls.__name__: name + "." for name, cls in TrainConfig.SECTIONS.items()} | {"TrainConfig": ""}
+    hit = re.search(r"\b(\w+Config)\.(\w+)", str(e))
+    path = sections.get(hit.group(1), "") + hit.group(2) if hit else None
+    options = {a.dest: a.option_strings[0] for a in ap._actions if a.option_strings}
+    if path in flags and path in options:
+        return f"{options[path]} {flags[path]}"
+    section, _, field = (path or "").rpartition(".")
+    if (path in from_file or field in from_file.get(section, {})) or (path is None and args.config):
+        return f"--config {args.config}"
+    return f"--preset {args.preset}"
 
 
 def add_eval_args(ap: argparse.ArgumentParser) -> None:
@@ -308,17 +335,17 @@ def preflight(cfg: TrainConfig) -> None:
     from diad_jax.checkpoints import read_metadata
     from diad_jax.train import check_eval_resnet
 
-    data.check_options(cfg.dataset, cfg.dataset_options)
+    data.check_options(cfg.data.dataset, cfg.data.options)
     if cfg.init_checkpoint:
         has_resnet = bool(read_metadata(cfg.init_checkpoint, flag="--init-checkpoint").get("has_resnet"))
     else:
         ModelConfig.from_spec(cfg.model)
         has_resnet = False
     check_eval_resnet(cfg, has_resnet)
-    check_exists(cfg.manual_dir, "--manual-dir", folder=True)
-    check_exists(cfg.eval_data_dir, "--eval-data-dir", folder=True)
-    check_exists(cfg.lpips_vgg16, "--lpips-vgg16", folder=False)
-    check_exists(cfg.lpips_lin, "--lpips-lin", folder=False)
+    check_exists(cfg.data.manual_dir, "--manual-dir", folder=True)
+    check_exists(cfg.validation.data_dir, "--eval-data-dir", folder=True)
+    check_exists(cfg.autoencoder.lpips_vgg16, "--lpips-vgg16", folder=False)
+    check_exists(cfg.autoencoder.lpips_lin, "--lpips-lin", folder=False)
     check_writable(cfg.workdir, "--workdir")
 
 
@@ -362,37 +389,51 @@ def init_runtime(args: argparse.Namespace) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def run(trainer, args: argparse.Namespace) -> dict:
-    """`trainer.run()` with a tqdm bar (process 0) showing loss and images/s; closes the trainer."""
-    import jax
+class ProgressHook:
+    """A tqdm bar (process 0) over the run's steps showing loss and images/s; the loss is also
+    logged every 10 logging intervals (every interval without a bar). A diad_jax.train.Hook (not
+    subclassed, so that importing this module stays light for --help)."""
 
-    cfg = trainer.cfg
-    bar = None
-    if not args.no_progress and jax.process_index() == 0:
+    def __init__(self, trainer, show_bar: bool):
+        import jax
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=trainer.step, desc=trainer.task.name, unit="step", dynamic_ncols=True)
 
-    def on_step(step):
-        if bar is not None:
-            bar.update(1)
+        self.log_interval = 10 * trainer.cfg.log_every
+        self.bar = None
+        if show_bar and jax.process_index() == 0:
+            self.bar = tqdm(total=trainer.cfg.steps, initial=trainer.step, desc=trainer.task.name, unit="step",
+                            dynamic_ncols=True)
 
-    def on_log(info):
-        if bar is not None:
-            bar.set_postfix(loss=f"{info.metrics['loss']:.4f}", img_s=f"{info.images_per_s:.1f}")
-        if bar is None or info.step % (10 * cfg.log_every) == 0:
+    def before_step(self, trainer, step):
+        pass
+
+    def after_step(self, trainer, step):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def after_log(self, trainer, info):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{info.metrics['loss']:.4f}", img_s=f"{info.images_per_s:.1f}")
+        if self.bar is None or info.step % self.log_interval == 0:
             log.info("step %d: loss %.4f, %.1f images/s", info.step, info.metrics["loss"], info.images_per_s)
 
+    def end(self, trainer):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(trainer, no_progress: bool = False, hooks=()) -> dict:
+    """`trainer.run()` with a progress bar (unless `no_progress`) and `hooks`; closes the trainer."""
+    cfg = trainer.cfg
     t0 = time.perf_counter()
     try:
-        result = trainer.run(on_log=on_log, on_step=on_step, kill_at_step=args.kill_at_step)
+        result = trainer.run(hooks=(ProgressHook(trainer, not no_progress), *hooks))
     finally:
-        if bar is not None:
-            bar.close()
         trainer.close()
     log.info("done: step %d, last loss %.4f, %.1fs; checkpoints in %s", result["step"], result["loss"],
              time.perf_counter() - t0, trainer.checkpointer.directory)
     if trainer.checkpointer.best_step() is not None:
-        log.info("best checkpoint (by %s on the %s split): %s/%d", cfg.best_metric, cfg.eval_split,
+        log.info("best checkpoint (by %s on the %s split): %s/%d", cfg.validation.best_metric, cfg.validation.split,
                  trainer.checkpointer.best.directory, trainer.checkpointer.best_step())
     return result
 

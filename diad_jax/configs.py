@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from diad_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # The reference's anomaly-map blur sigma and image-score max-pool window, both for its 256 px maps
 # (EvalConfig.scaled_footprint scales them to other sizes).
@@ -38,6 +41,45 @@ def _check_finite(owner: str, **values: float) -> None:
     for name, v in values.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise ConfigError(f"{owner}.{name} must be a finite number, got {v!r}")
+
+
+def _check_positive_ints(owner: str, obj, names: tuple[str, ...], minimum: int = 1) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ConfigError(f"{owner}.{name} must be >= {minimum} (an integer), got {v!r}")
+
+
+def _check_choice(owner: str, obj, name: str, allowed: tuple) -> None:
+    if getattr(obj, name) not in allowed:
+        raise ConfigError(f"{owner}.{name} must be one of {allowed}, got {getattr(obj, name)!r}")
+
+
+class _Section:
+    """Serialisation shared by the training config sections: `to_dict`, and `from_dict` that names
+    unknown keys and values of the wrong kind as `<where>.<key>`."""
+
+    # {field name: config class} of the fields that are sections themselves
+    SECTIONS: dict[str, type] = {}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | None = None):
+        where = where or cls.__name__
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {d!r}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: "
+                              f"{sorted(f.name for f in dataclasses.fields(cls))})")
+        d = {k: (cls.SECTIONS[k].from_dict(v, f"{where}.{k}") if k in cls.SECTIONS and isinstance(v, dict) else v)
+             for k, v in d.items()}
+        try:
+            return cls(**d)
+        except TypeError as e:  # a value of the wrong kind, e.g. a string where a number goes
+            raise ConfigError(f"{where}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -282,7 +324,7 @@ def spaced_timesteps(start_t: int, ddim_steps: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
+class DiffusionConfig(_Section):
     """ldm DDPM schedule and the DDIM sampler used at inference (spec section 6).
 
     The DDIM plan (which timesteps the sampler visits, and how noisy its starting latent is):
@@ -379,7 +421,7 @@ NO_WEIGHTS_COMPARATOR = "pixel_l1"
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Section):
     """Everything that decides an image's anomaly map and score, plus how a split is batched and
     which metric definitions are reported. The defaults are the reference's test path."""
 
@@ -439,84 +481,112 @@ class EvalConfig:
         return dataclasses.replace(self, sigma=REFERENCE_SIGMA * scale,
                                    pool_window=max(1, round(REFERENCE_POOL_WINDOW * scale)))
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "EvalConfig") -> "EvalConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ConfigError(f"{where}: {e}") from e
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """A DiAD training run (diad_jax/train.py). The defaults are the reference's (train.py + sgn.py +
-    ldm ddpm.py: AdamW 1e-5, weight decay 0.01, batch 12 x accumulation 4, fp32, seed 1);
-    `TrainConfig.tiny()` is the embedded default (tiny model, generated data, CPU, a few minutes).
+class OptimizerConfig(_Section):
+    """AdamW as torch.optim.AdamW (the reference's optimiser, its defaults) with a constant learning
+    rate; averaged gradient accumulation over `grad_accum` steps; an optional EMA of the trained params."""
 
-    Steps count batches (micro-steps); the optimizer updates every `grad_accum` steps.
-    """
-
-    # ---- model -----------------------------------------------------------------------------------
-    model: str = "sd15"                 # "sd15", "tiny" or a ModelConfig JSON file (unused with init_checkpoint)
-    init_checkpoint: str | None = None  # converted model checkpoint (convert/torch_to_flax.py): params, context, ResNet
-    only_mid_control: bool | None = None  # override the model config's (None: keep it; released: True)
-    compute_dtype: str = "float32"      # "float32" or "bfloat16" (fp32 master weights either way)
-    remat: bool = False                 # rematerialise res/transformer blocks in the backward pass
-    trainable: str = "reference"        # "reference": SG network + UNet decoder; "sg+unet": also the UNet encoder
-    train_t_max: int = 1000             # noise levels trained on: t ~ U{0..train_t_max-1} (the reference: 1000)
-    # ---- data ------------------------------------------------------------------------------------
-    dataset: str = "synthetic"          # "synthetic", "mvtec_ad", "visa", "folder"
-    data_dir: str | None = None         # prepared datasets; None: $DIAD_DATA_DIR or ~/.cache/diad_jax/data
-    manual_dir: str | None = None       # the downloaded dataset's root (not for "synthetic")
-    dataset_options: dict = field(default_factory=dict)  # data.prepare(**options), e.g. train_per_class
-    skip_bad: bool = False              # skip (and list) unreadable files and images without a mask
-    classes: tuple[str, ...] | None = None
-    train_split: str = "train"
-    # ---- optimisation ----------------------------------------------------------------------------
-    batch_size: int = 12                # global batch per step (over all devices and hosts)
-    grad_accum: int = 4                 # optimizer update every grad_accum steps (optax.MultiSteps)
-    steps: int = 100_000                # total steps (batches) of the run, resumed runs included
-    learning_rate: float = 1e-5         # constant
+    learning_rate: float = 1e-5
     weight_decay: float = 0.01
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    grad_accum: int = 4                 # optimizer update every grad_accum steps (optax.MultiSteps)
     ema_decay: float | None = None      # EMA of the trainable params (None: off, as the reference)
-    seed: int = 1
-    # ---- mesh ------------------------------------------------------------------------------------
-    mesh_data: int = -1                 # data-parallel axis size (-1: all remaining devices)
-    mesh_fsdp: int = 1                  # fsdp axis size (-1: all remaining devices)
-    min_shard_size: int = 2 ** 14       # params with fewer elements are replicated
-    # ---- checkpoints, logging --------------------------------------------------------------------
-    workdir: str = "runs/diad"          # checkpoints/, best/, metrics.jsonl, tensorboard/
-    save_every: int = 1000
-    keep: int = 3
-    async_checkpoint: bool = True
-    resume: bool = True                 # continue from the latest checkpoint in workdir if there is one
-    log_every: int = 10
-    # ---- evaluation ------------------------------------------------------------------------------
-    eval_every: int = 0                 # steps between evaluations (0: only eval_at_end)
-    eval_at_end: bool = False
-    eval_split: str | None = "test"     # the split that selects the best checkpoint (reference: test); None: no eval
-    eval_data_dir: str | None = None    # a separately prepared dataset directory to evaluate on instead
-    eval_batch_size: int = 8
-    eval_seed: int = 0
+
+    def __post_init__(self):
+        _check_finite("OptimizerConfig", learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+                      eps=self.eps)
+        for name in ("learning_rate", "eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"OptimizerConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"OptimizerConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:  # also false for NaN
+                raise ConfigError(f"OptimizerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        _check_positive_ints("OptimizerConfig", self, ("grad_accum",))
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"OptimizerConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """The training data: which dataset (prepared once under data_dir), which classes and split, and
+    the global batch."""
+
+    dataset: str = "synthetic"          # one of DATASETS
+    data_dir: str | None = None         # prepared datasets; None: $DIAD_DATA_DIR or ~/.cache/diad_jax/data
+    manual_dir: str | None = None       # the downloaded dataset's root (not for "synthetic")
+    options: dict = field(default_factory=dict)  # data.prepare(**options), e.g. train_per_class
+    skip_bad: bool = False              # skip (and list) unreadable files and images without a mask
+    classes: tuple[str, ...] | None = None  # None: every class, mixed
+    train_split: str = "train"
+    batch_size: int = 12                # global batch per step (over all devices and hosts)
+
+    def __post_init__(self):
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"DataConfig.options must be a mapping, got {self.options!r}")
+        object.__setattr__(self, "options", dict(self.options))
+        if self.classes is not None:
+            object.__setattr__(self, "classes", _tuple(self.classes))
+        _check_choice("DataConfig", self, "dataset", DATASETS)
+        _check_positive_ints("DataConfig", self, ("batch_size",))
+
+
+@dataclass(frozen=True)
+class ValidationConfig(_Section):
+    """When a training run evaluates, on what, and how it picks its best checkpoint (how images are
+    scored is TrainConfig.eval)."""
+
+    every: int = 0                      # steps between evaluations (0: only at_end)
+    at_end: bool = False
+    split: str | None = "test"          # the split that selects the best checkpoint (reference: test); None: no eval
+    data_dir: str | None = None         # a separately prepared dataset directory to evaluate on instead
     best_metric: str = "p_auroc+i_auroc"  # sum of mean metrics (reference val_acc = P-AUROC + I-AUROC)
-    metrics_variant: str = "standard"   # "standard" or "reference" (compute_metrics)
-    eval_schedule: str = "official"     # DiffusionConfig.schedule of the evaluation ("official" | "consistent")
-    eval_sigma: float = REFERENCE_SIGMA  # anomaly-map blur (reference 5 at 256 px; EvalConfig.scaled_footprint)
-    eval_pool_window: int = REFERENCE_POOL_WINDOW  # image-score pool window (reference 8 at 256 px)
-    # "checkpoint": evaluation needs the ResNet-50 of --init-checkpoint; "random": a randomly initialised
-    # one (maps then compare random features; recorded in every checkpoint so that scoring it repeats it)
-    eval_resnet: str = "checkpoint"
-    eval_comparator: str = "resnet"     # EvalConfig.comparator ("resnet" needs ResNet-50 weights, see eval_resnet)
-    # ---- autoencoder fine-tuning only (scripts/finetune_autoencoder.py) --------------------------
+    # "checkpoint": the resnet comparator needs the ResNet-50 of the init checkpoint; "random": a randomly
+    # initialised one (maps then compare random features; recorded in every checkpoint so scoring repeats it)
+    resnet: str = "checkpoint"
+
+    def __post_init__(self):
+        _check_positive_ints("ValidationConfig", self, ("every",), minimum=0)
+        _check_choice("ValidationConfig", self, "resnet", RESNET_CHOICES)
+
+    @property
+    def active(self) -> bool:
+        """Whether the run evaluates at all (a split, and a schedule)."""
+        return bool(self.split) and bool(self.every or self.at_end)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """Training checkpoints under <workdir>/checkpoints (each step also a model checkpoint)."""
+
+    save_every: int = 1000
+    keep: int = 3                       # the most recent checkpoints kept
+    async_save: bool = True             # write in the background
+    resume: bool = True                 # continue from the latest checkpoint in workdir if there is one
+
+    def __post_init__(self):
+        _check_positive_ints("CheckpointConfig", self, ("save_every", "keep"))
+
+
+@dataclass(frozen=True)
+class MeshConfig(_Section):
+    """The device mesh (data x fsdp; the batch is split over both) and which params are sharded."""
+
+    data: int = -1                      # data-parallel axis size (-1: all remaining devices)
+    fsdp: int = 1                       # fsdp axis size (-1: all remaining devices)
+    min_shard_size: int = 2 ** 14       # params with fewer elements are replicated
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig(_Section):
+    """The VAE fine-tuning task's loss (diad_jax/autoencoder.py, scripts/finetune_autoencoder.py);
+    DiAD training ignores it."""
+
     kl_weight: float = 1e-6
     perceptual_weight: float = 1.0      # LPIPS weight, when its weights are given
     lpips_vgg16: str | None = None      # torchvision VGG16 state dict (local file)
@@ -524,89 +594,152 @@ class TrainConfig:
     disc_start: int = 50_001            # the reference's discriminator start (not implemented: must exceed steps)
 
     def __post_init__(self):
-        if not isinstance(self.dataset_options, dict):
-            raise ConfigError(f"TrainConfig.dataset_options must be a mapping, got {self.dataset_options!r}")
-        object.__setattr__(self, "dataset_options", dict(self.dataset_options))
-        if self.classes is not None:
-            object.__setattr__(self, "classes", _tuple(self.classes))
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"TrainConfig.dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"TrainConfig.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
-        for name in ("batch_size", "grad_accum", "steps", "save_every", "keep", "log_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "seed", "eval_seed"):
+        _check_finite("AutoencoderConfig", kl_weight=self.kl_weight, perceptual_weight=self.perceptual_weight)
+        for name in ("kl_weight", "perceptual_weight"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        _check_finite("TrainConfig", learning_rate=self.learning_rate, weight_decay=self.weight_decay,
-                      eps=self.eps, eval_sigma=self.eval_sigma, kl_weight=self.kl_weight,
-                      perceptual_weight=self.perceptual_weight)
-        for name in ("learning_rate", "eps", "eval_sigma"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "kl_weight", "perceptual_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("b1", "b2"):
-            if not 0.0 <= getattr(self, name) < 1.0:  # also false for NaN
-                raise ConfigError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.eval_pool_window < 1:
-            raise ConfigError(f"TrainConfig.eval_pool_window must be >= 1, got {self.eval_pool_window}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
-        if not isinstance(self.train_t_max, int) or not 1 <= self.train_t_max <= DiffusionConfig.num_train_timesteps:
-            raise ConfigError(f"TrainConfig.train_t_max must be an integer in 1..{DiffusionConfig.num_train_timesteps}, "
-                              f"got {self.train_t_max!r}")
-        if self.trainable not in ("reference", "sg+unet"):
-            raise ConfigError(f"TrainConfig.trainable must be 'reference' or 'sg+unet', got {self.trainable!r}")
-        if self.eval_schedule not in ("official", "consistent"):
-            raise ConfigError(f"TrainConfig.eval_schedule must be 'official' or 'consistent', "
-                              f"got {self.eval_schedule!r}")
-        if self.eval_resnet not in RESNET_CHOICES:
-            raise ConfigError(f"TrainConfig.eval_resnet must be one of {RESNET_CHOICES}, got {self.eval_resnet!r}")
-        self.eval_config()  # validates the evaluation fields together
+                raise ConfigError(f"AutoencoderConfig.{name} must be >= 0, got {getattr(self, name)}")
 
-    def eval_config(self) -> EvalConfig:
-        """The run's evaluation settings as the EvalConfig every scorer takes."""
-        return EvalConfig(schedule=self.eval_schedule, sigma=self.eval_sigma, pool_window=self.eval_pool_window,
-                          variant=self.metrics_variant, batch_size=self.eval_batch_size, seed=self.eval_seed,
-                          dtype=self.compute_dtype, comparator=self.eval_comparator)
+
+# The flat field names of TrainConfig before it was nested -> where they live now. Flat config files
+# and the train_config items of older checkpoints are read through this table.
+FLAT_TRAIN_FIELDS = {
+    **{k: f"data.{k}" for k in ("dataset", "data_dir", "manual_dir", "skip_bad", "classes", "train_split",
+                                "batch_size")},
+    "dataset_options": "data.options",
+    **{k: f"optimizer.{k}" for k in ("learning_rate", "weight_decay", "b1", "b2", "eps", "grad_accum", "ema_decay")},
+    "mesh_data": "mesh.data", "mesh_fsdp": "mesh.fsdp", "min_shard_size": "mesh.min_shard_size",
+    "save_every": "checkpoint.save_every", "keep": "checkpoint.keep", "async_checkpoint": "checkpoint.async_save",
+    "resume": "checkpoint.resume",
+    "eval_every": "validation.every", "eval_at_end": "validation.at_end", "eval_split": "validation.split",
+    "eval_data_dir": "validation.data_dir", "best_metric": "validation.best_metric", "eval_resnet": "validation.resnet",
+    "eval_batch_size": "eval.batch_size", "eval_seed": "eval.seed", "metrics_variant": "eval.variant",
+    "eval_schedule": "eval.schedule", "eval_sigma": "eval.sigma", "eval_pool_window": "eval.pool_window",
+    "eval_comparator": "eval.comparator",
+    **{k: f"autoencoder.{k}" for k in ("kl_weight", "perceptual_weight", "lpips_vgg16", "lpips_lin", "disc_start")},
+}
+
+
+def set_path(d: dict, path: str, value) -> None:
+    """d["a"]["b"] = value for path "a.b" (the sections on the way copied, so `d` may share them)."""
+    head, _, rest = path.partition(".")
+    if rest:
+        d[head] = dict(d.get(head) or {})
+        set_path(d[head], rest, value)
+    else:
+        d[head] = value
+
+
+def unflatten_train_dict(d: dict) -> tuple[dict, dict[str, str]]:
+    """A TrainConfig dict that may use the flat field names of older versions -> (the nested dict,
+    {old name: new path} of the names it moved)."""
+    out, moved = {}, {}
+    for k, v in d.items():
+        if k in FLAT_TRAIN_FIELDS:
+            moved[k] = FLAT_TRAIN_FIELDS[k]
+            set_path(out, FLAT_TRAIN_FIELDS[k], v)
+    for k, v in d.items():
+        if k not in FLAT_TRAIN_FIELDS:
+            if isinstance(v, dict) and isinstance(out.get(k), dict):  # a section given both ways
+                out[k] = {**v, **out[k]}
+            else:
+                out[k] = v
+    return out, moved
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """A training run (diad_jax/train): the model, then one section per concern. The defaults are the
+    reference's (train.py + sgn.py + ldm ddpm.py: AdamW 1e-5, weight decay 0.01, batch 12 x
+    accumulation 4, fp32, seed 1); `TrainConfig.tiny()` is the embedded default (tiny model, generated
+    data, CPU, a few minutes). Steps count batches (micro-steps); the optimizer updates every
+    `optimizer.grad_accum` steps.
+    """
+
+    # ---- model -----------------------------------------------------------------------------------
+    model: str = "sd15"                 # "sd15", "tiny", "demo" or a ModelConfig JSON file (unused with init_checkpoint)
+    init_checkpoint: str | None = None  # converted model checkpoint (convert/torch_to_flax.py): params, context, ResNet
+    only_mid_control: bool | None = None  # override the model config's (None: keep it; released: True)
+    compute_dtype: str = "float32"      # "float32" or "bfloat16" (fp32 master weights either way)
+    remat: bool = False                 # rematerialise res/transformer blocks in the backward pass
+    trainable: str = "reference"        # "reference": SG network + UNet decoder; "sg+unet": also the UNet encoder
+    # ---- the DiAD loss ---------------------------------------------------------------------------
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # the noise schedule trained on
+    train_t_max: int = 1000             # noise levels trained on: t ~ U{0..train_t_max-1} (the reference: all)
+    # ---- the run ---------------------------------------------------------------------------------
+    steps: int = 100_000                # total steps (batches) of the run, resumed runs included
+    seed: int = 1
+    workdir: str = "runs/diad"          # checkpoints/, best/, metrics.jsonl, tensorboard/
+    log_every: int = 10
+    profile_steps: tuple[int, int] | None = None  # [first, last): a jax.profiler trace in <workdir>/profile
+    # ---- sections --------------------------------------------------------------------------------
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # how validation scores images
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+    SECTIONS = {"data": DataConfig, "optimizer": OptimizerConfig, "mesh": MeshConfig, "checkpoint": CheckpointConfig,
+                "validation": ValidationConfig, "eval": EvalConfig, "diffusion": DiffusionConfig,
+                "autoencoder": AutoencoderConfig}
+
+    def __post_init__(self):
+        for name, section in self.SECTIONS.items():
+            if not isinstance(getattr(self, name), section):
+                raise ConfigError(f"TrainConfig.{name} must be a {section.__name__}, got {getattr(self, name)!r}")
+        _check_choice("TrainConfig", self, "compute_dtype", ("float32", "bfloat16"))
+        _check_choice("TrainConfig", self, "trainable", ("reference", "sg+unet"))
+        _check_positive_ints("TrainConfig", self, ("steps", "log_every"))
+        _check_positive_ints("TrainConfig", self, ("seed",), minimum=0)
+        T = self.diffusion.num_train_timesteps
+        if not isinstance(self.train_t_max, int) or not 1 <= self.train_t_max <= T:
+            raise ConfigError(f"TrainConfig.train_t_max must be an integer in 1..{T}, got {self.train_t_max!r}")
+        if self.profile_steps is not None:
+            steps = _tuple(self.profile_steps)
+            if not (isinstance(steps, tuple) and len(steps) == 2 and all(type(x) is int for x in steps)
+                    and 0 <= steps[0] < steps[1]):
+                raise ConfigError(f"TrainConfig.profile_steps must be (first, last) with 0 <= first < last, "
+                                  f"got {self.profile_steps!r}")
+            object.__setattr__(self, "profile_steps", steps)
 
     @classmethod
-    def tiny(cls, **overrides) -> "TrainConfig":
+    def tiny(cls, **changes) -> "TrainConfig":
         """The embedded default: tiny model, generated 64x64 dataset, plain data parallelism on
-        whatever devices there are, a higher learning rate so the loss visibly drops in minutes."""
-        kw: dict[str, Any] = dict(
-            model="tiny", batch_size=8, grad_accum=1, steps=200, learning_rate=1e-4,
-            dataset_options=dict(train_per_class=24, test_per_class=8),
-            workdir="runs/tiny", save_every=100, log_every=10, eval_at_end=True, eval_batch_size=8,
-            eval_resnet="random",
-        )
-        kw.update(overrides)
-        return cls(**kw)
+        whatever devices there are, a higher learning rate so the loss visibly drops in minutes.
+        `changes` by dotted path, as `replace` takes them."""
+        base = cls(model="tiny", steps=200, workdir="runs/tiny", log_every=10,
+                   data=DataConfig(batch_size=8, options=dict(train_per_class=24, test_per_class=8)),
+                   optimizer=OptimizerConfig(learning_rate=1e-4, grad_accum=1),
+                   checkpoint=CheckpointConfig(save_every=100),
+                   validation=ValidationConfig(at_end=True, resnet="random"))
+        return base.replace(**changes)
 
     @classmethod
-    def reference(cls, **overrides) -> "TrainConfig":
+    def reference(cls, **changes) -> "TrainConfig":
         """The released train.py's hyperparameters (batch 12 x 4, AdamW 1e-5, fp32, seed 1)."""
-        return cls(**overrides)
+        return cls().replace(**changes)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def replace(self, **changes) -> "TrainConfig":
+        """This config with fields changed by dotted path, e.g. cfg.replace(steps=50,
+        **{"optimizer.learning_rate": 1e-4}); a whole section may be given too (data=DataConfig(...))."""
+        d = self.to_dict()
+        for path, value in changes.items():
+            set_path(d, path, value)
+        return TrainConfig.from_dict(d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"TrainConfig: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        try:
-            return cls(**d)
-        except TypeError as e:  # a value of the wrong kind, e.g. a string where a number goes
-            raise ConfigError(f"TrainConfig: {e}") from e
+    def from_dict(cls, d: dict, where: str | None = None) -> "TrainConfig":
+        """From the nested dict `to_dict` gives; the flat names of older versions are read too
+        (FLAT_TRAIN_FIELDS), with a warning naming where each one lives now."""
+        d, moved = unflatten_train_dict(d)
+        if moved:
+            log.warning("%s uses the flat TrainConfig names of older versions: %s", where or "a TrainConfig",
+                        ", ".join(f"{k} -> {v}" for k, v in moved.items()))
+        return super().from_dict(d, where or "TrainConfig")
 
     @classmethod
     def from_json(cls, s: str) -> "TrainConfig":

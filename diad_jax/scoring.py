@@ -315,7 +315,7 @@ def _same(a, b) -> bool:
 
 def random_resnet(seed: int = 0) -> dict:
     """A randomly initialised ResNet-50 (host numpy): only where a caller opted in to one
-    (`diad_jax.load(..., resnet="random")`, `TrainConfig.eval_resnet="random"`)."""
+    (`diad_jax.load(..., resnet="random")`, `ValidationConfig.resnet="random"`)."""
     from diad_jax.models.init import init_params
     from diad_jax.models.resnet import resnet_abstract_params
     return init_params({"resnet": resnet_abstract_params()}, seed)["resnet"]

@@ -66,10 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _run_trainer(trainer, no_progress: bool) -> dict:
-    return cli.run(trainer, argparse.Namespace(no_progress=no_progress, kill_at_step=None))
-
-
 @cli.entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -92,25 +88,22 @@ def main(argv=None) -> int:
 
     # every configuration is built and checked before the first (long) stage starts
     init_dir = args.workdir / "init"
-    common = dict(model="demo", data_dir=str(args.data_dir), grad_accum=1, dataset_options={}, log_every=10,
-                  seed=args.seed,
-                  eval_split=None, eval_at_end=False)
-    vae_cfg = autoencoder.tiny_config(**common, batch_size=args.vae_batch_size, steps=args.vae_steps,
-                                      learning_rate=args.vae_lr,
-                                      workdir=str(args.workdir / "autoencoder"),
-                                      save_every=max(1, args.vae_steps // 2))
+    common = {"model": "demo", "data.data_dir": str(args.data_dir), "data.options": {}, "optimizer.grad_accum": 1,
+              "log_every": 10, "seed": args.seed, "validation.split": None, "validation.at_end": False}
+    vae_cfg = autoencoder.tiny_config(**common, steps=args.vae_steps, workdir=str(args.workdir / "autoencoder"),
+                                      **{"data.batch_size": args.vae_batch_size, "optimizer.learning_rate": args.vae_lr,
+                                         "checkpoint.save_every": max(1, args.vae_steps // 2)})
     # how the checkpoints are scored (recorded in them, so scripts/predict.py and evaluate.py need no
     # flags): the schedule, the footprint scaled to 64 px, and a comparator that needs no ImageNet weights
     scoring = EvalConfig(schedule=args.schedule, batch_size=args.batch_size,
                          comparator=NO_WEIGHTS_COMPARATOR).scaled_footprint(ModelConfig.demo().image_size)
-    diad_cfg = TrainConfig.tiny(**common, batch_size=args.batch_size, init_checkpoint=str(init_dir),
-                                trainable="sg+unet", steps=args.diad_steps, train_t_max=args.train_t_max,
-                                learning_rate=args.lr, ema_decay=args.ema_decay, workdir=str(args.workdir / "diad"),
-                                save_every=max(1, args.diad_steps // 4), eval_schedule=scoring.schedule,
-                                eval_sigma=scoring.sigma, eval_pool_window=scoring.pool_window,
-                                eval_batch_size=scoring.batch_size, eval_comparator=scoring.comparator)
+    diad_cfg = TrainConfig.tiny(**common, init_checkpoint=str(init_dir), trainable="sg+unet", steps=args.diad_steps,
+                                train_t_max=args.train_t_max, workdir=str(args.workdir / "diad"), eval=scoring,
+                                **{"data.batch_size": args.batch_size, "optimizer.learning_rate": args.lr,
+                                   "optimizer.ema_decay": args.ema_decay,
+                                   "checkpoint.save_every": max(1, args.diad_steps // 4)})
     for cfg in (vae_cfg, diad_cfg):
-        check_batch(cfg, shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp), evaluates=False)
+        check_batch(cfg, shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp), evaluates=False)
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
     cli.check_writable(args.workdir, "--workdir")
@@ -129,7 +122,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     log.info("stage 1/3: autoencoder, %d steps", args.vae_steps)
     trainer = Trainer(vae_cfg, task=autoencoder.autoencoder_task(vae_cfg))
-    _run_trainer(trainer, args.no_progress)
+    cli.run(trainer, args.no_progress)
     times["autoencoder"] = time.perf_counter() - t0
 
     # 3. scale_factor from the latent std -> the initial DiAD checkpoint
@@ -146,7 +139,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     log.info("stage 2/3: DiAD (SG network + UNet), %d steps", args.diad_steps)
     trainer = Trainer(diad_cfg)
-    _run_trainer(trainer, args.no_progress)
+    cli.run(trainer, args.no_progress)
     times["diad"] = time.perf_counter() - t0
 
     # 5. evaluation of the EMA weights (the model items of a training checkpoint), then thresholds

@@ -33,14 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_common_args(ap, presets=("tiny", "reference"))
     S = argparse.SUPPRESS
     g = ap.add_argument_group("autoencoder loss")
-    g.add_argument("--kl-weight", type=float, default=S, help="KL weight (reference 1e-6)")
-    g.add_argument("--perceptual-weight", type=float, default=S, help="LPIPS weight (reference 1.0)")
-    g.add_argument("--lpips-vgg16", default=S, help="torchvision VGG16 ImageNet state dict (local .pth)")
-    g.add_argument("--lpips-lin", default=S, help="LPIPS linear layers for VGG (vgg.pth, local)")
-    g.add_argument("--disc-start", type=int, default=S,
+    g.add_argument("--kl-weight", dest="autoencoder.kl_weight", type=float, default=S, help="KL weight (reference 1e-6)")
+    g.add_argument("--perceptual-weight", dest="autoencoder.perceptual_weight", type=float, default=S, help="LPIPS weight (reference 1.0)")
+    g.add_argument("--lpips-vgg16", dest="autoencoder.lpips_vgg16", default=S, help="torchvision VGG16 ImageNet state dict (local .pth)")
+    g.add_argument("--lpips-lin", dest="autoencoder.lpips_lin", default=S, help="LPIPS linear layers for VGG (vgg.pth, local)")
+    g.add_argument("--disc-start", dest="autoencoder.disc_start", type=int, default=S,
                    help="the discriminator's start step (reference 50001); must exceed --steps")
-    g.add_argument("--b1", type=float, default=S, help="Adam beta1 (reference 0.5)")
-    g.add_argument("--b2", type=float, default=S, help="Adam beta2 (reference 0.9)")
+    g.add_argument("--b1", dest="optimizer.b1", type=float, default=S, help="Adam beta1 (reference 0.5)")
+    g.add_argument("--b2", dest="optimizer.b2", type=float, default=S, help="Adam beta2 (reference 0.9)")
     return ap
 
 
@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    if (cfg.lpips_vgg16 is None) != (cfg.lpips_lin is None):
+    ae = cfg.autoencoder
+    if (ae.lpips_vgg16 is None) != (ae.lpips_lin is None):
         ap.error("give both --lpips-vgg16 and --lpips-lin, or neither (L1 + KL only)")
     autoencoder.check_config(cfg)
     cli.preflight(cfg)
@@ -64,9 +65,10 @@ def main(argv=None) -> int:
     from diad_jax.models.lpips import load_lpips_params
     from diad_jax.train import Trainer
 
-    lpips = load_lpips_params(cfg.lpips_vgg16, cfg.lpips_lin) if cfg.lpips_vgg16 else None
+    lpips = load_lpips_params(ae.lpips_vgg16, ae.lpips_lin) if ae.lpips_vgg16 else None
     cli.write_config(cfg)
-    cli.run(Trainer(cfg, task=autoencoder.autoencoder_task(cfg, lpips), overwrite_data=args.overwrite_data), args)
+    cli.run(Trainer(cfg, task=autoencoder.autoencoder_task(cfg, lpips), overwrite_data=args.overwrite_data),
+            args.no_progress)
     return 0
 
 

@@ -6,7 +6,8 @@ With no arguments, runs the embedded default: the tiny model on the generated "s
 checkpointing to runs/tiny and evaluating at the end -- a few minutes, no weights, no downloads.
 
 Configuration: a preset (--preset tiny | reference), then a JSON file of TrainConfig fields
-(--config), then the flags below; --print-config shows the result. A run resumes from the latest
+(--config; nested as --print-config shows it: optimizer, data, eval, validation, checkpoint, mesh,
+diffusion, ...), then the flags below, each of which sets one field. A run resumes from the latest
 checkpoint in --workdir when there is one (--no-resume refuses to touch such a workdir).
 
 Evaluation (--eval-every N, --eval-at-end) denoises and scores --eval-split and keeps the best
@@ -51,25 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the noise levels t < this (default 1000, the reference); see --start-t of "
                         "scripts/evaluate.py")
     g = ap.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=int, default=S, help="evaluate every N steps (0: never during training)")
-    g.add_argument("--eval-at-end", type=cli._bool, default=S, help="evaluate after the last step")
-    g.add_argument("--eval-split", default=S,
+    g.add_argument("--eval-every", dest="validation.every", type=int, default=S, help="evaluate every N steps (0: never during training)")
+    g.add_argument("--eval-at-end", dest="validation.at_end", type=cli._bool, default=S, help="evaluate after the last step")
+    g.add_argument("--eval-split", dest="validation.split", default=S,
                    help="split that is evaluated and selects the best checkpoint (default 'test', as the "
                         "reference; 'none' disables evaluation)")
-    g.add_argument("--eval-data-dir", default=S, help="a prepared dataset directory to evaluate on instead")
-    g.add_argument("--eval-batch-size", type=int, default=S, help="global evaluation batch")
-    g.add_argument("--best-metric", default=S, help="'+'-joined mean metrics (default p_auroc+i_auroc)")
-    g.add_argument("--metrics-variant", choices=["standard", "reference"], default=S)
-    g.add_argument("--eval-schedule", choices=["official", "consistent"], default=S,
+    g.add_argument("--eval-data-dir", dest="validation.data_dir", default=S, help="a prepared dataset directory to evaluate on instead")
+    g.add_argument("--eval-batch-size", dest="eval.batch_size", type=int, default=S, help="global evaluation batch")
+    g.add_argument("--best-metric", dest="validation.best_metric", default=S, help="'+'-joined mean metrics (default p_auroc+i_auroc)")
+    g.add_argument("--metrics-variant", dest="eval.variant", choices=["standard", "reference"], default=S)
+    g.add_argument("--eval-schedule", dest="eval.schedule", choices=["official", "consistent"], default=S,
                    help="DDIM schedule of the evaluation (default official = the reference's 801-step quirk)")
-    g.add_argument("--eval-sigma", type=float, default=S, help="anomaly-map blur sigma (reference 5 at 256 px)")
-    g.add_argument("--eval-pool-window", type=int, default=S, help="image-score pool window (reference 8)")
-    g.add_argument("--eval-resnet", choices=["checkpoint", "random"], default=S,
+    g.add_argument("--eval-sigma", dest="eval.sigma", type=float, default=S, help="anomaly-map blur sigma (reference 5 at 256 px)")
+    g.add_argument("--eval-pool-window", dest="eval.pool_window", type=int, default=S, help="image-score pool window (reference 8)")
+    g.add_argument("--eval-resnet", dest="validation.resnet", choices=["checkpoint", "random"], default=S,
                    help="checkpoint (default): evaluate with --init-checkpoint's ResNet-50; random: opt in to a "
                         "randomly initialised one (maps compare random features; recorded in the checkpoints)")
-    g.add_argument("--eval-comparator", choices=COMPARATORS, default=S,
+    g.add_argument("--eval-comparator", dest="eval.comparator", choices=COMPARATORS, default=S,
                    help="what compares input and reconstruction (default resnet, the reference's; pixel_l1, ssim "
                         "and vae need no ResNet-50 weights)")
+    g.add_argument("--eval-dtype", dest="eval.dtype", choices=["float32", "bfloat16"], default=S,
+                   help="compute dtype of the evaluations (default float32; maps and metrics stay float32)")
+    g.add_argument("--eval-seed", dest="eval.seed", type=cli.nonnegative_int, default=S,
+                   help="noise seed of the evaluations (default 0)")
     return ap
 
 
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
     from diad_jax.train import Trainer
 
     cli.write_config(cfg)
-    cli.run(Trainer(cfg, overwrite_data=args.overwrite_data), args)
+    cli.run(Trainer(cfg, overwrite_data=args.overwrite_data), args.no_progress)
     return 0
 
 

@@ -92,9 +92,9 @@ def test_finetune_run_trains_only_the_vae(tmp_path):
     from diad_jax import sharding as shd
     from diad_jax.train import Trainer
 
-    cfg = autoencoder.tiny_config(workdir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), steps=3,
-                                  save_every=3, log_every=1, batch_size=8, mesh_data=-1,
-                                  dataset_options=dict(train_per_class=8, test_per_class=2))
+    cfg = autoencoder.tiny_config(workdir=str(tmp_path / "run"), steps=3, log_every=1, **{
+        "data.data_dir": str(tmp_path / "data"), "checkpoint.save_every": 3, "data.batch_size": 8,
+        "data.options": dict(train_per_class=8, test_per_class=2)})
     trainer = Trainer(cfg, mesh=shd.make_mesh(2, 4), task=autoencoder.autoencoder_task(cfg))
     assert set(trainer.state.params) == {"vae"} and not trainer.frozen
     result = trainer.run()

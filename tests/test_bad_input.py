@@ -160,7 +160,7 @@ def test_folder_dataset_trains_with_the_preset_and_a_nan_loss_stops_it(tmp_path,
     assert_user_error(rc, err, "training stopped at step 2", f"last good checkpoint is {workdir}/checkpoints/1")
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]  # kept, and nothing non-finite saved after it
     cfg = json.loads((workdir / "train_config.json").read_text())
-    assert cfg["dataset"] == "folder" and cfg["dataset_options"] == {}  # the preset's options did not leak
+    assert cfg["data"]["dataset"] == "folder" and cfg["data"]["options"] == {}  # the preset's options did not leak
 
 
 # ---- 7, 8, 10: Ctrl-C right after a save, a damaged checkpoint, a changed --ema-decay -------------
@@ -189,10 +189,9 @@ class InFlightSaves:
 
 def test_interrupt_after_a_save_then_damaged_checkpoint_falls_back(tmp_path, micro_json, capfd):
     data_dir = tmp_path / "data"
-    cfg = TrainConfig.tiny(model=str(micro_json), workdir=str(tmp_path / "run"), data_dir=str(data_dir),
-                           batch_size=2, steps=6,
-                           save_every=2, log_every=2, eval_split=None,
-                           dataset_options=dict(train_per_class=2, test_per_class=2))
+    cfg = TrainConfig.tiny(model=str(micro_json), workdir=str(tmp_path / "run"), steps=6, log_every=2, **{
+        "data.data_dir": str(data_dir), "data.batch_size": 2, "checkpoint.save_every": 2, "validation.split": None,
+        "data.options": dict(train_per_class=2, test_per_class=2)})
     mesh = shd.make_mesh(1, 1, jax.devices()[:1])
     trainer = Trainer(cfg, mesh=mesh)
     manager = trainer.checkpointer.manager = InFlightSaves(trainer.checkpointer.manager)
@@ -226,7 +225,7 @@ def test_interrupt_after_a_save_then_damaged_checkpoint_falls_back(tmp_path, mic
 
     # 10: EMA switched on for a run whose checkpoints have none
     with pytest.raises(ConfigError, match=r"--ema-decay \(on/off\): checkpoint False, this run True"):
-        Trainer(TrainConfig(**{**cfg.to_dict(), "ema_decay": 0.99}), mesh=mesh)
+        Trainer(cfg.replace(**{"optimizer.ema_decay": 0.99}), mesh=mesh)
 
     # 8: a model checkpoint with a missing file: one line naming the checkpoint, item and array
     broken = tmp_path / "broken"

@@ -216,11 +216,13 @@ def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores
     a better one); a checkpoint loads with the run's eval config and scores as the run evaluated it."""
     micro = tmp_path / "micro.json"
     micro.write_text(MICRO.to_json())
-    cfg = TrainConfig.tiny(model=str(micro), workdir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"),
-                           dataset_options=dict(train_per_class=2, test_per_class=2), steps=4, save_every=4,
-                           eval_every=2, eval_at_end=True, log_every=2, eval_sigma=EVAL.sigma,
-                           eval_pool_window=EVAL.pool_window)
-    assert cfg.eval_resnet == "random"  # the tiny preset opts in to a random ResNet-50
+    cfg = TrainConfig.tiny(model=str(micro), workdir=str(tmp_path / "run"), steps=4, log_every=2,
+                           profile_steps=(1, 3), **{
+                               "data.data_dir": str(tmp_path / "data"),
+                               "data.options": dict(train_per_class=2, test_per_class=2),
+                               "checkpoint.save_every": 4, "validation.every": 2, "validation.at_end": True,
+                               "eval.sigma": EVAL.sigma, "eval.pool_window": EVAL.pool_window})
+    assert cfg.validation.resnet == "random"  # the tiny preset opts in to a random ResNet-50
     trainer = Trainer(cfg, mesh=shd.make_mesh(1, 1, jax.devices()[:1]))  # one device: the cheapest compiles
     try:
         out = trainer.run()
@@ -230,16 +232,19 @@ def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores
         assert trainer.checkpointer.best_step() == best["step"]
         # a worse evaluation does not replace it, a better one does
         worse = {"mean": {"p_auroc": 0.0, "i_auroc": 0.0}}
-        trainer._after_eval(5, worse)
+        trainer.validator.record(5, worse, trainer.model_params(), trainer.context)
         trainer.checkpointer.wait()
         assert trainer.checkpointer.best_step() == best["step"]
-        trainer._after_eval(6, {"mean": {"p_auroc": 1.0, "i_auroc": 1.0}})
+        trainer.validator.record(6, {"mean": {"p_auroc": 1.0, "i_auroc": 1.0}}, trainer.model_params(),
+                                 trainer.context)
         trainer.checkpointer.wait()
         assert trainer.checkpointer.best_step() == 6
     finally:
         trainer.close()
     det = diad_jax.load(tmp_path / "run" / "checkpoints" / "4")
-    assert det.eval_config == cfg.eval_config() and any("randomly initialised" in n for n in det.notes)
+    assert det.eval_config == cfg.eval and any("randomly initialised" in n for n in det.notes)
+    # --profile-steps 1:3 wrote a trace of those steps
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb")), "no profiler trace written"
     ds = data.load_from_directory(trainer.dataset.path)
     again = evaluate(det, ds, progress=False).metrics["mean"]
     for k, v in out["eval"]["mean"].items():

@@ -1,0 +1,266 @@
+"""Training checkpoints: an orbax CheckpointManager whose step folders are also model checkpoints,
+restoring the newest one that restores, and the check that a checkpoint fits the run resuming it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import grain.checkpoint
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint._src.metadata import array_metadata_store
+
+from diad_jax.checkpoints import model_items, restoring
+from diad_jax import sharding as shd
+from diad_jax.configs import ModelConfig, TrainConfig, unflatten_train_dict
+from diad_jax.errors import CheckpointError, ConfigError
+from diad_jax.models.resnet import resnet_abstract_params
+from diad_jax.train.state import StepFactory, TrainState
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+
+# Orbax's default handler writes every replicated array replica-parallel; `tune_orbax_array_handler`
+# keeps that only for big arrays. tests/test_train.py checks that orbax's default still does so.
+REPLICA_PARALLEL_MIN_BYTES = 4 * 2**20
+
+_ORBAX_TUNED = False
+
+
+def tune_orbax_array_handler(min_slice_bytes: int = REPLICA_PARALLEL_MIN_BYTES) -> None:
+    """Orbax saves a replicated array "replica-parallel": every replica writes a slice, which costs
+    one small jitted slice per array and replica -- 14 s for the tiny model's 1,700 arrays on 8
+    devices. Keep that for arrays whose per-replica slice is at least `min_slice_bytes` (SD's big
+    kernels) and write smaller ones from one replica. Same on-disk format; set once per process."""
+    global _ORBAX_TUNED
+    if _ORBAX_TUNED:
+        return
+    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                             min_slice_bytes_for_replica_parallel=min_slice_bytes)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns that it overrides the jax.Array handler
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_log.setLevel(level)
+    _ORBAX_TUNED = True
+
+
+class Checkpointer:
+    """Training checkpoints under `directory`:
+
+        <directory>/<step>/state         {"params": full params (EMA ones when on), "context", "resnet"?}
+                                         (a model checkpoint)
+        <directory>/<step>/model_config  JSON: ModelConfig + has_resnet      (a model checkpoint)
+        <directory>/<step>/train_state   {"step", "params" (trainable), "opt_state", "ema"?, "rng"}
+        <directory>/<step>/data          grain iterator state, one JSON file per process
+        <directory>/<step>/train_config  JSON: the TrainConfig and the step's metrics
+
+    so `checkpoints.load_model(<directory>/<step>)` loads a trained model for evaluation.
+    Saves are asynchronous (device arrays are copied to host memory before `save` returns);
+    `keep` most recent are kept. `best_directory` (optional) holds only the model items of the
+    best checkpoint by a "higher is better" metric.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+                 best_directory: str | os.PathLike | None = None):
+        self.directory = Path(directory).absolute()
+        tune_orbax_array_handler()
+        # distinct barrier names: both managers may save the same step at once on several hosts
+        mp = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)  # noqa: E731
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                            multiprocessing_options=mp("diad_train"))
+        self.manager = ocp.CheckpointManager(self.directory, options=opts)
+        self.best = None
+        if best_directory is not None:
+            best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val"], best_mode="max",
+                                                     keep_checkpoints_without_metrics=False,
+                                                     enable_async_checkpointing=async_save, create=True,
+                                                     multiprocessing_options=mp("diad_best"))
+            self.best = ocp.CheckpointManager(Path(best_directory).absolute(), options=best_opts)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, *, state: TrainState, params: Params, context, resnet, model_meta: dict,
+             data_iterator=None, train_config: dict | None = None) -> None:
+        """`params`: the full model params evaluation uses (the EMA of the trained ones when on)."""
+        items = model_items(params, context, resnet, model_meta)
+        items["train_state"] = ocp.args.StandardSave(state.as_dict())
+        items["train_config"] = ocp.args.JsonSave(train_config or {})
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def save_best(self, step: int, value: float, *, params: Params, context, resnet, model_meta: dict,
+                  metrics: dict | None = None) -> None:
+        if self.best is None:
+            return
+        items = model_items(params, context, resnet, model_meta)
+        items["train_config"] = ocp.args.JsonSave({"step": step, "val": value, "metrics": metrics or {}})
+        self.best.save(step, args=ocp.args.Composite(**items), metrics={"val": float(value)}, force=True)
+
+    def best_step(self) -> int | None:
+        return None if self.best is None else self.best.best_step()
+
+    def restore_meta(self, step: int) -> tuple[dict, dict]:
+        with restoring(self.directory / str(step), "the model_config and train_config items"):
+            r = self.manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore(),
+                                                                   train_config=ocp.args.JsonRestore()))
+        return dict(r["model_config"]), dict(r["train_config"])
+
+    def restore(self, step: int, *, abstract_state: TrainState, abstract_params: Params, abstract_context,
+                abstract_resnet=None, data_iterator=None):
+        """Restore onto the shardings the abstract trees carry (any mesh). Returns
+        (state, full params, context, resnet, data_iterator restored or None)."""
+        target = {"params": abstract_params, "context": abstract_context}
+        if abstract_resnet is not None:
+            target["resnet"] = abstract_resnet
+        items = dict(state=ocp.args.StandardRestore(target),
+                     train_state=ocp.args.StandardRestore(abstract_state.as_dict()))
+        with restoring(self.directory / str(step), "the model weights and train state"):
+            r = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored_iter = None
+        if data_iterator is not None:
+            try:
+                r_data = self.manager.restore(step, args=ocp.args.Composite(
+                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                restored_iter = r_data["data"]
+            except Exception as e:  # e.g. a different number of processes than at save time
+                log.warning("could not restore the data iterator of step %d (%s); the input pipeline "
+                            "starts a fresh order", step, e)
+        st = r["state"]
+        return (TrainState.from_dict(r["train_state"]), st["params"], st["context"], st.get("resnet"),
+                restored_iter)
+
+    def set_aside(self, step: int) -> Path:
+        """Moves an unrestorable step out of the manager's folder (to <directory>_unrestorable/<step>),
+        so that nothing is deleted and training can save that step number again."""
+        aside = self.directory.with_name(self.directory.name + "_unrestorable") / str(step)
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                aside = aside.with_name(f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"diad_jax.train: set aside step {step}")
+        self.manager.reload()
+        return aside
+
+    def wait(self):
+        self.manager.wait_until_finished()
+        if self.best is not None:
+            self.best.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+        if self.best is not None:
+            self.best.close()
+
+
+def _state_layout(tc: dict) -> dict:
+    """The TrainConfig fields (as a nested dict) that shape the train state: a checkpoint restores
+    only into a run that agrees."""
+    opt = tc.get("optimizer", {})
+    return {"--ema-decay (on/off)": opt.get("ema_decay") is not None,
+            "--grad-accum (1 or more)": (opt.get("grad_accum") or 1) > 1,
+            "--trainable": tc.get("trainable", "reference")}
+
+
+def check_resume_compatible(saved: dict, cfg: TrainConfig, where: str) -> None:
+    """Refuses to resume from a checkpoint whose train state has another layout than this run's
+    (EMA added or removed, gradient accumulation switched on or off, another trainable subset)
+    and says which flag; a changed value that keeps the layout (e.g. another EMA decay) is logged.
+    `saved` is the checkpoint's TrainConfig dict (older checkpoints: flat names)."""
+    if not saved:
+        return
+    saved, _ = unflatten_train_dict(saved)
+    new = cfg.to_dict()
+    old_layout, new_layout = _state_layout(saved), _state_layout(new)
+    diff = [f"{k}: checkpoint {old_layout[k]}, this run {new_layout[k]}" for k in old_layout
+            if old_layout[k] != new_layout[k]]
+    if diff:
+        raise ConfigError(f"{where} was saved by a run with another train-state layout ({'; '.join(diff)}); "
+                          f"resume with the checkpoint's settings (see its train_config item) or use a new --workdir")
+    for section, key in (("optimizer", "ema_decay"), ("optimizer", "learning_rate"), ("optimizer", "grad_accum"),
+                         ("data", "batch_size"), ("optimizer", "weight_decay")):
+        old, now = saved.get(section, {}), new[section]
+        if key in old and old[key] != now[key]:
+            log.warning("resuming %s with %s.%s = %s (the checkpoint's run used %s)", where, section, key, now[key],
+                        old[key])
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `restore_latest` brings back, placed on the run's mesh."""
+
+    state: TrainState
+    params: Params                  # the full model params (EMA ones when on)
+    context: jax.Array
+    resnet: Params | None
+    data_iterator: Any | None       # None: the data iterator's state did not restore
+    best_value: float               # the best validation value so far (-inf: none yet)
+
+
+def restore_latest(checkpointer: Checkpointer, factory: StepFactory, cfg: TrainConfig, model_config: ModelConfig,
+                   data_iterator) -> Restored | None:
+    """The newest checkpoint that restores into this run (None: there is none). A checkpoint that
+    does not restore is set aside (moved, never deleted) and the next older one is tried; when none
+    restores, a CheckpointError lists why for each."""
+    steps = sorted(checkpointer.all_steps(), reverse=True)
+    if steps and not cfg.checkpoint.resume:
+        raise CheckpointError(f"{checkpointer.directory} holds checkpoints (latest step {steps[0]}) but "
+                              f"--no-resume was given; use another --workdir")
+    failed: list[tuple[int, CheckpointError]] = []
+    restored = None
+    for step in steps:  # newest first
+        try:
+            restored = _restore(checkpointer, step, factory, cfg, model_config, data_iterator)
+            break
+        except CheckpointError as e:
+            failed.append((step, e))
+    if steps and restored is None:
+        raise CheckpointError(f"none of the checkpoints in {checkpointer.directory} restores:\n"
+                              + "\n".join(f"  step {s}: {e}" for s, e in failed))
+    for step, e in failed:
+        aside = checkpointer.set_aside(step)
+        log.warning("%s\n  -> moved to %s; resumed from the newest checkpoint that restores (step %d)", e, aside,
+                    int(restored.state.step))
+    return restored
+
+
+def _restore(checkpointer: Checkpointer, step: int, factory: StepFactory, cfg: TrainConfig,
+             model_config: ModelConfig, data_iterator) -> Restored:
+    where = f"{checkpointer.directory}/{step}"
+    meta, tmeta = checkpointer.restore_meta(step)
+    saved_cfg = ModelConfig.from_dict(meta["model_config"])
+    if saved_cfg != model_config:
+        raise ConfigError(f"{where}: the checkpoint's model config differs from this run's ({saved_cfg} vs "
+                          f"{model_config}); use its --model/--init-checkpoint or a new --workdir")
+    check_resume_compatible(tmeta.get("train_config", {}), cfg, where)
+    rep = shd.replicated(factory.mesh)
+    abstract_resnet = None
+    if meta.get("has_resnet"):
+        abstract_resnet = shd.with_shardings(resnet_abstract_params(),
+                                             jax.tree.map(lambda _: rep, resnet_abstract_params()))
+    c = model_config
+    state, params, context, resnet, iterator = checkpointer.restore(
+        step, abstract_state=factory.abstract_state_with_shardings(),
+        abstract_params=shd.with_shardings(factory.abstract_full, factory.full_shardings()),
+        abstract_context=jax.ShapeDtypeStruct((1, c.context_len, c.unet.context_dim), jnp.float32, sharding=rep),
+        abstract_resnet=abstract_resnet, data_iterator=data_iterator)
+    best = tmeta.get("best_value")
+    log.info("resumed from %s (step %d)", where, int(state.step))
+    return Restored(state, params, context, resnet, iterator, -math.inf if best is None else float(best))

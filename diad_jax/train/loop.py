@@ -1,0 +1,245 @@
+"""The training loop: `Trainer` (scripts/train.py and scripts/finetune_autoencoder.py are thin CLIs
+around it) and the `Hook`s it calls between steps (progress bars, the profiler, tests)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from diad_jax import sharding as shd
+from diad_jax.configs import TrainConfig
+from diad_jax.errors import NonFiniteError
+from diad_jax.models.diad import DiAD, combine
+from diad_jax.train.checkpoint import Checkpointer, restore_latest
+from diad_jax.train.metrics_log import MetricWriter
+from diad_jax.train.sources import (ModelSource, check_batch, check_eval_resnet, prepare_data, train_iterator,
+                                    validates)
+from diad_jax.train.state import StepFactory
+from diad_jax.train.task import Task, diad_task
+from diad_jax.train.validation import Validator
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What the loop reports after each logging interval."""
+
+    step: int
+    metrics: dict[str, float]       # mean over the interval
+    images_per_s: float
+    per_step_loss: list[tuple[int, float]]
+
+
+class Hook:
+    """Called by `Trainer.run`: `before_step(trainer, step)` with the number of steps done before the
+    next one, `after_step(trainer, step)` once that step's metrics, evaluation and checkpoint (if it
+    has them) are done, `after_log(trainer, info)` at every logging interval, `end(trainer)` when
+    the run stops (also on an error)."""
+
+    def before_step(self, trainer: "Trainer", step: int) -> None: ...
+    def after_step(self, trainer: "Trainer", step: int) -> None: ...
+    def after_log(self, trainer: "Trainer", info: StepInfo) -> None: ...
+    def end(self, trainer: "Trainer") -> None: ...
+
+
+class ProfileHook(Hook):
+    """A jax.profiler trace of the steps first..last-1 (counted from 0) into `logdir` (TensorBoard's
+    profile plugin or Perfetto read it); each step is a StepTraceAnnotation in it."""
+
+    def __init__(self, first: int, last: int, logdir: str | Path):
+        self.first, self.last, self.logdir, self.active = first, last, str(logdir), False
+
+    def before_step(self, trainer, step):
+        if step == self.first:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after_step(self, trainer, step):
+        if step == self.last:
+            self.end(trainer)
+
+    def end(self, trainer):
+        if self.active:
+            jax.block_until_ready(trainer.state)
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("profile of steps %d..%d written to %s", self.first, self.last - 1, self.logdir)
+
+
+def check_finite(steps: Sequence[int], metrics: Sequence[dict], checkpointer: Checkpointer) -> None:
+    """Stops the run (NonFiniteError) at the first step whose loss or gradient norm is not finite,
+    naming the last good checkpoint; called before anything of that step is saved."""
+    for s, m in zip(steps, metrics):
+        bad = {k: float(m[k]) for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])}
+        if bad:
+            checkpointer.wait()
+            saved = checkpointer.all_steps()
+            last = (f"the last good checkpoint is {checkpointer.directory}/{max(saved)} (kept; a rerun resumes "
+                    f"from it)") if saved else "no checkpoint was saved before it"
+            raise NonFiniteError(f"training stopped at step {s}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; "
+                                 f"{last}. Lower --lr, check the data, or start from another checkpoint")
+
+
+class Trainer:
+    """The training loop. `Trainer(TrainConfig.tiny(workdir="runs/x")).run()` resumes from
+    runs/x/checkpoints if there is a checkpoint there; `close()` waits for the last save."""
+
+    def __init__(self, cfg: TrainConfig, mesh: Mesh | None = None, task: Task | None = None,
+                 overwrite_data: bool = False):
+        self.cfg, self.task = cfg, task or diad_task(cfg)
+        self.mesh = mesh or shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+        log.info("mesh: %s", shd.describe_mesh(self.mesh))
+        validating = validates(cfg, self.task)
+        check_batch(cfg, self.mesh, validating)
+        self.workdir = Path(cfg.workdir).absolute()
+        source = ModelSource.load(cfg)
+        if self.task.detects_anomalies:
+            check_eval_resnet(cfg, source.resnet is not None)
+        self.model_config, self.model_meta = source.config, source.metadata(cfg, self.task)
+        self.model = DiAD(source.config, dtype=DTYPES[cfg.compute_dtype], remat=cfg.remat)
+        self.factory = StepFactory(self.model, cfg, self.mesh, task=self.task)
+        self.dataset = prepare_data(cfg, source.config.image_size, overwrite_data)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save,
+                                         best_directory=(self.workdir / "best") if validating else None)
+        self.writer = MetricWriter(self.workdir)
+        best_value = self._start(source)
+        self.validator = None if not validating else Validator(
+            cfg, source.config, self.mesh, self.dataset, resnet=self.resnet, writer=self.writer,
+            checkpointer=self.checkpointer, model_meta=self.model_meta, best_value=best_value)
+
+    def _start(self, source: ModelSource) -> float:
+        """Places the newest checkpoint that restores, else the source's (or fresh) params; returns
+        the best validation value so far."""
+        f, rep = self.factory, shd.replicated(self.mesh)
+        iterator = train_iterator(self.cfg, self.dataset, source.config.image_size)
+        restored = restore_latest(self.checkpointer, f, self.cfg, source.config, iterator)
+        if restored is None:
+            params = source.params if source.params is not None else self.model.init(seed=self.cfg.seed)
+            trainable, self.frozen = f.split(params)
+            self.state = f.init_state(trainable)
+            others = {g: v for g, v in params.items() if g not in self.task.groups}
+            self.others = shd.place(others, {g: f.full_shardings()[g] for g in others})
+            self.context, self.iterator, best_value = f.place_context(source.context), iterator, -math.inf
+        else:
+            self.state, self.frozen = restored.state, f.split(restored.params)[1]
+            self.others = {g: v for g, v in restored.params.items() if g not in self.task.groups}
+            self.context, self.iterator = restored.context, restored.data_iterator or iterator
+            best_value = restored.best_value
+        resnet = restored.resnet if restored is not None and restored.resnet is not None else source.resnet
+        self.resnet = None if resnet is None else shd.place(resnet, jax.tree.map(lambda _: rep, resnet))
+        log.info("params: %.2fM trainable, %.2fM frozen; trainable + optimizer state: %s",
+                 sum(x.size for x in jax.tree.leaves(self.state.params)) / 1e6,
+                 sum(x.size for x in jax.tree.leaves(self.frozen)) / 1e6,
+                 shd.shard_summary((self.state.params, self.state.opt_state)))
+        return best_value
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state.step))
+
+    def model_params(self):
+        """The full model params as evaluation and checkpoints use them: the EMA of the trained
+        params when on, and every frozen group (the task's extra inputs left out)."""
+        trained = self.state.ema if self.state.ema is not None else self.state.params
+        frozen = {g: v for g, v in self.frozen.items() if g not in self.task.extra_frozen}
+        return combine(trained, {**frozen, **self.others})
+
+    def save(self, step: int, loss: float) -> None:
+        best = self.validator.best_value if self.validator else -math.inf
+        tc = {"train_config": self.cfg.to_dict(), "step": step, "metrics": {"loss": loss},
+              "best_value": best if math.isfinite(best) else None}
+        self.checkpointer.save(step, state=self.state, params=self.model_params(), context=self.context,
+                               resnet=self.resnet, model_meta=self.model_meta, data_iterator=self.iterator,
+                               train_config=tc)
+
+    def evaluate(self) -> dict:
+        """Scores the validation split with the current (EMA) weights, logs, keeps the best checkpoint."""
+        return self.validator(self.step, self.model_params(), self.context)
+
+    def run(self, hooks: Sequence[Hook] = ()) -> dict:
+        """Train until cfg.steps: a checkpoint every checkpoint.save_every steps and at the end (also
+        on KeyboardInterrupt, unless that step is saved already), evaluations as cfg.validation says.
+        Stops with NonFiniteError at the first non-finite loss or gradient norm, before any checkpoint
+        of it. Returns {"step", "loss" (last interval's mean), "eval": last results or None}."""
+        cfg, step = self.cfg, self.step
+        if cfg.profile_steps is not None:
+            hooks = (*hooks, ProfileHook(*cfg.profile_steps, self.workdir / "profile"))
+        pending, last_eval, last_loss, saved_step = [], None, float("nan"), None
+        t_last, imgs = time.perf_counter(), 0
+        try:
+            while step < cfg.steps:
+                for h in hooks:
+                    h.before_step(self, step)
+                with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
+                    batch = next(self.iterator)
+                    batch = shd.shard_batch({"image": batch["image"], "index": batch["index"]}, self.mesh)
+                    self.state, metrics = self.factory.step(self.state, self.frozen, self.context, batch)
+                step, imgs = step + 1, imgs + cfg.data.batch_size
+                pending.append((step, metrics))
+                do_eval = self.validator is not None and ((cfg.validation.every and step % cfg.validation.every == 0)
+                                                          or (cfg.validation.at_end and step == cfg.steps))
+                do_save = step % cfg.checkpoint.save_every == 0 or step == cfg.steps
+                # metrics are fetched (a device sync) at log intervals and before an evaluation or a
+                # save, so that a non-finite loss never reaches a checkpoint
+                if step % cfg.log_every == 0 or do_eval or do_save:
+                    info = self._log(pending, imgs / (time.perf_counter() - t_last))
+                    last_loss, pending, t_last, imgs = info.metrics["loss"], [], time.perf_counter(), 0
+                    for h in hooks:
+                        h.after_log(self, info)
+                if do_eval:
+                    last_eval = self.evaluate()
+                    t_last, imgs = time.perf_counter(), 0
+                if do_save:
+                    self.save(step, last_loss)
+                    saved_step = step
+                for h in hooks:
+                    h.after_step(self, step)
+        except KeyboardInterrupt:
+            self._save_on_interrupt(step, saved_step, last_loss)
+            raise
+        finally:
+            for h in hooks:
+                h.end(self)
+        self.checkpointer.wait()
+        return {"step": step, "loss": last_loss, "eval": last_eval}
+
+    def _save_on_interrupt(self, step: int, saved_step: int | None, loss: float) -> None:
+        self.checkpointer.wait()  # a save in flight finishes first: never write the same step twice
+        if step == saved_step or step in self.checkpointer.all_steps():
+            log.warning("interrupted at step %d, which is saved in %s", step, self.checkpointer.directory)
+            return
+        log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
+        try:
+            self.save(step, loss)
+            self.checkpointer.wait()
+        except Exception as e:  # e.g. the interrupt cut a save of this step short
+            log.error("could not save step %d (%s); the newest checkpoint is step %s", step, e,
+                      max(self.checkpointer.all_steps(), default=None))
+
+    def _log(self, pending: list[tuple[int, dict]], images_per_s: float) -> StepInfo:
+        """Fetches the pending steps' metrics, writes them, and stops at the first non-finite one."""
+        steps, host = [s for s, _ in pending], jax.device_get([m for _, m in pending])
+        for s, h in zip(steps, host):
+            self.writer.write(s, {k: float(v) for k, v in h.items()})
+        self.writer.write(steps[-1], {"images_per_s": images_per_s}, kind="perf")
+        self.writer.flush()
+        check_finite(steps, host, self.checkpointer)
+        mean = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+        return StepInfo(steps[-1], mean, images_per_s, [(s, float(h["loss"])) for s, h in zip(steps, host)])
+
+    def close(self):
+        self.checkpointer.wait()
+        self.checkpointer.close()
+        self.writer.close()

@@ -1,0 +1,123 @@
+"""Where a training run's model and data come from, and the checks made before any step: the
+model source (an init checkpoint or a fresh config), the prepared dataset and its per-host
+iterator, batch sizes against the mesh, and the ResNet-50 an evaluating run needs."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from diad_jax import data as data_lib
+from diad_jax import sharding as shd
+from diad_jax.checkpoints import default_context, load_model, model_metadata
+from diad_jax.configs import NO_WEIGHTS_COMPARATOR, ModelConfig, TrainConfig
+from diad_jax.errors import ConfigError
+from diad_jax.train.task import Task
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+
+
+def default_data_dir() -> str:
+    return os.environ.get("DIAD_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "diad_jax", "data")
+
+
+def validates(cfg: TrainConfig, task: Task) -> bool:
+    """Whether the run evaluates: the task trains an anomaly detector and cfg.validation is active."""
+    return task.detects_anomalies and cfg.validation.active
+
+
+def check_eval_resnet(cfg: TrainConfig, has_resnet: bool) -> None:
+    """An evaluating run that compares with ResNet-50 features needs its weights (from
+    --init-checkpoint) or the explicit opt-in to a random one; nothing random is substituted silently."""
+    if (cfg.validation.active and cfg.eval.comparator == "resnet" and not has_resnet
+            and cfg.validation.resnet != "random"):
+        where = (f"--init-checkpoint {cfg.init_checkpoint} has" if cfg.init_checkpoint
+                 else "a run without --init-checkpoint has")
+        raise ConfigError(f"{where} no ResNet-50 weights for the evaluation: convert them into the checkpoint "
+                          f"(convert/torch_to_flax.py --resnet), opt in to a randomly initialised ResNet-50 "
+                          f"with --eval-resnet random (maps then compare random features), compare without it "
+                          f"(--eval-comparator {NO_WEIGHTS_COMPARATOR}), or --eval-split none")
+
+
+def check_batch(cfg: TrainConfig, mesh: Mesh, evaluates: bool) -> None:
+    """The global batch sizes split evenly over the mesh's devices and the processes."""
+    n_dev, n_proc = shd.batch_size_multiple(mesh), jax.process_count()
+    if cfg.data.batch_size % n_dev:
+        raise ConfigError(f"--batch-size {cfg.data.batch_size} must be a multiple of the {n_dev} devices of the "
+                          f"mesh ({shd.describe_mesh(mesh)})")
+    if cfg.data.batch_size % n_proc:
+        raise ConfigError(f"--batch-size {cfg.data.batch_size} must be a multiple of the {n_proc} processes")
+    if evaluates and cfg.eval.batch_size % n_dev:
+        raise ConfigError(f"--eval-batch-size {cfg.eval.batch_size} must be a multiple of the {n_dev} devices")
+
+
+@dataclasses.dataclass
+class ModelSource:
+    """The model a run starts from, on the host: its config, its params (None: initialise fresh),
+    the text context and the ResNet-50 (None: the checkpoint has none)."""
+
+    config: ModelConfig
+    params: Params | None
+    context: np.ndarray
+    resnet: Params | None
+
+    @classmethod
+    def load(cls, cfg: TrainConfig) -> "ModelSource":
+        if cfg.init_checkpoint:
+            ckpt = load_model(cfg.init_checkpoint)
+            source = cls(ckpt.config, ckpt.params, np.asarray(ckpt.context, np.float32), ckpt.resnet)
+            log.info("initialising from %s (context and%s ResNet from the checkpoint)", cfg.init_checkpoint,
+                     "" if ckpt.resnet is not None else " NO")
+        else:
+            config = ModelConfig.from_spec(cfg.model)
+            source = cls(config, None, default_context(config), None)
+            log.warning("no --init-checkpoint: %s model with the reference's random initialisation (SG network "
+                        "copied from the UNet encoder) and a zero context in place of CLIP(\"\")", cfg.model)
+        if cfg.only_mid_control is not None:
+            source.config = dataclasses.replace(source.config, only_mid_control=cfg.only_mid_control)
+        return source
+
+    def metadata(self, cfg: TrainConfig, task: Task) -> dict:
+        """The model checkpoints' metadata; for an anomaly detector also how the run scores it (its
+        eval config, and the opt-in to a random ResNet-50), so that `diad_jax.load` scores it the same way."""
+        extra = {}
+        if task.detects_anomalies:
+            extra["eval_config"] = cfg.eval.to_dict()
+            if self.resnet is None and cfg.validation.resnet == "random" and cfg.eval.comparator == "resnet":
+                extra["resnet"] = "random"
+        return model_metadata(self.config, self.resnet is not None, source="diad_jax.train",
+                              init_checkpoint=cfg.init_checkpoint, **extra)
+
+
+def prepare_data(cfg: TrainConfig, image_size: int, overwrite: bool = False) -> data_lib.PreparedDataset:
+    """The training dataset, prepared once by process 0 (the others wait, then open it, or prepare
+    their own copy when data_dir is host-local)."""
+    d = cfg.data
+    data_dir = d.data_dir or default_data_dir()
+    kw = dict(manual_dir=d.manual_dir, classes=d.classes, image_size=image_size, skip_bad=d.skip_bad, **d.options)
+    if jax.process_index() == 0:
+        ds = data_lib.prepare(d.dataset, data_dir, overwrite=overwrite, **kw)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("diad_jax.train: dataset prepared")
+    if jax.process_index() != 0:
+        ds = data_lib.prepare(d.dataset, data_dir, **kw)
+    n = len(ds.indices(d.train_split, d.classes))
+    log.info("dataset %s at %s: %d %s images of %d classes; %d steps per epoch", d.dataset, ds.path, n,
+             d.train_split, len(ds.class_names), n // d.batch_size)
+    return ds
+
+
+def train_iterator(cfg: TrainConfig, dataset: data_lib.PreparedDataset, image_size: int):
+    """This process's share of every global batch, shuffled per epoch (checkpointable grain iterator)."""
+    n_proc = jax.process_count()
+    return iter(data_lib.train_dataset(dataset, cfg.data.batch_size // n_proc, split=cfg.data.train_split,
+                                       classes=cfg.data.classes, image_size=image_size, seed=cfg.seed,
+                                       shard_index=jax.process_index(), shard_count=n_proc))

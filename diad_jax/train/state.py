@@ -1,0 +1,146 @@
+"""The train state and the jitted, sharded train step.
+
+Parameters are split by the task's trainable mask (DiAD: SG network + UNet decoder, as the reference
+trains): only the trainable part is in the train state and the optimizer; the frozen part (UNet
+encoder and middle block, VAE) is a separate, non-donated argument of the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from diad_jax import sharding as shd
+from diad_jax.configs import TrainConfig
+from diad_jax.models.diad import DiAD, partition
+from diad_jax.train.task import Task, diad_task
+
+Params = dict[str, Any]
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array        # int32 scalar: batches consumed
+    params: Params         # the trainable subset (nested like the full params, missing the frozen leaves)
+    opt_state: Any
+    ema: Params | None     # EMA of `params` (None when off)
+    rng: jax.Array         # uint32 raw key; step s uses fold_in(rng, s)
+
+    def as_dict(self) -> dict:
+        d = {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+        if self.ema is not None:
+            d["ema"] = self.ema
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(step=d["step"], params=d["params"], opt_state=d["opt_state"], ema=d.get("ema"), rng=d["rng"])
+
+
+def init_train_state(optimizer, trainable: Params, seed: int, ema: bool) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=optimizer.init(trainable),
+                      ema=jax.tree.map(jnp.copy, trainable) if ema else None,
+                      rng=jax.random.PRNGKey(seed))
+
+
+@dataclasses.dataclass
+class StepFactory:
+    """Builds, for one mesh, the shardings of everything the step touches and the jitted step.
+
+        f = StepFactory(model, cfg, mesh)
+        trainable, frozen = f.split(params)                # placed with the partition rules
+        state = f.init_state(trainable)
+        state, metrics = f.step(state, frozen, context, batch)   # batch: {"image", "index"} global arrays
+
+    `task` picks the param groups, trainable subset, loss and optimiser (default: DiAD's)."""
+
+    model: DiAD
+    cfg: TrainConfig
+    mesh: Mesh
+    task: Task | None = None  # None: diad_task(cfg)
+
+    def __post_init__(self):
+        if self.task is None:
+            self.task = diad_task(self.cfg)
+        self.optimizer = self.task.optimizer
+        ema_decay = self.cfg.optimizer.ema_decay
+        full = self.model.abstract_params()
+        self.abstract_full = full
+        abstract = {g: full[g] for g in self.task.groups}
+        self.mask = self.task.mask_fn(abstract)
+        a_train, a_frozen = partition(abstract, self.mask)
+        a_frozen.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.task.extra_frozen))
+        self.abstract_trainable, self.abstract_frozen = a_train, a_frozen
+        self.trainable_shardings = self.param_shardings(a_train)
+        self.frozen_shardings = self.param_shardings(a_frozen)
+        self.abstract_state = jax.eval_shape(
+            lambda p: init_train_state(self.optimizer, p, 0, ema_decay is not None), a_train)
+        rep = shd.replicated(self.mesh)
+        self.state_shardings = TrainState(
+            step=rep, params=self.trainable_shardings,
+            opt_state=shd.opt_state_shardings(self.optimizer, self.abstract_state.opt_state,
+                                              self.trainable_shardings, self.mesh),
+            ema=self.trainable_shardings if ema_decay is not None else None, rng=rep)
+        self.batch_shardings = {"image": shd.batch_sharding(self.mesh, 4), "index": shd.batch_sharding(self.mesh, 1)}
+        self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, rep,
+                                                      self.batch_shardings),
+                            out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+
+    def param_shardings(self, tree):
+        return shd.param_shardings(tree, self.mesh, min_shard_size=self.cfg.mesh.min_shard_size)
+
+    # ---- placement -----------------------------------------------------------------------------
+    def split(self, params: Params) -> tuple[Params, Params]:
+        """(trainable, frozen) of the task's groups, placed on the mesh by the partition rules."""
+        trainable, frozen = partition({g: params[g] for g in self.task.groups}, self.mask)
+        frozen.update(self.task.extra_frozen)
+        return shd.place(trainable, self.trainable_shardings), shd.place(frozen, self.frozen_shardings)
+
+    def full_shardings(self):
+        """Shardings of the full params (every group, also those the task does not touch)."""
+        return self.param_shardings(self.abstract_full)
+
+    def init_state(self, trainable: Params) -> TrainState:
+        seed, ema = self.cfg.seed, self.cfg.optimizer.ema_decay is not None
+        return jax.jit(lambda p: init_train_state(self.optimizer, p, seed, ema),
+                       in_shardings=(self.trainable_shardings,), out_shardings=self.state_shardings)(trainable)
+
+    def place_context(self, context):
+        return shd.place(jnp.asarray(context, jnp.float32), shd.replicated(self.mesh))
+
+    def abstract_state_with_shardings(self) -> TrainState:
+        return shd.with_shardings(self.abstract_state, self.state_shardings)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def loss(self, trainable, frozen, context, batch, key):
+        return self.task.loss_fn(self.model, trainable, frozen, context, batch, key)[0]
+
+    def _step(self, state: TrainState, frozen, context, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, aux), grads = jax.value_and_grad(
+            lambda p: self.task.loss_fn(self.model, p, frozen, context, batch, key), has_aux=True)(state.params)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            d = self.cfg.optimizer.ema_decay
+            applied = (state.step + 1) % self.cfg.optimizer.grad_accum == 0  # an optimizer update happened
+            ema = jax.tree.map(lambda e, p: jnp.where(applied, d * e + (1.0 - d) * p, e), ema, params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+    def lower(self, batch_size: int):
+        """Lower the step on abstract inputs (no arrays materialised), e.g. for memory_analysis()."""
+        c = self.model.config
+        rep = shd.replicated(self.mesh)
+        frozen = shd.with_shardings(self.abstract_frozen, self.frozen_shardings)
+        ctx = jax.ShapeDtypeStruct((1, c.context_len, c.unet.context_dim), jnp.float32, sharding=rep)
+        batch = {"image": jax.ShapeDtypeStruct((batch_size, 3, c.image_size, c.image_size), jnp.float32,
+                                               sharding=self.batch_shardings["image"]),
+                 "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.batch_shardings["index"])}
+        return self.step.lower(self.abstract_state_with_shardings(), frozen, ctx, batch)

@@ -1,0 +1,91 @@
+"""What a training run optimises: the `Task` plug-in, DiAD's loss and task, the optimiser."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diad_jax.configs import DiffusionConfig, OptimizerConfig, TrainConfig
+from diad_jax.diffusion import q_sample
+from diad_jax.models.diad import TRAINABLE_MASKS, DiAD, combine
+
+Params = dict[str, Any]
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW as torch.optim.AdamW(lr, betas, eps, weight_decay) with a constant lr; averaged
+    gradient accumulation over `grad_accum` steps (Lightning's accumulate_grad_batches).
+    optax decays every leaf it is given, while torch's AdamW skips parameters that got no gradient
+    (README, "Differences from the reference")."""
+    opt = optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.grad_accum > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum).gradient_transformation()
+    return opt
+
+
+def example_keys(key, index):
+    """One independent key per example, from the step key and the example's dataset index."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index.astype(jnp.uint32))
+
+
+def diffusion_loss(model: DiAD, diffusion: DiffusionConfig, trainable: Params, frozen: Params, context,
+                   images, index, key, t_max: int | None = None):
+    """The reference's training loss (ldm DDPM p_losses, eps-parameterisation, l2, logvar 0):
+
+        z   = scale_factor * (mean + std * n),  n ~ N(0, I)   (VAE posterior SAMPLE, no gradient)
+        t   ~ U{0, ..., T-1} (T = t_max when given),  eps ~ N(0, I),  x_t = q_sample(z, t, eps)
+        loss = mean((eps - eps_theta(x_t, t, context, hint=images))^2)
+
+    `images` (B, 3, H, W) normalised are both the VAE input and the hint; `context` (1, L, D) is
+    broadcast; `index` (B,) int keys each example's noise (see `example_keys`). Per-example keys
+    make a step give the same result on any mesh and any number of hosts."""
+    params = combine(trainable, frozen)
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, index))
+    mean, logvar = model.encode_moments(params, images)
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    post_noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys[:, 0])
+    # ldm DiagonalGaussianDistribution clamps logvar to [-30, 20]
+    std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
+    z = jax.lax.stop_gradient(model.config.scale_factor * (mean + std * post_noise))
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, t_max or diffusion.num_train_timesteps))(keys[:, 1])
+    eps = jax.vmap(lambda k: jax.random.normal(k, z.shape[1:], jnp.float32))(keys[:, 2])
+    x_t = q_sample(diffusion, z, t, eps)
+    pred = model.eps(params, x_t, t, context, images)
+    return jnp.mean(jnp.square(pred - eps))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a training run optimises: which param groups the step sees, which of them train
+    (`mask_fn(params) -> bool tree`), the loss `loss_fn(model, trainable, frozen, context, batch, key)
+    -> (loss, {name: scalar})` and the optimiser. `diad_task(cfg)` is DiAD's; diad_jax/autoencoder.py
+    defines the VAE fine-tuning one."""
+
+    name: str
+    groups: tuple[str, ...]
+    mask_fn: Callable[[Params], Any]
+    loss_fn: Callable[..., Any]
+    optimizer: optax.GradientTransformation
+    # Extra frozen inputs of the loss that are not model params (e.g. {"lpips": params}): placed
+    # with the partition rules, passed in `frozen`, never checkpointed.
+    extra_frozen: dict = dataclasses.field(default_factory=dict)
+    # Whether the run's validation (denoise-and-score, TrainConfig.validation) applies: the trained
+    # model is an anomaly detector.
+    detects_anomalies: bool = False
+
+
+def diad_task(cfg: TrainConfig) -> Task:
+    """DiAD's task: the parameters cfg.trainable names (the reference: SG network + UNet decoder)
+    trained with `diffusion_loss` on cfg.diffusion's schedule at the noise levels t < cfg.train_t_max
+    (the reference: all 1000)."""
+
+    def loss(model, trainable, frozen, context, batch, key):
+        return diffusion_loss(model, cfg.diffusion, trainable, frozen, context, batch["image"], batch["index"], key,
+                              t_max=cfg.train_t_max), {}
+
+    return Task("diad", ("unet", "sg", "vae"), TRAINABLE_MASKS[cfg.trainable], loss, make_optimizer(cfg.optimizer),
+                detects_anomalies=True)
