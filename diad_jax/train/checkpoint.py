@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 Params = dict[str, Any]
 
 # Orbax's default handler writes every replicated array replica-parallel; `tune_orbax_array_handler`
-# keeps that only for big arrays. tests/test_train.py checks that orbax's default still does so.
+# keeps that only for big arrays. tests/test_train_config.py checks that orbax's default still does so.
 REPLICA_PARALLEL_MIN_BYTES = 4 * 2**20
 
 _ORBAX_TUNED = False

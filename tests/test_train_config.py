@@ -1,0 +1,107 @@
+"""The nested TrainConfig: sections, serialisation (also of the flat names of older versions), the
+one mapping of command-line flags onto fields, --print-config, and the orbax tuning training relies on."""
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import orbax.checkpoint as ocp
+import pytest
+
+from diad_jax import cli
+from diad_jax.configs import (FLAT_TRAIN_FIELDS, DataConfig, EvalConfig, OptimizerConfig, TrainConfig,
+                              unflatten_train_dict)
+from diad_jax.errors import ConfigError
+from diad_jax.train import tune_orbax_array_handler
+from diad_jax.train.checkpoint import REPLICA_PARALLEL_MIN_BYTES
+from tests.scripts import load_script
+
+
+def _paths(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= _paths(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "options" else {prefix + k}
+    return out
+
+
+def test_sections_round_trip_and_replace_by_dotted_path():
+    cfg = TrainConfig.tiny(steps=5, **{"optimizer.learning_rate": 3e-4, "eval.comparator": "ssim"})
+    assert isinstance(cfg.optimizer, OptimizerConfig) and isinstance(cfg.data, DataConfig)
+    assert isinstance(cfg.eval, EvalConfig)
+    assert (cfg.steps, cfg.optimizer.learning_rate, cfg.eval.comparator) == (5, 3e-4, "ssim")
+    assert cfg.data.options == {"train_per_class": 24, "test_per_class": 8}  # the preset's section kept
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match=r"TrainConfig.optimizer: unknown keys \['lr'\]"):
+        TrainConfig.from_dict({"optimizer": {"lr": 1.0}})
+    with pytest.raises(ConfigError, match=r"OptimizerConfig.b1 must be in \[0, 1\)"):
+        cfg.replace(**{"optimizer.b1": 1.5})
+
+
+def test_flat_names_of_older_versions_are_read_and_named(caplog):
+    """Every flat name maps onto a field that exists; a flat config (an older checkpoint's
+    train_config, an older --config file) gives the same config as its nested form."""
+    fields = _paths(TrainConfig().to_dict())
+    assert set(FLAT_TRAIN_FIELDS.values()) <= fields
+    flat = {"learning_rate": 2e-4, "eval_every": 5, "dataset_options": {"train_per_class": 3}, "eval_sigma": 1.5,
+            "async_checkpoint": False, "kl_weight": 0.5, "steps": 7}
+    with caplog.at_level(logging.WARNING):
+        cfg = TrainConfig.from_dict(flat)
+    assert "learning_rate -> optimizer.learning_rate" in caplog.text
+    nested, moved = unflatten_train_dict(flat)
+    assert moved["eval_sigma"] == "eval.sigma" and TrainConfig.from_dict(nested) == cfg
+    assert (cfg.optimizer.learning_rate, cfg.validation.every, cfg.data.options, cfg.eval.sigma,
+            cfg.checkpoint.async_save, cfg.autoencoder.kl_weight, cfg.steps) == (2e-4, 5, {"train_per_class": 3},
+                                                                                1.5, False, 0.5, 7)
+
+
+@pytest.mark.parametrize("script", ["train", "finetune_autoencoder"])
+def test_every_flag_sets_one_existing_field(script):
+    """The flags' dests are the fields' dotted paths (the one mapping); each flag given lands there."""
+    ap = load_script(script).build_parser()
+    fields = _paths(TrainConfig().to_dict())
+    field_flags = [a for a in ap._actions
+                   if a.option_strings and a.dest not in cli._RUNTIME | {"help", "dataset_option"}]
+    assert len(field_flags) > 20
+    for a in field_flags:
+        assert a.dest in fields, f"{a.option_strings[0]} -> {a.dest}: no such TrainConfig field"
+    argv = ["--lr", "0.5", "--mesh-fsdp", "2", "--keep", "4", "--steps", "9", "--dataset-option", "train_per_class=3",
+            "--profile-steps", "2:4"]
+    if script == "train":
+        argv += ["--eval-sigma", "2", "--eval-every", "3", "--eval-split", "none"]
+    cfg = cli.config_from_args(TrainConfig.tiny(), ap.parse_args(argv), ap)
+    assert (cfg.optimizer.learning_rate, cfg.mesh.fsdp, cfg.checkpoint.keep, cfg.steps, cfg.profile_steps) == (
+        0.5, 2, 4, 9, (2, 4))
+    assert cfg.data.options == {"train_per_class": 3, "test_per_class": 8}
+    if script == "train":
+        assert (cfg.eval.sigma, cfg.validation.every, cfg.validation.split) == (2.0, 3, None)
+
+
+def test_print_config_prints_the_nested_tree_and_a_flat_config_file_still_works(tmp_path, capsys):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"learning_rate": 2e-4, "eval_at_end": False, "workdir": str(tmp_path / "w")}))
+    assert load_script("train").main(["--config", str(old), "--grad-accum", "2", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["optimizer"]["learning_rate"] == 2e-4 and printed["optimizer"]["grad_accum"] == 2
+    assert printed["validation"]["at_end"] is False and "learning_rate" not in printed
+    assert TrainConfig.from_dict(printed) == TrainConfig.tiny(workdir=str(tmp_path / "w"), **{
+        "optimizer.learning_rate": 2e-4, "optimizer.grad_accum": 2, "validation.at_end": False})
+
+
+def test_profile_steps_flag_is_checked():
+    ap = load_script("train").build_parser()
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--profile-steps", "4:2"])
+    with pytest.raises(ConfigError, match="profile_steps"):
+        TrainConfig(profile_steps=(3, 3))
+
+
+def test_orbax_tuning_is_still_needed_and_applied():
+    """Orbax's default jax.Array handler still writes every replicated array replica-parallel (no
+    size threshold): the reason for tune_orbax_array_handler. When this fails, orbax changed its
+    default: check whether the tuning can go."""
+    default = ocp.type_handlers.ArrayHandler()
+    assert default._use_replica_parallel and default._min_slice_bytes_for_replica_parallel is None
+    tune_orbax_array_handler()
+    tuned = ocp.type_handlers.get_type_handler(jax.Array)
+    assert tuned._min_slice_bytes_for_replica_parallel == REPLICA_PARALLEL_MIN_BYTES
