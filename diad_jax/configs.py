@@ -182,6 +182,11 @@ class VAEConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
+# The SG network's fusion block (models/sg_network.py): the reference's Spatial-aware Feature Fusion,
+# or none (the residuals pass unchanged; no fusion params).
+FUSIONS = ("sff", "none")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The whole DiAD model: UNet + SG network + VAE, plus the fixed text context's shape."""
@@ -195,12 +200,15 @@ class ModelConfig:
     # DiAD's modified meaning: only the three lowest-resolution decoder blocks get SG residuals
     # (plus the middle block). The released train.py/test.py use True; the yaml default is False.
     only_mid_control: bool = True
+    fusion: str = "sff"  # one of FUSIONS; checkpoints written before this field existed used "sff"
     scale_factor: float = 0.18215
     image_size: int = 256
     context_len: int = 77
 
     def __post_init__(self):
         object.__setattr__(self, "hint_block_channels", _tuple(self.hint_block_channels))
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"ModelConfig.fusion must be one of {FUSIONS}, got {self.fusion!r}")
         hint_factor = 2 ** (len(self.hint_block_channels) - 1)
         if hint_factor != self.vae.downsample_factor:
             raise ConfigError(

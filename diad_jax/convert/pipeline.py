@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from flax.core import meta
 
 from diad_jax.configs import ModelConfig
 from diad_jax.convert.ldm import (
@@ -190,7 +191,8 @@ def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: 
     else:
         context = clip_context(sd_state_dict, source=sd_source)
         ctx_note = "text context: CLIP text tower of the SD checkpoint on the empty prompt"
-    abstract = DiAD(config).abstract_params()
+    boxed = DiAD(config).abstract_params(boxed=True)  # zero-initialised layers marked, for init_params
+    abstract = meta.unbox(boxed)
     notes = []
     ignore = IGNORED_PATTERNS
     groups = ("unet",) if vae_state_dict is not None else ("unet", "vae")
@@ -210,7 +212,7 @@ def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: 
                                             allow_missing=allow_missing, allow_unexpected=allow_unexpected,
                                             allow_non_finite=allow_non_finite, consume=consume)
         params["vae"] = vae["vae"]
-    fresh = init_params({"sg": abstract["sg"]}, seed)
+    fresh = init_params({"sg": boxed["sg"]}, seed)
     params = copy_unet_into_sg({**params, "sg": fresh["sg"]})
     n_copied = _count_shared(params["unet"], params["sg"])
     notes.append(f"SG network: {n_copied} tensors copied from the SD UNet encoder/middle; the hint block, "

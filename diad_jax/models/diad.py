@@ -12,24 +12,23 @@ and diffusers' layout), so they compose with `jax.jit`, `jax.grad` and sharding 
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 from flax import traverse_util
+from flax.core import meta
 
 from diad_jax.configs import ModelConfig
+from diad_jax.errors import ConfigError
 from diad_jax.models.init import init_params
 from diad_jax.models.sd import AutoencoderKL, UNet
 from diad_jax.models.sg_network import SemanticGuidedNetwork
 
 Params = dict[str, Any]
-
-# The reference trains the SG network and the UNet decoder (output_blocks + out); the UNet
-# encoder, middle block and time embedding, and the VAE stay frozen.
-_TRAINABLE_UNET = re.compile(r"^(output_blocks_\d+_\d+|out_\d+)$")
-
 
 def to_nhwc(x):
     return jnp.transpose(x, (0, 2, 3, 1))
@@ -50,14 +49,21 @@ def _check(name: str, x, expected: tuple, what: str = "") -> None:
 
 
 class DiAD:
-    """The DiAD model as pure functions of its params. NCHW at every method."""
+    """The DiAD model as pure functions of its params. NCHW at every method.
 
-    def __init__(self, config: ModelConfig, dtype=jnp.float32, remat: bool = False, attention: str | None = None):
-        """`attention`: jax.nn.dot_product_attention's implementation (None: XLA's choice; "cudnn")."""
+    `attention`: jax.nn.dot_product_attention's implementation (None: XLA's choice; "cudnn").
+    `sg_network`: the Flax module whose params are the "sg" group, called NHWC as
+    `(x_t, hint, timesteps, context) -> tuple of residuals` (one per UNet encoder skip, then the
+    middle one, shaped as the skips); None: `SemanticGuidedNetwork(config, ...)`, the reference's.
+    """
+
+    def __init__(self, config: ModelConfig, dtype=jnp.float32, remat: bool = False, attention: str | None = None,
+                 sg_network: nn.Module | None = None):
         self.config = config
         self.dtype = dtype
         self.unet = UNet(config.unet, dtype=dtype, remat=remat, attention=attention)
-        self.sg = SemanticGuidedNetwork(config, dtype=dtype, remat=remat, attention=attention)
+        self.sg = sg_network if sg_network is not None else SemanticGuidedNetwork(
+            config, dtype=dtype, remat=remat, attention=attention)
         self.vae = AutoencoderKL(config.vae, dtype=dtype)
 
     # ---- parameters ---------------------------------------------------------------------------
@@ -76,28 +82,29 @@ class DiAD:
         """Fresh parameters with the reference's initialisation (PyTorch defaults, the layers
         ldm zero-initialises zero), filled on the host (models/init.py). With `sg_from_unet` the
         SG network copies the UNet encoder/middle by name, as the reference's build_model.py."""
-        params = jax.tree.map(jnp.asarray, init_params(self.abstract_params(), seed))
+        params = jax.tree.map(jnp.asarray, init_params(self.abstract_params(boxed=True), seed))
         return copy_unet_into_sg(params) if sg_from_unet else params
 
     def init_flax(self, rng, sg_from_unet: bool = True) -> Params:
         """The same initialisation through the Flax modules' own initialisers (slow: compiles
         the forward pass; used to check `init`)."""
-        d = self._dummy()
-        k_unet, k_sg, k_vae = jax.random.split(rng, 3)
-
-        @jax.jit
-        def _init(k_unet, k_sg, k_vae):
-            unet = self.unet.init(k_unet, d["x"], d["t"], d["ctx"])["params"]
-            sg = self.sg.init(k_sg, d["x"], d["hint"], d["t"], d["ctx"])["params"]
-            vae = self.vae.init(k_vae, d["img"])["params"]
-            return {"unet": unet, "sg": sg, "vae": vae}
-
-        params = _init(k_unet, k_sg, k_vae)
+        params = meta.unbox(jax.jit(self._init_boxed)(rng))
         return copy_unet_into_sg(params) if sg_from_unet else params
 
-    def abstract_params(self) -> Params:
-        """Shapes and dtypes of the params (jax.ShapeDtypeStruct leaves), without computing."""
-        return jax.eval_shape(lambda: self.init_flax(jax.random.key(0), sg_from_unet=False))
+    def _init_boxed(self, rng) -> Params:
+        """The Flax modules' init: the params of zero-initialised layers boxed in `ZeroInit`."""
+        d = self._dummy()
+        k_unet, k_sg, k_vae = jax.random.split(rng, 3)
+        return {"unet": self.unet.init(k_unet, d["x"], d["t"], d["ctx"])["params"],
+                "sg": self.sg.init(k_sg, d["x"], d["hint"], d["t"], d["ctx"])["params"],
+                "vae": self.vae.init(k_vae, d["img"])["params"]}
+
+    def abstract_params(self, boxed: bool = False) -> Params:
+        """Shapes and dtypes of the params (jax.ShapeDtypeStruct leaves), without computing.
+        `boxed`: the leaves of zero-initialised layers stay boxed in `ZeroInit` (what
+        models/init.py's `init_params` reads the zero pattern from)."""
+        specs = jax.eval_shape(self._init_boxed, jax.random.key(0))
+        return specs if boxed else meta.unbox(specs)
 
     # ---- input validation ---------------------------------------------------------------------
     def _check_latent(self, name, z):
@@ -190,26 +197,36 @@ class DiAD:
 
 
 # ---- parameter helpers ------------------------------------------------------------------------
-def trainable_mask(params: Params):
-    """Pytree of bools: True for the SG network and the UNet decoder (output_blocks, out)."""
-    def mark(group, tree):
-        if group == "sg":
-            return jax.tree.map(lambda _: True, tree)
-        if group == "unet":
-            return {k: jax.tree.map(lambda _, t=bool(_TRAINABLE_UNET.match(k)): t, v)
-                    for k, v in tree.items()}
-        return jax.tree.map(lambda _: False, tree)
-    return {g: mark(g, t) for g, t in params.items()}
+# Trainable subsets by name: regexes over "/"-joined param paths ("group/module/.../leaf", as
+# sharding.PARTITION_RULES), a param trains when one of them matches its whole path.
+TRAINABLE_PATTERNS: dict[str, tuple[str, ...]] = {
+    # The reference: the SG network (its fusion block included) and the UNet decoder (output_blocks,
+    # out); the UNet encoder, middle block and time embedding, and the VAE stay frozen.
+    "reference": (r"sg/.*", r"unet/(output_blocks_\d+_\d+|out_\d+)/.*"),
+    # The SG network and the WHOLE UNet. Not the reference's recipe (its UNet encoder is pretrained SD
+    # and stays frozen); for models trained from scratch, such as the embedded demo, whose random UNet
+    # encoder would otherwise stay random.
+    "sg+unet": (r"sg/.*", r"unet/.*"),
+}
 
 
-def sg_and_unet_mask(params: Params):
-    """Pytree of bools: True for the SG network and the WHOLE UNet. Not the reference's recipe
-    (its UNet encoder is pretrained SD and stays frozen); for models trained from scratch, such as
-    the embedded demo, whose random UNet encoder would otherwise stay random."""
-    return {g: jax.tree.map(lambda _, on=g in ("sg", "unet"): on, t) for g, t in params.items()}
+def mask_from_patterns(params: Params, patterns: tuple[str, ...]):
+    """Pytree of bools shaped like `params`: True where one of `patterns` (regexes) matches the whole
+    "/"-joined path. A pattern that matches no param is an error naming it (a typo must not leave
+    parameters frozen silently)."""
+    flat = traverse_util.flatten_dict(params)
+    paths = {k: "/".join(k) for k in flat}
+    unused = [p for p in patterns if not any(re.fullmatch(p, s) for s in paths.values())]
+    if unused:
+        raise ConfigError(f"trainable patterns {unused} match no parameter (groups: {sorted(params)})")
+    return traverse_util.unflatten_dict(
+        {k: any(re.fullmatch(p, s) for p in patterns) for k, s in paths.items()})
 
 
-TRAINABLE_MASKS = {"reference": trainable_mask, "sg+unet": sg_and_unet_mask}
+# name -> function of the params giving the trainable mask (TrainConfig.trainable picks one)
+TRAINABLE_MASKS = {name: functools.partial(mask_from_patterns, patterns=patterns)
+                   for name, patterns in TRAINABLE_PATTERNS.items()}
+trainable_mask = TRAINABLE_MASKS["reference"]  # the reference's: the SG network and the UNet decoder
 
 
 def partition(params: Params, mask=None):

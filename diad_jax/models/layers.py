@@ -7,7 +7,9 @@ norms are computed in float32 with a two-pass variance and the reference's epsil
 feed-forward GELU is the exact erf form, the timestep embedding is [cos, sin].
 
 Initialisers match PyTorch's defaults (kaiming-uniform(a=sqrt(5)) kernels, uniform biases),
-and the layers the reference zero-initialises are zero here (`zero=True`).
+and the layers the reference zero-initialises are zero here (`zero=True`). Their parameters come
+out of `Module.init` boxed in `ZeroInit`, so the host-side init (models/init.py) reads the zero
+pattern off `jax.eval_shape` of the Flax init instead of off the layer names.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from flax import struct
+from flax.core import meta
 
 Dtype = Any
 
@@ -31,6 +35,31 @@ def _torch_bias_init(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+class ZeroInit(struct.PyTreeNode, meta.AxisMetadata):
+    """A parameter of a zero-initialised layer (`zero=True`) as `Module.init` returns it. The box
+    carries no axis information: `self.param` inside the modules and `flax.core.meta.unbox` return
+    the value itself."""
+
+    value: Any
+
+    def unbox(self):
+        return self.value
+
+    def replace_boxed(self, val):
+        return self.replace(value=val)
+
+    def add_axis(self, index, params):
+        return self
+
+    def remove_axis(self, index, params):
+        return self
+
+
+def zero_init(key, shape, dtype=jnp.float32):
+    """Zeros, boxed in `ZeroInit`."""
+    return ZeroInit(jnp.zeros(shape, dtype))
 
 
 # Convolution kernel choice. XLA:CPU's convolution is 2-3x slower than its matrix multiply on
@@ -86,11 +115,11 @@ class Conv(nn.Module):
         pad = self.padding if self.padding is not None else k // 2
         if isinstance(pad, int):
             pad = ((pad, pad), (pad, pad))
-        kernel = self.param("kernel", nn.initializers.zeros if self.zero else torch_kernel_init,
+        kernel = self.param("kernel", zero_init if self.zero else torch_kernel_init,
                             (k, k, x.shape[-1], self.features), jnp.float32)
         y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros if self.zero else _torch_bias_init(fan_in),
+            bias = self.param("bias", zero_init if self.zero else _torch_bias_init(fan_in),
                               (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
         return y
@@ -107,11 +136,11 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         fan_in = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.zeros if self.zero else torch_kernel_init,
+        kernel = self.param("kernel", zero_init if self.zero else torch_kernel_init,
                             (fan_in, self.features), jnp.float32)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros if self.zero else _torch_bias_init(fan_in),
+            bias = self.param("bias", zero_init if self.zero else _torch_bias_init(fan_in),
                               (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
         return y

@@ -2,15 +2,16 @@
 
 A ControlNet-style trainable copy of the UNet encoder and middle block. The RGB input image
 (the "hint") is encoded by a small conv stack to the latent grid and added after the first conv;
-each encoder output passes a zero-initialised 1x1 conv, and so does the middle output. The
-Spatial-aware Feature Fusion (SFF) block then fuses the second-lowest-resolution residuals into
-the lowest-resolution ones (spec section 2):
+each encoder output passes a zero-initialised 1x1 conv, and so does the middle output. A fusion
+block (`ModelConfig.fusion`) then mixes the encoder residuals; the reference's is the
+Spatial-aware Feature Fusion (SFF, `SpatialFeatureFusion`), which fuses the second-lowest-resolution
+residuals into the lowest-resolution ones (spec section 2):
 
     outs[t_j] = SiLU(outs[t_j] + sum_i D_ij(outs[s_i]))
     D_ij = SiLU(InstanceNorm(conv3x3_stride2_nobias(x)))      (conv zero-initialised)
 
 Channels and indices are derived from the config (reference: sources 6, 7, 8 with 640/1280/1280
-channels, targets 9, 10, 11 with 1280).
+channels, targets 9, 10, 11 with 1280). With fusion "none" the residuals pass unchanged.
 """
 from __future__ import annotations
 
@@ -26,8 +27,31 @@ from diad_jax.models.sd import time_embedding, unet_encoder, unet_middle
 Dtype = Any
 
 
+class SpatialFeatureFusion(nn.Module):
+    """The SFF block: residuals in, the same residuals with `targets` fused from `sources` out.
+
+    Its convs D_ij are named `down{i+1}{j+1}_0` (ldm's `down{i+1}{j+1}.0`). The SG network shares
+    its scope with this module, so they sit at the top level of the SG params as in the reference."""
+
+    sources: tuple[int, ...]
+    targets: tuple[int, ...]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, outs):
+        fused = list(outs)
+        for j, t in enumerate(self.targets):
+            acc = outs[t]
+            for i, s in enumerate(self.sources):
+                y = Conv(outs[t].shape[-1], 3, stride=2, padding=1, use_bias=False, zero=True,
+                         dtype=self.dtype, name=f"down{i + 1}{j + 1}_0")(outs[s])
+                acc = acc + nn.silu(instance_norm(y))
+            fused[t] = nn.silu(acc)
+        return fused
+
+
 class SemanticGuidedNetwork(nn.Module):
-    """Returns the SG residuals: one per UNet encoder skip (after the SFF) plus the middle one."""
+    """Returns the SG residuals: one per UNet encoder skip (after the fusion block) plus the middle one."""
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
@@ -45,7 +69,10 @@ class SemanticGuidedNetwork(nn.Module):
                                 remat=self.remat, attention=self.attention)
         outs = [Conv(s.shape[-1], 1, zero=True, dtype=dtype, name=f"zero_convs_{k}_0")(s)
                 for k, s in enumerate(skips)]
-        outs = self._sff(outs)
+        if mc.fusion == "sff":
+            sff = SpatialFeatureFusion(mc.sff_sources(), mc.sff_targets(), dtype=dtype)
+            nn.share_scope(sff, self)  # its convs keep the reference's top-level names
+            outs = sff(outs)
         h = unet_middle(cfg, h, emb, context, dtype, remat=self.remat, attention=self.attention)
         outs.append(Conv(h.shape[-1], 1, zero=True, dtype=dtype, name="middle_block_out_0")(h))
         return tuple(outs)
@@ -63,15 +90,3 @@ class SemanticGuidedNetwork(nn.Module):
                              name=f"input_hint_block_{2 * n}")(h))
         return Conv(self.config.unet.model_channels, 3, padding=1, zero=True, dtype=self.dtype,
                     name=f"input_hint_block_{2 * len(specs)}")(h)
-
-    def _sff(self, outs):
-        sources, targets = self.config.sff_sources(), self.config.sff_targets()
-        fused = list(outs)
-        for j, t in enumerate(targets):
-            acc = outs[t]
-            for i, s in enumerate(sources):
-                y = Conv(outs[t].shape[-1], 3, stride=2, padding=1, use_bias=False, zero=True,
-                         dtype=self.dtype, name=f"down{i + 1}{j + 1}_0")(outs[s])
-                acc = acc + nn.silu(instance_norm(y))
-            fused[t] = nn.silu(acc)
-        return fused
