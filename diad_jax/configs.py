@@ -667,6 +667,7 @@ class TrainConfig(_Section):
     model: str = "sd15"                 # "sd15", "tiny", "demo" or a ModelConfig JSON file (unused with init_checkpoint)
     init_checkpoint: str | None = None  # converted model checkpoint (convert/torch_to_flax.py): params, context, ResNet
     only_mid_control: bool | None = None  # override the model config's (None: keep it; released: True)
+    fusion: str | None = None           # override the model config's fusion block, "sff" | "none" (None: keep it)
     compute_dtype: str = "float32"      # "float32" or "bfloat16" (fp32 master weights either way)
     remat: bool = False                 # rematerialise res/transformer blocks in the backward pass
     trainable: str = "reference"        # "reference": SG network + UNet decoder; "sg+unet": also the UNet encoder
@@ -697,6 +698,7 @@ class TrainConfig(_Section):
             if not isinstance(getattr(self, name), section):
                 raise ConfigError(f"TrainConfig.{name} must be a {section.__name__}, got {getattr(self, name)!r}")
         _check_choice("TrainConfig", self, "compute_dtype", ("float32", "bfloat16"))
+        _check_choice("TrainConfig", self, "fusion", (None, *FUSIONS))
         _check_choice("TrainConfig", self, "trainable", ("reference", "sg+unet"))
         _check_positive_ints("TrainConfig", self, ("steps", "log_every"))
         _check_positive_ints("TrainConfig", self, ("seed",), minimum=0)

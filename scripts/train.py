@@ -38,7 +38,7 @@ import argparse
 import sys
 
 from diad_jax import cli
-from diad_jax.configs import COMPARATORS, TrainConfig
+from diad_jax.configs import COMPARATORS, FUSIONS, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("DiAD")
     g.add_argument("--only-mid-control", type=cli._bool, default=S,
                    help="override the model's only_mid_control (released train.py: true)")
+    g.add_argument("--fusion", choices=FUSIONS, default=S,
+                   help="override the model's fusion block: sff (the reference) or none (the paper's ablation); "
+                        "the SFF trains only with --only-mid-control false")
     g.add_argument("--train-t-max", type=int, default=S,
                    help="train on the noise levels t < this (default 1000, the reference); see --start-t of "
                         "scripts/evaluate.py")

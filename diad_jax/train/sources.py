@@ -81,8 +81,8 @@ class ModelSource:
             source = cls(config, None, default_context(config), None)
             log.warning("no --init-checkpoint: %s model with the reference's random initialisation (SG network "
                         "copied from the UNet encoder) and a zero context in place of CLIP(\"\")", cfg.model)
-        if cfg.only_mid_control is not None:
-            source.config = dataclasses.replace(source.config, only_mid_control=cfg.only_mid_control)
+        overrides = {k: getattr(cfg, k) for k in ("only_mid_control", "fusion") if getattr(cfg, k) is not None}
+        source.config = dataclasses.replace(source.config, **overrides)
         return source
 
     def metadata(self, cfg: TrainConfig, task: Task) -> dict:
