@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from diad_jax import data
 from diad_jax.data import synthetic
 
 RNG = np.random.default_rng(1234)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_rgb(path, size=(40, 40), gray=False):
@@ -240,6 +243,17 @@ def test_no_tensorflow_import(mvtec, synth, tmp_path):
     next(iter(data.train_dataset(ds, 2, shard_index=0, shard_count=1)))
     next(iter(data.eval_dataset(synth, 4, shard_index=0, shard_count=1)))
     assert "tensorflow" not in sys.modules
+
+
+def test_importing_the_library_does_not_import_tfds():
+    """tensorflow_datasets is imported on first use (prepare / load), not by `import diad_jax.data`."""
+    code = ("import sys, diad_jax, diad_jax.data; "
+            "assert 'tensorflow_datasets' not in sys.modules, 'tensorflow_datasets imported'; "
+            "diad_jax.data.DiadConfig; assert 'tensorflow_datasets' in sys.modules")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
