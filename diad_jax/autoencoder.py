@@ -48,7 +48,6 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
     x = batch["image"]
     index = batch["index"]
     mean, logvar = model.encode_moments(params, x)
-    mean, logvar = mean.astype(jnp.float32), jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index.astype(jnp.uint32))
     noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
     z = mean + jnp.exp(0.5 * logvar) * noise
@@ -114,8 +113,7 @@ def latent_std(model, params, dataset, *, n_images: int | None = None, batch_siz
     @jax.jit
     def sample(vae_params, x, key):
         mean, logvar = model.encode_moments({"vae": vae_params}, x)
-        std = jnp.exp(0.5 * jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0))
-        return mean.astype(jnp.float32) + std * jax.random.normal(key, mean.shape, jnp.float32)
+        return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
 
     ds = data_lib.eval_dataset(dataset, batch_size, split=split, image_size=model.config.image_size,
                                shard_index=0, shard_count=1)
