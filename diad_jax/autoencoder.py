@@ -21,6 +21,7 @@ checkpoint (UNet/SG params carried through unchanged) usable as `--init-checkpoi
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,10 @@ import numpy as np
 
 from diad_jax.configs import (AutoencoderConfig, CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig,
                               ValidationConfig)
+from diad_jax.convert.torch_io import read_state_dict
 from diad_jax.errors import ConfigError
 from diad_jax.models.diad import combine, to_nchw, to_nhwc
+from diad_jax.models.lpips import LPIPS, lpips_abstract_params, lpips_params_from_state_dicts
 from diad_jax.models.sd import AutoencoderKL
 from diad_jax.train import Task, make_optimizer
 
@@ -45,7 +48,6 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
     x = batch["image"]
     index = batch["index"]
     mean, logvar = model.encode_moments(params, x)
-    mean, logvar = mean.astype(jnp.float32), jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index.astype(jnp.uint32))
     noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
     z = mean + jnp.exp(0.5 * logvar) * noise
@@ -56,7 +58,6 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
     rec_sum = jnp.sum(l1)
     aux = {"l1": jnp.mean(l1)}
     if "lpips" in frozen:
-        from diad_jax.models.lpips import LPIPS
         p = LPIPS().apply({"params": frozen["lpips"]}, to_nhwc(x), to_nhwc(x_hat))  # (B,)
         rec_sum = rec_sum + perceptual_weight * jnp.sum(p) * (x[0].size)
         aux["lpips"] = jnp.mean(p)
@@ -71,6 +72,17 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.steps >= cfg.autoencoder.disc_start:
         raise ConfigError(f"--steps {cfg.steps} reaches --disc-start {cfg.autoencoder.disc_start}: the patch discriminator "
                           f"would engage, and it is not implemented (the reference's never does in its ~25k steps)")
+
+
+def load_lpips_params(vgg16_path: str | Path, lin_path: str | Path) -> dict:
+    """LPIPS params from two local files: torchvision's VGG16 state dict and LPIPS's linear layers
+    for VGG (see models/lpips.py); nothing downloads."""
+    params = lpips_params_from_state_dicts(read_state_dict(vgg16_path), read_state_dict(lin_path))
+    want = jax.tree.map(lambda x: x.shape, lpips_abstract_params())
+    got = jax.tree.map(lambda x: x.shape, params)
+    if want != got:
+        raise ValueError(f"LPIPS weights from {vgg16_path} / {lin_path} have unexpected shapes")
+    return params
 
 
 def autoencoder_task(cfg: TrainConfig, lpips_params: dict | None = None) -> Task:
@@ -101,8 +113,7 @@ def latent_std(model, params, dataset, *, n_images: int | None = None, batch_siz
     @jax.jit
     def sample(vae_params, x, key):
         mean, logvar = model.encode_moments({"vae": vae_params}, x)
-        std = jnp.exp(0.5 * jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0))
-        return mean.astype(jnp.float32) + std * jax.random.normal(key, mean.shape, jnp.float32)
+        return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
 
     ds = data_lib.eval_dataset(dataset, batch_size, split=split, image_size=model.config.image_size,
                                shard_index=0, shard_count=1)

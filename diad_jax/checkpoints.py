@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 
 from diad_jax.configs import ModelConfig
 from diad_jax.errors import CheckpointError
+from diad_jax.models.diad import DiAD
+from diad_jax.models.resnet import resnet_abstract_params
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +182,6 @@ def load_model(path: str | Path, sharding: Callable[[tuple, Any], Any] | None = 
         with restoring(path, "the model weights (state item)"):
             restored = _checkpointer().restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     else:
-        from diad_jax.models.diad import DiAD
-        from diad_jax.models.resnet import resnet_abstract_params
         abstract = {"params": DiAD(config).abstract_params(),
                     "context": jax.ShapeDtypeStruct((1, config.context_len, config.unet.context_dim), np.float32)}
         if meta.get("has_resnet"):

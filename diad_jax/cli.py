@@ -5,6 +5,7 @@ onto TrainConfig fields, the checks made before any expensive work (`preflight`)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -16,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from diad_jax.configs import (COMPARATORS, NO_WEIGHTS_COMPARATOR, ModelConfig, TrainConfig, set_path,
+from diad_jax.configs import (COMPARATORS, NO_WEIGHTS_COMPARATOR, EvalConfig, ModelConfig, TrainConfig, set_path,
                               unflatten_train_dict)
 from diad_jax.errors import ConfigError, UserError
 
@@ -286,10 +287,7 @@ def eval_config_for(args: argparse.Namespace, checkpoint: str):
     """The EvalConfig a script scores `checkpoint` with: the one the checkpoint records (else the
     default), with the flags of `add_eval_args` applied. Reads only the checkpoint's metadata, so bad
     flag values are found before any weights are read."""
-    import dataclasses
-
     from diad_jax import checkpoints
-    from diad_jax.configs import EvalConfig
     from diad_jax.detector import RANDOM_PREFIX
 
     if checkpoint.startswith(RANDOM_PREFIX):

@@ -27,8 +27,11 @@ from jax.sharding import Mesh
 
 from diad_jax import sharding as shd
 from diad_jax.calibration import Calibration
+from diad_jax.checkpoints import default_context, load_model, read_metadata, resolve
 from diad_jax.configs import NO_WEIGHTS_COMPARATOR, RESNET_CHOICES, EvalConfig, ModelConfig
 from diad_jax.errors import CheckpointError, ConfigError, UserError
+from diad_jax.models.diad import DiAD
+from diad_jax.models.resnet import resnet_abstract_params
 from diad_jax.scoring import Scorer, make_bundle, random_resnet
 
 log = logging.getLogger(__name__)
@@ -333,15 +336,12 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
         preset = path[len(RANDOM_PREFIX):]
         if preset not in ("tiny", "demo", "sd15"):
             raise ConfigError(f"{path!r}: expected random:tiny, random:demo or random:sd15")
-        from diad_jax.checkpoints import default_context
-        from diad_jax.models.diad import DiAD
         config = ModelConfig.from_spec(preset)
         params, context, resnet_params, recorded = DiAD(config).init(0), default_context(config), None, {}
         notes.append(f"{path}: RANDOM weights (the scores are meaningless; train a model with scripts/train.py or "
                      f"convert one with convert/torch_to_flax.py)")
         source, resnet = path, "random"
     else:
-        from diad_jax.checkpoints import load_model, read_metadata, resolve
         resolved = resolve(path)
         meta = read_metadata(resolved)
         config = ModelConfig.from_dict(meta["model_config"])
@@ -382,8 +382,6 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
 def _restore_shardings(config: ModelConfig, has_resnet: bool, mesh: Mesh):
     """`load_model`'s per-leaf sharding callback: every array is read straight onto the devices where
     the detector keeps it (on any mesh, whatever topology the checkpoint was saved from)."""
-    from diad_jax.models.diad import DiAD
-    from diad_jax.models.resnet import resnet_abstract_params
     abstract = {**DiAD(config).abstract_params(),
                 "context": jax.ShapeDtypeStruct((1, config.context_len, config.unet.context_dim), np.float32)}
     if has_resnet:

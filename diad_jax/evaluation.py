@@ -76,7 +76,7 @@ def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | st
     gathered, and image i of the split gets the noise of fold_in(key(seed), i) -- the same map and
     score as `detector.predict` gives it, at any batch size and number of devices or processes.
     Anomalous images without a ground-truth mask count in the image metrics only (`info["no_mask"]`)."""
-    from diad_jax import data as dataio  # (TFDS/grain: imported when a dataset is evaluated)
+    from diad_jax import data as dataio  # (grain: imported when a dataset is evaluated)
 
     ec = detector.eval_config
     n_proc = jax.process_count()

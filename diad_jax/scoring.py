@@ -27,7 +27,8 @@ from diad_jax.configs import (COMPARATORS, IMAGENET_MEAN, IMAGENET_STD, REFERENC
 from diad_jax.diffusion import ddim_sample, guided_eps, q_sample
 from diad_jax.errors import ConfigError, NonFiniteError
 from diad_jax.models.diad import DiAD, to_nhwc
-from diad_jax.models.resnet import ResNet50Features
+from diad_jax.models.init import init_params
+from diad_jax.models.resnet import ResNet50Features, resnet_abstract_params
 
 
 # ---- map operations -------------------------------------------------------------------------------
@@ -316,8 +317,6 @@ def _same(a, b) -> bool:
 def random_resnet(seed: int = 0) -> dict:
     """A randomly initialised ResNet-50 (host numpy): only where a caller opted in to one
     (`diad_jax.load(..., resnet="random")`, `ValidationConfig.resnet="random"`)."""
-    from diad_jax.models.init import init_params
-    from diad_jax.models.resnet import resnet_abstract_params
     return init_params({"resnet": resnet_abstract_params()}, seed)["resnet"]
 
 

@@ -26,10 +26,11 @@ belongs to; counters are replicated).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -191,8 +192,8 @@ def place(tree, shardings):
 
     Host leaves (numpy, identical on every process) are filled shard by shard from each process's
     own copy (`jax.make_array_from_callback`), so nothing crosses the network; jax.Array leaves are
-    resharded on device (`device_put` in one process, one jitted identity over all of them with
-    several processes, where arrays span hosts)."""
+    resharded on device (`device_put` in one process; with several processes, where arrays span
+    hosts, one jitted identity over all of them, compiled once per layout: `_reshard`)."""
     leaves, treedef = jax.tree.flatten(tree)
     shard_leaves = treedef.flatten_up_to(shardings)
     out = [None] * len(leaves)
@@ -209,10 +210,17 @@ def place(tree, shardings):
         if jax.process_count() == 1:
             moved = jax.device_put(xs, ss)
         else:
-            moved = jax.jit(lambda a: a, out_shardings=ss)(xs)
+            moved = _reshard(tuple(ss))(tuple(xs))
         for i, y in zip(on_device, moved):
             out[i] = y
     return treedef.unflatten(out)
+
+
+@functools.cache
+def _reshard(shardings: tuple) -> Callable:
+    """The jitted identity of a tuple of arrays onto `shardings`, one per tuple of shardings, so that
+    jit's cache compiles it once per layout (leaf shapes, dtypes and input shardings)."""
+    return jax.jit(lambda xs: xs, out_shardings=shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1, axes: str | tuple[str, ...] = BATCH_AXES) -> NamedSharding:

@@ -62,10 +62,9 @@ def main(argv=None) -> int:
     autoencoder.check_config(cfg)
     cli.preflight(cfg)
     cli.init_runtime(args)
-    from diad_jax.models.lpips import load_lpips_params
     from diad_jax.train import Trainer
 
-    lpips = load_lpips_params(ae.lpips_vgg16, ae.lpips_lin) if ae.lpips_vgg16 else None
+    lpips = autoencoder.load_lpips_params(ae.lpips_vgg16, ae.lpips_lin) if ae.lpips_vgg16 else None
     cli.write_config(cfg)
     cli.run(Trainer(cfg, task=autoencoder.autoencoder_task(cfg, lpips), overwrite_data=args.overwrite_data),
             args.no_progress)

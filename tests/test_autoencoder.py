@@ -13,11 +13,11 @@ from diad_jax import autoencoder
 from diad_jax.checkpoints import load_model
 from diad_jax.models.lpips import LPIPS, VGG16_BLOCKS, VGG16_CHANNELS, lpips_params_from_state_dicts
 
-torch = pytest.importorskip("torch")
-
 
 def _torch_lpips(vgg: dict, lin: dict, x, y):
     """taming.modules.losses.lpips.LPIPS.forward written out with torch.nn.functional."""
+    import torch
+
     F = torch.nn.functional
     shift = torch.tensor([-.030, -.088, -.188])[None, :, None, None]
     scale = torch.tensor([.458, .448, .450])[None, :, None, None]
@@ -42,6 +42,7 @@ def _torch_lpips(vgg: dict, lin: dict, x, y):
 
 
 def test_lpips_matches_torch_transcription():
+    torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)
     vgg, cin = {}, 3
     for idxs, ch in zip(VGG16_BLOCKS, VGG16_CHANNELS):

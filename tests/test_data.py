@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from diad_jax import data
 from diad_jax.data import synthetic
 
 RNG = np.random.default_rng(1234)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_rgb(path, size=(40, 40), gray=False):
@@ -242,6 +245,17 @@ def test_no_tensorflow_import(mvtec, synth, tmp_path):
     assert "tensorflow" not in sys.modules
 
 
+def test_importing_the_library_does_not_import_tfds():
+    """tensorflow_datasets is imported on first use (prepare / load), not by `import diad_jax.data`."""
+    code = ("import sys, diad_jax, diad_jax.data; "
+            "assert 'tensorflow_datasets' not in sys.modules, 'tensorflow_datasets imported'; "
+            "diad_jax.data.DiadConfig; assert 'tensorflow_datasets' in sys.modules")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # The generated dataset
 
@@ -282,7 +296,7 @@ def test_synthetic_masks_are_exactly_the_changed_pixels(size):
                 diff = np.abs(ex.image.astype(int) - ex.clean.astype(int)).max(-1)[changed]
                 assert np.median(diff) >= 40, (cls, defect, np.median(diff))
                 # the clean version is the normal image drawn from the same random stream
-                assert ex.clean.shape == (size, size, 3)
+                np.testing.assert_array_equal(ex.clean, data.render(cls, "good", image_size=size, index=index).image)
 
 
 def _auroc(labels, scores) -> float:

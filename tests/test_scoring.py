@@ -176,3 +176,18 @@ def test_other_comparators_need_no_resnet():
     assert np.all(np.isfinite(np.asarray(out.maps)))
     with pytest.raises(ValueError, match="comparator must be one of"):
         Scorer(cfg, comparator="lpips")
+
+
+def test_a_huge_posterior_logvar_is_clipped_as_in_ldm():
+    """A VAE whose logvar is 1e4 (exp(0.5 * logvar) overflows float32, and the sample turns inf) still
+    scores finitely: the posterior's logvar is clipped to [-30, 20] (AutoencoderKL.encode) before sampling."""
+    cfg, bundle, images = micro_setup()
+    quant = bundle["vae"]["quant_conv"]
+    bias = np.array(quant["bias"])
+    bias[cfg.vae.embed_dim:] = 1e4  # the logvar half of the moments
+    huge = {k: v for k, v in bundle.items() if k != "resnet"}
+    huge["vae"] = {**bundle["vae"], "quant_conv": {**quant, "bias": bias}}
+    _, logvar = jax.jit(DiAD(cfg).encode_moments)(huge, images)
+    assert float(jnp.min(logvar)) == float(jnp.max(logvar)) == 20.0
+    out = Scorer(cfg, comparator="pixel_l1", **FOOTPRINT_32PX)(huge, images, jax.random.key(0))
+    assert np.all(np.isfinite(np.asarray(out.maps))) and np.all(np.isfinite(np.asarray(out.scores)))

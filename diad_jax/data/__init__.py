@@ -9,11 +9,12 @@ Prepare once (decoded uint8 arrays in array_record files, no TensorFlow), then r
     for batch in data.eval_dataset(ds, batch_size=8, classes="disk"): ...     # in order, padded
 
 Modules: records (Record, DataError), imageio (read + the reference's PIL-bilinear resize), layouts
-(MVTec-AD / VisA / folder scanning), synthetic (the generated dataset), builders (tfds builders,
-prepare / load), pipeline (grain pipelines).
+(MVTec-AD / VisA / folder scanning), synthetic (the generated dataset), prepared (prepare / load),
+builders (the tfds builders; imported on first use, as it imports tensorflow_datasets), pipeline
+(grain pipelines).
 """
-from diad_jax.data.builders import (DATASETS, DiadConfig, PreparedDataset, check_options, load, load_from_directory,
-                                    prepare, source_fingerprint)
+from diad_jax.data.prepared import (DATASETS, PreparedDataset, check_options, load, load_from_directory, prepare,
+                                    source_fingerprint)
 from diad_jax.data.imageio import read_image, read_mask, resize_image, resize_mask
 from diad_jax.data.layouts import (MVTEC_CLASSES, MVTEC_REFERENCE_EXCLUDE, VISA_CLASSES, scan_folder, scan_mvtec,
                                    scan_visa)
@@ -31,3 +32,11 @@ __all__ = [
     "resize_image", "resize_mask", "scan_folder", "scan_mvtec", "scan_visa", "source_fingerprint", "steps_per_epoch",
     "train_dataset",
 ]
+
+
+def __getattr__(name: str):
+    # DiadConfig subclasses a tfds class: imported on first use, with tensorflow_datasets
+    if name == "DiadConfig":
+        from diad_jax.data.builders import DiadConfig
+        return DiadConfig
+    raise AttributeError(f"module 'diad_jax.data' has no attribute {name!r}")

@@ -40,7 +40,7 @@ import grain
 import numpy as np
 
 from diad_jax import configs
-from diad_jax.data.builders import PreparedDataset
+from diad_jax.data.prepared import PreparedDataset
 from diad_jax.data.imageio import resize_image, resize_mask
 from diad_jax.data.records import DataError, as_text
 

@@ -133,7 +133,8 @@ class DiAD:
 
     # ---- the model ----------------------------------------------------------------------------
     def encode_moments(self, params: Params, images):
-        """VAE posterior (mean, logvar) of NCHW images, NCHW, unscaled."""
+        """VAE posterior (mean, logvar) of NCHW images, NCHW, unscaled, float32; logvar clipped to
+        [-30, 20] (`AutoencoderKL.encode`)."""
         self._check_image("images", images, self.config.vae.in_channels)
         mean, logvar = self.vae.apply({"params": params["vae"]}, to_nhwc(images),
                                       method=AutoencoderKL.encode)

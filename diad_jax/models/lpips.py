@@ -1,11 +1,11 @@
 """LPIPS (VGG16 variant, as taming-transformers' `LPIPS` that ldm's autoencoder loss uses), in Flax.
 
     lpips = LPIPS()
-    params = load_lpips_params(vgg16_path, lin_path)   # local files only; nothing downloads
+    params = lpips_params_from_state_dicts(vgg, lin)     # autoencoder.load_lpips_params reads the files
     d = lpips.apply({"params": params}, x_nhwc, y_nhwc)  # (B,) perceptual distances
 
-Weights: `vgg16_path` is torchvision's VGG16 ImageNet state dict (`vgg16-397923af.pth`, keys
-features.N.weight/bias; the classifier is ignored); `lin_path` is LPIPS's linear-layer file for VGG
+Weights: `vgg` is torchvision's VGG16 ImageNet state dict (`vgg16-397923af.pth`, keys
+features.N.weight/bias; the classifier is ignored); `lin` is LPIPS's linear-layer state dict for VGG
 (`vgg.pth` of taming-transformers / richzhang's lpips v0.1, keys lin0..lin4.model.1.weight).
 
 Forward, as taming's LPIPS: scale the inputs ((x - shift) / scale with LPIPS's constants), take
@@ -14,8 +14,6 @@ VGG16 relu1_2, relu2_2, relu3_3, relu4_3, relu5_3, normalise each over channels
 sum over the five layers.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -69,6 +67,7 @@ class LPIPS(nn.Module):
 
 
 def lpips_abstract_params(image_size: int = 64):
+    """ShapeDtypeStructs of LPIPS's params (they do not depend on the image size)."""
     x = jnp.zeros((1, image_size, image_size, 3))
     return jax.eval_shape(lambda: LPIPS().init(jax.random.key(0), x, x))["params"]
 
@@ -89,18 +88,4 @@ def lpips_params_from_state_dicts(vgg: dict, lin: dict) -> dict:
     params = {"net": net}
     for k in range(len(VGG16_BLOCKS)):
         params[f"lin{k}"] = {"kernel": arr(lin, f"lin{k}.model.1.weight").transpose(2, 3, 1, 0)}
-    return params
-
-
-def load_lpips_params(vgg16_path: str | Path, lin_path: str | Path) -> dict:
-    """Read the two local weight files (see the module docstring) into LPIPS params."""
-    from diad_jax.convert.torch_io import read_state_dict
-
-    vgg = read_state_dict(vgg16_path)
-    lin = read_state_dict(lin_path)
-    params = lpips_params_from_state_dicts(vgg, lin)
-    want = jax.tree.map(lambda x: x.shape, lpips_abstract_params())
-    got = jax.tree.map(lambda x: x.shape, params)
-    if want != got:
-        raise ValueError(f"LPIPS weights from {vgg16_path} / {lin_path} have unexpected shapes")
     return params

@@ -270,8 +270,10 @@ class VAEDecoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """ldm AutoencoderKL. `encode` returns the posterior's (mean, logvar); `decode` maps a latent
-    (unscaled, i.e. z / scale_factor) back to image space. NHWC."""
+    """ldm AutoencoderKL. `encode` returns the posterior's (mean, logvar), float32, logvar clipped to
+    [-30, 20] as ldm's DiagonalGaussianDistribution does (the one place it is clipped: training,
+    fine-tuning and scoring all sample through it); `decode` maps a latent (unscaled, i.e.
+    z / scale_factor) back to image space. NHWC."""
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
