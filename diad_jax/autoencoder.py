@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diad_jax import data as data_lib
 from diad_jax.configs import (AutoencoderConfig, CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig,
                               ValidationConfig)
 from diad_jax.convert.torch_io import read_state_dict
@@ -108,7 +109,6 @@ def latent_std(model, params, dataset, *, n_images: int | None = None, batch_siz
     images: ldm's `scale_by_std` sets `scale_factor = 1 / latent_std` so that the diffusion model
     sees unit-variance latents. SD's VAE has the fixed 0.18215 for this; a VAE trained from scratch
     (the demo's) needs it measured. `n_images=None`: the whole split."""
-    from diad_jax import data as data_lib
 
     @jax.jit
     def sample(vae_params, x, key):

@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import re
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -53,7 +54,6 @@ def save_model(path: str | Path, *, config: ModelConfig, params: dict, context, 
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-        import shutil
         shutil.rmtree(path)
     context = np.asarray(context, np.float32)
     expected = (config.context_len, config.unet.context_dim)

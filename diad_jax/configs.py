@@ -43,7 +43,8 @@ def _check_finite(owner: str, **values: float) -> None:
             raise ConfigError(f"{owner}.{name} must be a finite number, got {v!r}")
 
 
-def _check_positive_ints(owner: str, obj, names: tuple[str, ...], minimum: int = 1) -> None:
+def _check_ints(owner: str, obj, names: tuple[str, ...], minimum: int = 1) -> None:
+    """Each named field of `obj` is an integer >= minimum."""
     for name in names:
         v = getattr(obj, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
@@ -56,14 +57,22 @@ def _check_choice(owner: str, obj, name: str, allowed: tuple) -> None:
 
 
 class _Section:
-    """Serialisation shared by the training config sections: `to_dict`, and `from_dict` that names
-    unknown keys and values of the wrong kind as `<where>.<key>`."""
+    """Serialisation shared by the config dataclasses: `to_dict` / `to_json`, and `from_dict` /
+    `from_json` that build nested sections and name unknown keys and values of the wrong kind as
+    `<where>.<key>`."""
 
     # {field name: config class} of the fields that are sections themselves
     SECTIONS: dict[str, type] = {}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, s: str):
+        return cls.from_dict(json.loads(s))
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None):
@@ -83,7 +92,7 @@ class _Section:
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(_Section):
     """The ldm `UNetModel` as configured by DiAD (use_spatial_transformer=True, legacy=False)."""
 
     in_channels: int = 4
@@ -158,7 +167,7 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(_Section):
     """The ldm KL autoencoder (`ddconfig`); attention only in the mid block."""
 
     in_channels: int = 3
@@ -188,8 +197,10 @@ FUSIONS = ("sff", "none")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """The whole DiAD model: UNet + SG network + VAE, plus the fixed text context's shape."""
+
+    SECTIONS = {"unet": UNetConfig, "vae": VAEConfig}
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -275,30 +286,6 @@ class ModelConfig:
         )
         kw.update(overrides)
         return cls.tiny(**kw)
-
-    # ---- serialisation ------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"ModelConfig: unknown keys {sorted(unknown)}")
-        if "unet" in d and isinstance(d["unet"], dict):
-            d["unet"] = UNetConfig(**d["unet"])
-        if "vae" in d and isinstance(d["vae"], dict):
-            d["vae"] = VAEConfig(**d["vae"])
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> "ModelConfig":
-        return cls.from_dict(json.loads(s))
 
     @classmethod
     def from_spec(cls, spec: str, flag: str = "--model") -> "ModelConfig":
@@ -515,7 +502,7 @@ class OptimizerConfig(_Section):
         for name in ("b1", "b2"):
             if not 0.0 <= getattr(self, name) < 1.0:  # also false for NaN
                 raise ConfigError(f"OptimizerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        _check_positive_ints("OptimizerConfig", self, ("grad_accum",))
+        _check_ints("OptimizerConfig", self, ("grad_accum",))
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"OptimizerConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
 
@@ -541,7 +528,7 @@ class DataConfig(_Section):
         if self.classes is not None:
             object.__setattr__(self, "classes", _tuple(self.classes))
         _check_choice("DataConfig", self, "dataset", DATASETS)
-        _check_positive_ints("DataConfig", self, ("batch_size",))
+        _check_ints("DataConfig", self, ("batch_size",))
 
 
 @dataclass(frozen=True)
@@ -559,7 +546,7 @@ class ValidationConfig(_Section):
     resnet: str = "checkpoint"
 
     def __post_init__(self):
-        _check_positive_ints("ValidationConfig", self, ("every",), minimum=0)
+        _check_ints("ValidationConfig", self, ("every",), minimum=0)
         _check_choice("ValidationConfig", self, "resnet", RESNET_CHOICES)
 
     @property
@@ -578,7 +565,7 @@ class CheckpointConfig(_Section):
     resume: bool = True                 # continue from the latest checkpoint in workdir if there is one
 
     def __post_init__(self):
-        _check_positive_ints("CheckpointConfig", self, ("save_every", "keep"))
+        _check_ints("CheckpointConfig", self, ("save_every", "keep"))
 
 
 @dataclass(frozen=True)
@@ -700,8 +687,8 @@ class TrainConfig(_Section):
         _check_choice("TrainConfig", self, "compute_dtype", ("float32", "bfloat16"))
         _check_choice("TrainConfig", self, "fusion", (None, *FUSIONS))
         _check_choice("TrainConfig", self, "trainable", ("reference", "sg+unet"))
-        _check_positive_ints("TrainConfig", self, ("steps", "log_every"))
-        _check_positive_ints("TrainConfig", self, ("seed",), minimum=0)
+        _check_ints("TrainConfig", self, ("steps", "log_every"))
+        _check_ints("TrainConfig", self, ("seed",), minimum=0)
         T = self.diffusion.num_train_timesteps
         if not isinstance(self.train_t_max, int) or not 1 <= self.train_t_max <= T:
             raise ConfigError(f"TrainConfig.train_t_max must be an integer in 1..{T}, got {self.train_t_max!r}")
@@ -738,9 +725,6 @@ class TrainConfig(_Section):
             set_path(d, path, value)
         return TrainConfig.from_dict(d)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None) -> "TrainConfig":
         """From the nested dict `to_dict` gives; the flat names of older versions are read too
@@ -750,7 +734,3 @@ class TrainConfig(_Section):
             log.warning("%s uses the flat TrainConfig names of older versions: %s", where or "a TrainConfig",
                         ", ".join(f"{k} -> {v}" for k, v in moved.items()))
         return super().from_dict(d, where or "TrainConfig")
-
-    @classmethod
-    def from_json(cls, s: str) -> "TrainConfig":
-        return cls.from_dict(json.loads(s))
