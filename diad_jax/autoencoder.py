@@ -71,8 +71,9 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
 def check_config(cfg: TrainConfig) -> None:
     """Refuses a run the implemented loss does not cover (the discriminator's phase)."""
     if cfg.steps >= cfg.autoencoder.disc_start:
-        raise ConfigError(f"--steps {cfg.steps} reaches --disc-start {cfg.autoencoder.disc_start}: the patch discriminator "
-                          f"would engage, and it is not implemented (the reference's never does in its ~25k steps)")
+        raise ConfigError(f"--steps {cfg.steps} reaches --disc-start {cfg.autoencoder.disc_start}: the patch "
+                          f"discriminator would engage, and it is not implemented (the reference's never does in its "
+                          f"~25k steps)")
 
 
 def load_lpips_params(vgg16_path: str | Path, lin_path: str | Path) -> dict:

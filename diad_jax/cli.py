@@ -116,10 +116,12 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
     g.add_argument("--dataset", dest="data.dataset", default=S, help="synthetic (default), mvtec_ad, visa, folder")
     g.add_argument("--data-dir", dest="data.data_dir", default=S,
                    help="where prepared datasets live (default: $DIAD_DATA_DIR or ~/.cache/diad_jax/data)")
-    g.add_argument("--manual-dir", dest="data.manual_dir", default=S, help="the downloaded dataset's root folder (mvtec_ad, visa, folder)")
+    g.add_argument("--manual-dir", dest="data.manual_dir", default=S,
+                   help="the downloaded dataset's root folder (mvtec_ad, visa, folder)")
     g.add_argument("--dataset-option", action="append", default=S, metavar="KEY=JSON",
                    help="a data.prepare option, e.g. train_per_class=60 or exclude='[\"screw/train/good/232.png\"]'")
-    g.add_argument("--classes", dest="data.classes", nargs="+", default=S, help="train on these classes only (default: all, mixed)")
+    g.add_argument("--classes", dest="data.classes", nargs="+", default=S,
+                   help="train on these classes only (default: all, mixed)")
     g.add_argument("--skip-bad", dest="data.skip_bad", action="store_true", default=S,
                    help="skip unreadable images and anomalous images without a mask (each one logged and listed "
                         "in the prepared copy's metadata.json) instead of stopping at the first")
@@ -127,16 +129,19 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
                    help="delete the prepared copy of the dataset and prepare it again from --manual-dir")
 
     g = ap.add_argument_group("optimisation")
-    g.add_argument("--batch-size", dest="data.batch_size", type=int, default=S, help="GLOBAL batch per step (all devices and hosts)")
+    g.add_argument("--batch-size", dest="data.batch_size", type=int, default=S,
+                   help="GLOBAL batch per step (all devices and hosts)")
     g.add_argument("--grad-accum", dest="optimizer.grad_accum", type=int, default=S, help="steps per optimizer update")
     g.add_argument("--steps", type=int, default=S, help="total steps (batches) of the run, resumed steps included")
     g.add_argument("--lr", dest="optimizer.learning_rate", type=float, default=S, help="constant learning rate")
     g.add_argument("--weight-decay", dest="optimizer.weight_decay", type=float, default=S)
-    g.add_argument("--ema-decay", dest="optimizer.ema_decay", type=float, default=S, help="keep an EMA of the trained params (e.g. 0.999)")
+    g.add_argument("--ema-decay", dest="optimizer.ema_decay", type=float, default=S,
+                   help="keep an EMA of the trained params (e.g. 0.999)")
     g.add_argument("--seed", type=int, default=S)
 
     g = ap.add_argument_group("mesh (devices = data x fsdp; the batch is split over both)")
-    g.add_argument("--mesh-data", dest="mesh.data", type=int, default=S, help="data-parallel axis size (-1: all remaining devices)")
+    g.add_argument("--mesh-data", dest="mesh.data", type=int, default=S,
+                   help="data-parallel axis size (-1: all remaining devices)")
     g.add_argument("--mesh-fsdp", dest="mesh.fsdp", type=int, default=S,
                    help="fsdp axis size: shards params and optimizer state (-1: all remaining devices)")
 
@@ -144,7 +149,8 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
     g.add_argument("--workdir", default=S, help="checkpoints/, best/, metrics.jsonl, tensorboard/")
     g.add_argument("--save-every", dest="checkpoint.save_every", type=int, default=S, help="steps between checkpoints")
     g.add_argument("--keep", dest="checkpoint.keep", type=int, default=S, help="how many recent checkpoints to keep")
-    g.add_argument("--async-checkpoint", dest="checkpoint.async_save", type=_bool, default=S, help="save in the background (default true)")
+    g.add_argument("--async-checkpoint", dest="checkpoint.async_save", type=_bool, default=S,
+                   help="save in the background (default true)")
     g.add_argument("--no-resume", dest="checkpoint.resume", action="store_false", default=S,
                    help="do not resume (fails if the workdir holds checkpoints)")
     g.add_argument("--log-every", type=int, default=S, help="steps between metric records")

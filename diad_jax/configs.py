@@ -651,7 +651,7 @@ class TrainConfig(_Section):
     """
 
     # ---- model -----------------------------------------------------------------------------------
-    model: str = "sd15"                 # "sd15", "tiny", "demo" or a ModelConfig JSON file (unused with init_checkpoint)
+    model: str = "sd15"                 # "sd15", "tiny", "demo" or a ModelConfig JSON file (not with init_checkpoint)
     init_checkpoint: str | None = None  # converted model checkpoint (convert/torch_to_flax.py): params, context, ResNet
     only_mid_control: bool | None = None  # override the model config's (None: keep it; released: True)
     fusion: str | None = None           # override the model config's fusion block, "sff" | "none" (None: keep it)
