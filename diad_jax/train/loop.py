@@ -91,6 +91,10 @@ def check_finite(steps: Sequence[int], metrics: Sequence[dict], checkpointer: Ch
                                  f"{last}. Lower --lr, check the data, or start from another checkpoint")
 
 
+def _millions(tree) -> float:
+    return sum(x.size for x in jax.tree.leaves(tree)) / 1e6
+
+
 class Trainer:
     """The training loop. `Trainer(TrainConfig.tiny(workdir="runs/x")).run()` resumes from
     runs/x/checkpoints if there is a checkpoint there; `close()` waits for the last save."""
@@ -139,10 +143,8 @@ class Trainer:
             best_value = restored.best_value
         resnet = restored.resnet if restored is not None and restored.resnet is not None else source.resnet
         self.resnet = None if resnet is None else shd.place(resnet, jax.tree.map(lambda _: rep, resnet))
-        log.info("params: %.2fM trainable, %.2fM frozen; trainable + optimizer state: %s",
-                 sum(x.size for x in jax.tree.leaves(self.state.params)) / 1e6,
-                 sum(x.size for x in jax.tree.leaves(self.frozen)) / 1e6,
-                 shd.shard_summary((self.state.params, self.state.opt_state)))
+        log.info("params: %.2fM trainable, %.2fM frozen; trainable + optimizer state: %s", _millions(self.state.params),
+                 _millions(self.frozen), shd.shard_summary((self.state.params, self.state.opt_state)))
         return best_value
 
     @property
@@ -194,7 +196,7 @@ class Trainer:
                 # metrics are fetched (a device sync) at log intervals and before an evaluation or a
                 # save, so that a non-finite loss never reaches a checkpoint
                 if step % cfg.log_every == 0 or do_eval or do_save:
-                    info = self._log(pending, imgs / (time.perf_counter() - t_last))
+                    info = self._log(pending, imgs, t_last)
                     last_loss, pending, t_last, imgs = info.metrics["loss"], [], time.perf_counter(), 0
                     for h in hooks:
                         h.after_log(self, info)
@@ -228,9 +230,11 @@ class Trainer:
             log.error("could not save step %d (%s); the newest checkpoint is step %s", step, e,
                       max(self.checkpointer.all_steps(), default=None))
 
-    def _log(self, pending: list[tuple[int, dict]], images_per_s: float) -> StepInfo:
-        """Fetches the pending steps' metrics, writes them, and stops at the first non-finite one."""
+    def _log(self, pending: list[tuple[int, dict]], images: int, since: float) -> StepInfo:
+        """Fetches the pending steps' metrics, writes them, stops at the first non-finite one. Throughput:
+        `images` since `since` up to this fetch (steps run asynchronously: only a device sync ends an interval)."""
         steps, host = [s for s, _ in pending], jax.device_get([m for _, m in pending])
+        images_per_s = images / (time.perf_counter() - since)
         for s, h in zip(steps, host):
             self.writer.write(s, {k: float(v) for k, v in h.items()})
         self.writer.write(steps[-1], {"images_per_s": images_per_s}, kind="perf")
