@@ -2,9 +2,12 @@
 `run_script("convert/torch_to_flax", [...])` a script elsewhere in the repository; `load_script`
 gives the module (e.g. its build_parser)."""
 import importlib.util
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the console command `pip install` puts next to the interpreter (pyproject's [project.scripts])
+ENTRY_POINT = Path(sys.executable).with_name("diad-jax")
 
 
 def load_script(name: str):

@@ -1,5 +1,6 @@
-"""scripts/evaluate.py end to end on a saved checkpoint, calibration included."""
+"""`diad-jax evaluate` (= scripts/evaluate.py) end to end on a saved checkpoint, calibration included."""
 import json
+import subprocess
 
 import numpy as np
 
@@ -9,23 +10,26 @@ from diad_jax.configs import ModelConfig
 from diad_jax.metrics import METRIC_NAMES, f1_optimal_threshold
 from diad_jax.models.diad import DiAD
 
-from tests.scripts import run_script
+from tests.scripts import ENTRY_POINT, run_script
 
 
 def evaluate_main(argv):
     return run_script("evaluate", argv)
 
 
-def test_evaluate_cli_writes_table_json_heatmaps_and_thresholds(tmp_path, capsys):
+def test_evaluate_cli_writes_table_json_heatmaps_and_thresholds(tmp_path):
+    """Through the installed console command, in a subprocess (as a pip user runs it)."""
     ckpt = tmp_path / "ckpt"
     cfg = ModelConfig.tiny()
     save_model(ckpt, config=cfg, params=DiAD(cfg).init(seed=3), context=default_context(cfg))
     out = tmp_path / "eval"
-    rc = evaluate_main(["--checkpoint", ckpt, "--data-dir", tmp_path / "data", "--synthetic-train", 2,
-                        "--synthetic-test", 4, "--limit-per-class", 4, "--batch-size", 4, "--heatmaps", 1,
-                        "--variant", "reference", "--out", out, "--random-resnet", "--calibrate"])
-    assert rc == 0
-    printed = capsys.readouterr().out
+    argv = ["--checkpoint", ckpt, "--data-dir", tmp_path / "data", "--synthetic-train", 2, "--synthetic-test", 4,
+            "--limit-per-class", 4, "--batch-size", 4, "--heatmaps", 1, "--variant", "reference", "--out", out,
+            "--random-resnet", "--calibrate"]
+    proc = subprocess.run([str(ENTRY_POINT), "evaluate", *map(str, argv)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout
     assert "| **mean** |" in printed and "I-AUROC" in printed
     res = json.loads((out / "results.json").read_text())
     assert set(res["metrics"]["mean"]) == set(METRIC_NAMES)

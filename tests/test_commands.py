@@ -1,0 +1,42 @@
+"""The `diad-jax` console command (pyproject's [project.scripts]) and the checkout shims: one
+implementation per program (diad_jax/commands/<name>.py), reached both ways."""
+import re
+import subprocess
+
+import pytest
+
+from diad_jax.commands import COMMANDS
+from tests.scripts import ENTRY_POINT, ROOT
+
+SHIMS = sorted([*ROOT.glob("scripts/*.py"), *ROOT.glob("convert/*.py")])
+
+
+def test_the_console_command_lists_every_command_and_refuses_unknown_ones():
+    assert ENTRY_POINT.is_file(), f"{ENTRY_POINT} missing: `pip install -e .` creates it (make install)"
+    out = subprocess.run([str(ENTRY_POINT), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert re.findall(r"^  (\S+) ", out.stdout, re.M) == list(COMMANDS)
+    bad = subprocess.run([str(ENTRY_POINT), "tarin"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown command 'tarin'" in bad.stderr
+
+
+def test_every_command_answers_help_in_a_subprocess():
+    procs = {name: subprocess.Popen([str(ENTRY_POINT), name, "--help"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name in COMMANDS}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, (name, err[-2000:])
+        assert out.startswith(f"usage: diad-jax {name} "), (name, out[:200])
+
+
+@pytest.mark.parametrize("shim", SHIMS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_checkout_script_runs_a_command(shim):
+    """scripts/*.py and convert/*.py only import a command's main: no second implementation."""
+    imported = re.findall(r"^from diad_jax\.commands\.(\w+) import", shim.read_text(), re.M)
+    assert len(imported) == 1 and imported[0] in {m for m, _ in COMMANDS.values()}, shim
+    assert len(shim.read_text().splitlines()) < 12, f"{shim} holds more than the shim"
+
+
+def test_every_command_has_a_checkout_script():
+    modules = {re.findall(r"^from diad_jax\.commands\.(\w+) import", s.read_text(), re.M)[0] for s in SHIMS}
+    assert modules == {m for m, _ in COMMANDS.values()}
