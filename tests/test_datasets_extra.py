@@ -72,8 +72,9 @@ def realiad(tmp_path):
     return root, make_realiad(root)
 
 
-def test_realiad_round_trip(realiad, tmp_path):
+def test_realiad_round_trip(realiad, tmp_path, caplog):
     root, truth = realiad
+    caplog.set_level("INFO", logger="diad_jax.data.layouts")
     ds = data.prepare("real_iad", tmp_path / "p", manual_dir=root, classes=["audiojack", "pcb"], image_size=SIZE)
     assert ds.class_names == ("audiojack", "pcb")
     assert ds.counts() == {"train": {"audiojack": (4, 0), "pcb": (3, 0)},
@@ -90,6 +91,8 @@ def test_realiad_round_trip(realiad, tmp_path):
             assert ex["defect_type"].decode() == defect
             assert ex["class_name"].decode() == name.split("/")[1]
     assert seen == set(truth)
+    assert "audiojack: entries with a defect class but no mask_path count as normal, as in the official loader: 1" \
+        in caplog.text
     masks = [m for _, m, _, _ in truth.values() if m is not None]
     assert all(not np.array_equal(a, b) for i, a in enumerate(masks) for b in masks[:i])  # alignment is testable
 

@@ -360,23 +360,25 @@ def scan_realiad(root: str, classes: Iterable[str] | None = None, *, json_dir: s
     protocol). As in the official loader (Tencent/AnomalyDetection_Real-IAD, ExplicitDataset), an entry
     is normal if its anomaly_class is the normal class or it has no mask_path (a null mask_path on an
     NG entry is counted and logged); anomalous entries take their mask from mask_path and their
-    defect type from anomaly_class (e.g. "AK", "BX", ...).
+    defect type from anomaly_class (e.g. "AK", "BX", ...). The train split of the FUIAD files
+    (``realiad_jsons_fuiad_*``) holds anomalous entries on purpose: they keep their labels, and
+    training reads no labels.
 
     Args:
       root: the Real-IAD root (holding ``realiad_jsons/``, ``realiad_1024/``, ...).
       classes: class names (default: all 30, `REALIAD_CLASSES`).
-      json_dir: the folder of split files, relative to `root` or absolute: ``realiad_jsons``
+      json_dir: the folder of split files, relative to `root`: ``realiad_jsons``
         (multi-view UIAD, the default), ``realiad_jsons_sv`` (single view), ``realiad_jsons_fuiad_0.1``, ...
-      image_dir: the image folder, relative to `root` or absolute: ``realiad_1024`` (the default: the
-        resolution the official repository downloads and trains on), ``realiad_raw``, or a smaller copy
-        such as ``realiad_256`` where you have one (faster to prepare at 256 px).
+      image_dir: the image folder, relative to `root`: ``realiad_1024`` (the default: the resolution
+        the official repository downloads and trains on), ``realiad_raw``, or a smaller copy such as
+        ``realiad_256`` where you have one (smaller files to decode when preparing at 256 px).
       skip_bad: skip (with a warning) entries whose image or mask file is missing.
       skipped: a list that collects the message of every skipped file (optional).
     """
     root = os.path.abspath(root)
     _require_dir(root, "Real-IAD root folder")
     classes = _check_classes(classes, REALIAD_CLASSES)
-    json_root, image_root = (os.path.join(root, d) for d in (json_dir, image_dir))  # an absolute d wins
+    json_root, image_root = os.path.join(root, json_dir), os.path.join(root, image_dir)
     _require_dir(json_root, "Real-IAD split-file folder (json_dir)")
     _require_dir(image_root, "Real-IAD image folder (image_dir)")
     out: dict[str, list[Record]] = {s: [] for s in SPLITS}
@@ -410,8 +412,8 @@ def scan_realiad(root: str, classes: Iterable[str] | None = None, *, json_dir: s
                 raise DataError(f"{path}: the {split} split of class {cls!r} is empty")
             out[split].extend(records)
         if hidden:
-            log.info("Real-IAD %s: %d entr(y/ies) with a defect class but no mask_path count as normal, as in the "
-                     "official loader", cls, hidden)
+            log.info("Real-IAD %s: entries with a defect class but no mask_path count as normal, as in the "
+                     "official loader: %d", cls, hidden)
     return out
 
 
