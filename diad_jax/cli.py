@@ -113,11 +113,12 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
                    help="rematerialise blocks in the backward pass (less memory, more compute)")
 
     g = ap.add_argument_group("data")
-    g.add_argument("--dataset", dest="data.dataset", default=S, help="synthetic (default), mvtec_ad, visa, folder")
+    g.add_argument("--dataset", dest="data.dataset", default=S,
+                   help="synthetic (default), mvtec_ad, mvtec_ad_2, visa, real_iad, folder")
     g.add_argument("--data-dir", dest="data.data_dir", default=S,
                    help="where prepared datasets live (default: $DIAD_DATA_DIR or ~/.cache/diad_jax/data)")
     g.add_argument("--manual-dir", dest="data.manual_dir", default=S,
-                   help="the downloaded dataset's root folder (mvtec_ad, visa, folder)")
+                   help="the downloaded dataset's root folder (every dataset but synthetic)")
     g.add_argument("--dataset-option", action="append", default=S, metavar="KEY=JSON",
                    help="a data.prepare option, e.g. train_per_class=60 or exclude='[\"screw/train/good/232.png\"]'")
     g.add_argument("--classes", dest="data.classes", nargs="+", default=S,

@@ -30,7 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The dataset builders of diad_jax.data (named here so a config can be checked without importing them).
-DATASETS = ("mvtec_ad", "visa", "folder", "synthetic")
+DATASETS = ("mvtec_ad", "mvtec_ad_2", "visa", "real_iad", "folder", "synthetic")
 
 
 def _tuple(x):

@@ -41,7 +41,7 @@ def build_parser():
     ap.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS),
                     help="dataset builder (default: the generated one)")
     ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="prepared-data directory")
-    ap.add_argument("--manual-dir", type=Path, help="raw dataset folder (MVTec-AD / VisA / folder layout)")
+    ap.add_argument("--manual-dir", type=Path, help="raw dataset folder (the layout of --dataset)")
     ap.add_argument("--dataset-option", action="append", default=[], metavar="KEY=JSON",
                     help="a data.prepare option, e.g. require_masks=true for the folder layout")
     ap.add_argument("--skip-bad", action="store_true",

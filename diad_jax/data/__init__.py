@@ -9,28 +9,27 @@ Prepare once (decoded uint8 arrays in array_record files, no TensorFlow), then r
     for batch in data.eval_dataset(ds, batch_size=8, classes="disk"): ...     # in order, padded
 
 Modules: records (Record, DataError), imageio (read + the reference's PIL-bilinear resize), layouts
-(MVTec-AD / VisA / folder scanning), synthetic (the generated dataset), prepared (prepare / load),
-builders (the tfds builders; imported on first use, as it imports tensorflow_datasets), pipeline
-(grain pipelines).
+(MVTec-AD / MVTec AD 2 / VisA / Real-IAD / folder scanning), synthetic (the generated dataset), prepared
+(prepare / load), builders (the tfds builders; imported on first use, as it imports tensorflow_datasets),
+pipeline (grain pipelines).
 """
 from diad_jax.data.prepared import (DATASETS, PreparedDataset, check_options, load, load_from_directory, prepare,
                                     source_fingerprint)
 from diad_jax.data.imageio import read_image, read_mask, resize_image, resize_mask
-from diad_jax.data.layouts import (MVTEC_CLASSES, MVTEC_REFERENCE_EXCLUDE, VISA_CLASSES, scan_folder, scan_mvtec,
-                                   scan_visa)
+from diad_jax.data.layouts import (MVTEC_AD2_CLASSES, MVTEC_CLASSES, MVTEC_REFERENCE_EXCLUDE, REALIAD_CLASSES,
+                                   VISA_CLASSES, scan_folder, scan_mvtec, scan_mvtec_ad2, scan_realiad, scan_visa)
 from diad_jax.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, denormalize, ensure_absl_flags_parsed, eval_dataset,
                                     normalize, preprocess, steps_per_epoch, train_dataset)
 from diad_jax.data.records import GOOD, DataError, Record, as_text
 from diad_jax.data.synthetic import SYNTHETIC_CLASSES, SyntheticExample, defect_types, render
 
 __all__ = [
-    "DATASETS", "GOOD", "IMAGENET_MEAN", "IMAGENET_STD", "MVTEC_CLASSES", "MVTEC_REFERENCE_EXCLUDE",
-    "SYNTHETIC_CLASSES", "VISA_CLASSES", "DataError", "DiadConfig", "PreparedDataset", "Record",
-    "SyntheticExample", "as_text", "check_options", "defect_types", "denormalize", "ensure_absl_flags_parsed",
-    "eval_dataset", "load",
-    "load_from_directory", "normalize", "prepare", "preprocess", "read_image", "read_mask", "render",
-    "resize_image", "resize_mask", "scan_folder", "scan_mvtec", "scan_visa", "source_fingerprint", "steps_per_epoch",
-    "train_dataset",
+    "DATASETS", "GOOD", "IMAGENET_MEAN", "IMAGENET_STD", "MVTEC_AD2_CLASSES", "MVTEC_CLASSES",
+    "MVTEC_REFERENCE_EXCLUDE", "REALIAD_CLASSES", "SYNTHETIC_CLASSES", "VISA_CLASSES", "DataError", "DiadConfig",
+    "PreparedDataset", "Record", "SyntheticExample", "as_text", "check_options", "defect_types", "denormalize",
+    "ensure_absl_flags_parsed", "eval_dataset", "load", "load_from_directory", "normalize", "prepare", "preprocess",
+    "read_image", "read_mask", "render", "resize_image", "resize_mask", "scan_folder", "scan_mvtec",
+    "scan_mvtec_ad2", "scan_realiad", "scan_visa", "source_fingerprint", "steps_per_epoch", "train_dataset",
 ]
 
 

@@ -148,6 +148,16 @@ class DiadMvtecAd(_DiadBuilder):
                                   skip_bad=self._cfg.skip_bad, skipped=self.info.metadata["skipped"])
 
 
+class DiadMvtecAd2(_DiadBuilder):
+    """MVTec AD 2 (official layout: <class>/train/good, <class>/validation/good, <class>/test_public)."""
+
+    name = "diad_mvtec_ad_2"
+
+    def _scan(self, root):
+        return layouts.scan_mvtec_ad2(root, self._cfg.classes or None, skip_bad=self._cfg.skip_bad,
+                                      skipped=self.info.metadata["skipped"])
+
+
 class DiadVisa(_DiadBuilder):
     """VisA (official release layout and split CSV, columns object,split,label,image,mask)."""
 
@@ -156,6 +166,16 @@ class DiadVisa(_DiadBuilder):
     def _scan(self, root):
         return layouts.scan_visa(root, self._cfg.classes or None, split_csv=self._opts["split_csv"],
                                  skip_bad=self._cfg.skip_bad, skipped=self.info.metadata["skipped"])
+
+
+class DiadRealIad(_DiadBuilder):
+    """Real-IAD (official release: <json_dir>/<class>.json split files, <image_dir>/<class>/{OK,NG})."""
+
+    name = "diad_real_iad"
+
+    def _scan(self, root):
+        return layouts.scan_realiad(root, self._cfg.classes or None, skip_bad=self._cfg.skip_bad,
+                                    skipped=self.info.metadata["skipped"], **self._opts)
 
 
 class DiadFolder(_DiadBuilder):
@@ -194,5 +214,6 @@ class DiadSynthetic(_DiadBuilder):
 
 
 # dataset kind (configs.DATASETS) -> builder class
-BUILDERS = {"mvtec_ad": DiadMvtecAd, "visa": DiadVisa, "folder": DiadFolder, "synthetic": DiadSynthetic}
+BUILDERS = {"mvtec_ad": DiadMvtecAd, "mvtec_ad_2": DiadMvtecAd2, "visa": DiadVisa, "real_iad": DiadRealIad,
+            "folder": DiadFolder, "synthetic": DiadSynthetic}
 

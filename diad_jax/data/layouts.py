@@ -1,4 +1,4 @@
-"""Scanning the three on-disk layouts (MVTec-AD, VisA, a generic folder tree) into `Record`s.
+"""Scanning the on-disk layouts (MVTec-AD, MVTec AD 2, VisA, Real-IAD, a generic folder tree) into `Record`s.
 
 Scanning only lists and checks files; it decodes nothing. Every problem is a `DataError` naming the
 path at fault: a missing class folder, an anomalous image without a mask, a non-image file where
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,17 @@ VISA_CLASSES = (
     "pcb3", "pcb4", "pipe_fryum",
 )
 """The 12 VisA classes (alphabetical, the reference's label_to_idx order)."""
+
+MVTEC_AD2_CLASSES = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")
+"""The 8 MVTec AD 2 classes (alphabetical)."""
+
+REALIAD_CLASSES = (
+    "audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts", "pcb",
+    "phone_battery", "plastic_nut", "plastic_plug", "porcelain_doll", "regulator", "rolled_strip_base",
+    "sim_card_set", "switch", "tape", "terminalblock", "toothbrush", "toy", "toy_brick", "transistor1", "u_block",
+    "usb", "usb_adaptor", "vcpill", "wooden_beads", "woodstick", "zipper",
+)
+"""The 30 Real-IAD classes (alphabetical; the JSON file names of the official release)."""
 
 MVTEC_REFERENCE_EXCLUDE = ("screw/train/good/232.png",)
 """Files the reference's training list (training/MVTec-AD/train.json, UniAD's list) leaves out:
@@ -168,6 +180,77 @@ def scan_mvtec(root: str, classes: Iterable[str] | None = None, *, exclude: Iter
     return out
 
 
+MVTEC_AD2_SPLITS = ("train", "validation", "test")
+MVTEC_AD2_UNLABELLED = ("test_private", "test_private_mixed")
+"""MVTec AD 2's test sets without ground truth: not prepared (a stored example needs a label);
+score them with ``scripts/predict.py --input <root>/<class>/test_private``."""
+
+
+def scan_mvtec_ad2(root: str, classes: Iterable[str] | None = None, *, skip_bad: bool = False,
+                   skipped: list[str] | None = None) -> dict[str, list[Record]]:
+    """Lists an MVTec AD 2 tree in the official layout.
+
+    Layout: ``<root>/<class>/train/good/*.png``, ``<root>/<class>/validation/good/*.png``,
+    ``<root>/<class>/test_public/{good,bad}/*.png`` with the masks of the bad images at
+    ``<root>/<class>/test_public/ground_truth/bad/<stem>_mask.png``. The splits are train, validation
+    (normal images only) and test (= test_public, labelled; defect type "bad"). The unlabelled
+    `MVTEC_AD2_UNLABELLED` folders are not read (their presence is logged); any other entry in
+    ``test_public/`` is an error.
+
+    Args:
+      root: the folder holding the class folders.
+      classes: class names to include (default: all 8, `MVTEC_AD2_CLASSES`).
+      skip_bad: skip (with a warning) anomalous images without a mask, non-image files and unexpected
+        entries in ``test_public/``.
+      skipped: a list that collects the message of every skipped file (optional).
+
+    Returns:
+      {"train": [...], "validation": [...], "test": [...]}, classes in the given order, files sorted.
+    """
+    root = os.path.abspath(root)
+    _require_dir(root, "MVTec AD 2 root folder")
+    classes = _check_classes(classes, MVTEC_AD2_CLASSES)
+    out: dict[str, list[Record]] = {s: [] for s in MVTEC_AD2_SPLITS}
+    unlabelled = []
+    for cls in classes:
+        cls_dir = os.path.join(root, cls)
+        _require_dir(cls_dir, f"class folder of {cls!r} (expected <root>/<class>/train/good)")
+        public = os.path.join(cls_dir, "test_public")
+        _require_dir(public, f"test_public folder of {cls!r}")
+        for entry in sorted(os.scandir(public), key=lambda e: e.name):
+            if not entry.name.startswith(".") and entry.name not in ("good", "bad", "ground_truth"):
+                _problem(f"{entry.path}: unexpected entry (test_public holds good/, bad/ and ground_truth/)",
+                         skip_bad, skipped)
+        folders = {"train": os.path.join(cls_dir, "train", "good"),
+                   "validation": os.path.join(cls_dir, "validation", "good"),
+                   "test": os.path.join(public, "good")}
+        per_split = {s: [] for s in MVTEC_AD2_SPLITS}
+        for split, folder in folders.items():
+            _require_dir(folder, f"{split} folder of {cls!r}")
+            per_split[split] = [Record(cls, split, 0, GOOD, p, None, relative_name(p, root))
+                                for p in _list_images(folder, skip_bad, skipped)]
+        bad_dir, mask_dir = os.path.join(public, "bad"), os.path.join(public, "ground_truth", "bad")
+        _require_dir(bad_dir, f"anomalous test folder of {cls!r}")
+        for path in _list_images(bad_dir, skip_bad, skipped):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            mask = _find_mask(mask_dir, stem, ("_mask",))
+            if mask is None:
+                _problem(f"{path}: anomalous image has no mask (expected "
+                         f"{os.path.join(mask_dir, stem + '_mask.png')})", skip_bad, skipped)
+                continue
+            per_split["test"].append(Record(cls, "test", 1, "bad", path, mask, relative_name(path, root)))
+        for split, records in per_split.items():
+            if not records:
+                raise DataError(f"{public if split == 'test' else folders[split]}: the {split} split of class "
+                                f"{cls!r} is empty")
+            out[split].extend(records)
+        unlabelled += [p for p in (os.path.join(cls_dir, d) for d in MVTEC_AD2_UNLABELLED) if os.path.isdir(p)]
+    if unlabelled:
+        log.info("MVTec AD 2: %d unlabelled test folder(s) are not prepared (%s, ...); score them with "
+                 "scripts/predict.py --input <folder>", len(unlabelled), unlabelled[0])
+    return out
+
+
 def _read_visa_annotations(cls_dir: str) -> dict[str, str]:
     """image path (relative to the VisA root) -> defect name, from `<class>/image_anno.csv` if present."""
     path = os.path.join(cls_dir, "image_anno.csv")
@@ -244,6 +327,93 @@ def scan_visa(root: str, classes: Iterable[str] | None = None, *, split_csv: str
             if not per_class[cls][split]:
                 raise DataError(f"{csv_path}: the {split} split of class {cls!r} is empty")
             out[split].extend(per_class[cls][split])
+    return out
+
+
+def _read_realiad_json(path: str) -> dict:
+    """One Real-IAD split file: {"meta": {"prefix", "normal_class", ...}, "train": [...], "test": [...]}."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: Real-IAD split file not found")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the split file ({e})") from e
+    meta = doc.get("meta") if isinstance(doc, dict) else None
+    if (not isinstance(meta, dict) or not {"prefix", "normal_class"} <= set(meta)
+            or not all(isinstance(doc.get(s), list) for s in SPLITS)):
+        raise DataError(f"{path}: expected {{\"meta\": {{\"prefix\": ..., \"normal_class\": ...}}, \"train\": [...], "
+                        f"\"test\": [...]}}")
+    return doc
+
+
+def scan_realiad(root: str, classes: Iterable[str] | None = None, *, json_dir: str = "realiad_jsons",
+                 image_dir: str = "realiad_1024", skip_bad: bool = False,
+                 skipped: list[str] | None = None) -> dict[str, list[Record]]:
+    """Lists Real-IAD from its official release: one JSON split file per class and an image folder.
+
+    Layout: ``<root>/<json_dir>/<class>.json`` and ``<root>/<image_dir>/<class>/OK/S<sample>/*.jpg``,
+    ``.../<class>/NG/<defect>/S<sample>/*.jpg`` with a ``.png`` mask beside each. A split file holds
+    ``{"meta": {"prefix": ..., "normal_class": "OK", ...}, "train": [...], "test": [...]}``, each entry
+    ``{"category", "anomaly_class", "image_path", "mask_path"}`` with paths relative to
+    ``<root>/<image_dir>/<prefix>``. Every camera view is an example of its own (the single-image
+    protocol). As in the official loader (Tencent/AnomalyDetection_Real-IAD, ExplicitDataset), an entry
+    is normal if its anomaly_class is the normal class or it has no mask_path (a null mask_path on an
+    NG entry is counted and logged); anomalous entries take their mask from mask_path and their
+    defect type from anomaly_class (e.g. "AK", "BX", ...). The train split of the FUIAD files
+    (``realiad_jsons_fuiad_*``) holds anomalous entries on purpose: they keep their labels, and
+    training reads no labels.
+
+    Args:
+      root: the Real-IAD root (holding ``realiad_jsons/``, ``realiad_1024/``, ...).
+      classes: class names (default: all 30, `REALIAD_CLASSES`).
+      json_dir: the folder of split files, relative to `root`: ``realiad_jsons``
+        (multi-view UIAD, the default), ``realiad_jsons_sv`` (single view), ``realiad_jsons_fuiad_0.1``, ...
+      image_dir: the image folder, relative to `root`: ``realiad_1024`` (the default: the resolution
+        the official repository downloads and trains on), ``realiad_raw``, or a smaller copy such as
+        ``realiad_256`` where you have one (smaller files to decode when preparing at 256 px).
+      skip_bad: skip (with a warning) entries whose image or mask file is missing.
+      skipped: a list that collects the message of every skipped file (optional).
+    """
+    root = os.path.abspath(root)
+    _require_dir(root, "Real-IAD root folder")
+    classes = _check_classes(classes, REALIAD_CLASSES)
+    json_root, image_root = os.path.join(root, json_dir), os.path.join(root, image_dir)
+    _require_dir(json_root, "Real-IAD split-file folder (json_dir)")
+    _require_dir(image_root, "Real-IAD image folder (image_dir)")
+    out: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    for cls in classes:
+        path = os.path.join(json_root, f"{cls}.json")
+        doc = _read_realiad_json(path)
+        base, normal = os.path.join(image_root, doc["meta"]["prefix"]), doc["meta"]["normal_class"]
+        hidden = 0
+        for split in SPLITS:
+            records = []
+            for i, entry in enumerate(doc[split]):
+                where = f"{path}: {split}[{i}]"
+                if not isinstance(entry, dict) or not {"anomaly_class", "image_path"} <= set(entry):
+                    raise DataError(f"{where}: an entry needs anomaly_class and image_path, got {entry!r}")
+                image = os.path.join(base, entry["image_path"])
+                if not os.path.isfile(image):
+                    _problem(f"{image}: image listed in {where} not found", skip_bad, skipped)
+                    continue
+                name, defect = relative_name(image, root), entry["anomaly_class"]
+                if defect == normal or not entry.get("mask_path"):
+                    hidden += defect != normal
+                    records.append(Record(cls, split, 0, GOOD, image, None, name))
+                    continue
+                mask = os.path.join(base, entry["mask_path"])
+                if not os.path.isfile(mask):
+                    _problem(f"{image}: anomalous image has no mask ({where} gives {entry['mask_path']!r}, "
+                             f"{mask} not found)", skip_bad, skipped)
+                    continue
+                records.append(Record(cls, split, 1, defect, image, mask, name))
+            if not records:
+                raise DataError(f"{path}: the {split} split of class {cls!r} is empty")
+            out[split].extend(records)
+        if hidden:
+            log.info("Real-IAD %s: entries with a defect class but no mask_path count as normal, as in the "
+                     "official loader: %d", cls, hidden)
     return out
 
 

@@ -54,12 +54,15 @@ log = logging.getLogger(__name__)
 # Options each dataset accepts besides classes / image_size, with their defaults.
 _OPTIONS: dict[str, dict[str, Any]] = {
     "mvtec_ad": dict(exclude=()),
+    "mvtec_ad_2": dict(),
     "visa": dict(split_csv="split_csv/1cls.csv"),
+    "real_iad": dict(json_dir="realiad_jsons", image_dir="realiad_1024"),
     "folder": dict(normal_dir="normal", test_normal_dir="test_normal", anomalous_dir="anomalous",
                    mask_dir="masks", test_normal_fraction=0.2, split_seed=0, require_masks=False),
     "synthetic": dict(train_per_class=60, test_per_class=40, test_good_fraction=0.5, seed=0),
 }
-_DEFAULT_CLASSES = {"mvtec_ad": layouts.MVTEC_CLASSES, "visa": layouts.VISA_CLASSES, "folder": (),
+_DEFAULT_CLASSES = {"mvtec_ad": layouts.MVTEC_CLASSES, "mvtec_ad_2": layouts.MVTEC_AD2_CLASSES,
+                    "visa": layouts.VISA_CLASSES, "real_iad": layouts.REALIAD_CLASSES, "folder": (),
                     "synthetic": synthetic.SYNTHETIC_CLASSES}
 
 
@@ -68,7 +71,7 @@ class PreparedDataset:
     """A prepared dataset opened for reading.
 
     Attributes:
-      name: the dataset kind ("mvtec_ad", "visa", "folder", "synthetic") or the builder name.
+      name: the dataset kind (one of `DATASETS`, e.g. "mvtec_ad") or the builder name.
       path: the directory holding the array_record files.
       image_size: the prepared (stored) image size.
       class_names: classes in stored order; `class_index` values index into it.
@@ -216,7 +219,7 @@ def prepare(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.P
     """Prepares a dataset once into `data_dir` (a no-op if already prepared) and opens it.
 
     Args:
-      dataset: "mvtec_ad", "visa", "folder" or "synthetic".
+      dataset: one of `DATASETS`: "mvtec_ad", "mvtec_ad_2", "visa", "real_iad", "folder" or "synthetic".
       data_dir: where prepared datasets live.
       manual_dir: the downloaded dataset's root folder (not used by "synthetic"). Without it, the
         one copy prepared earlier with these classes/options/size is opened, if there is exactly one.
@@ -229,7 +232,10 @@ def prepare(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.P
       overwrite: delete an existing prepared copy with the same configuration first.
       **options: dataset options:
         mvtec_ad: exclude=() (relative paths to leave out, e.g. `MVTEC_REFERENCE_EXCLUDE`);
+        mvtec_ad_2: none (splits train, validation, test = test_public; the unlabelled test_private*
+          folders are scored with scripts/predict.py);
         visa: split_csv="split_csv/1cls.csv";
+        real_iad: json_dir="realiad_jsons", image_dir="realiad_1024" (see `layouts.scan_realiad`);
         folder: normal_dir, test_normal_dir, anomalous_dir, mask_dir, test_normal_fraction=0.2,
           split_seed=0 (see `layouts.scan_folder`);
         synthetic: train_per_class=60, test_per_class=40, test_good_fraction=0.5, seed=0.
