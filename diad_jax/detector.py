@@ -28,7 +28,8 @@ from jax.sharding import Mesh
 from diad_jax import sharding as shd
 from diad_jax.calibration import Calibration
 from diad_jax.checkpoints import default_context, load_model, read_metadata, resolve
-from diad_jax.configs import NO_WEIGHTS_COMPARATOR, RESNET_CHOICES, EvalConfig, ModelConfig
+from diad_jax.configs import (IMAGENET_MEAN, IMAGENET_STD, NO_WEIGHTS_COMPARATOR, RESNET_CHOICES, EvalConfig,
+                              ModelConfig)
 from diad_jax.errors import CheckpointError, ConfigError, UserError
 from diad_jax.models.diad import DiAD
 from diad_jax.models.resnet import resnet_abstract_params
@@ -156,6 +157,42 @@ class Detector:
             wanted["reconstructions"] = out.reconstructions
         host = shd.gather_to_host(wanted)
         return {k: np.asarray(v)[:b * n_proc] for k, v in host.items()}
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export(self, path: str | os.PathLike, *, batch_size: int | None = None,
+               platforms: Sequence[str] = ("cpu", "cuda", "tpu")) -> Path:
+        """Writes this detector for deployment to the folder `path`: the program `score_batch` runs,
+        for a fixed batch of `batch_size` images (default: the eval config's) and lowered for each of
+        `platforms`, its weights and a manifest. `diad_jax.exported.load(path)` scores with it
+        without the model code (see diad_jax/exported.py). The detector must be on one device."""
+        from diad_jax import exported
+        if self.mesh.size != 1 or jax.process_count() != 1:
+            raise ConfigError(f"export needs a detector on one device in one process (diad_jax.load(path) without a "
+                              f"mesh); this one spans {self.mesh.size} device(s) in {jax.process_count()} process(es)")
+        batch = self.eval_config.batch_size if batch_size is None else batch_size
+        if batch < 1:
+            raise ConfigError(f"export: batch_size must be >= 1, got {batch}")
+        unknown = [p for p in platforms if p not in exported.PLATFORMS]
+        if unknown or not platforms:
+            raise ConfigError(f"export: platforms must be some of {exported.PLATFORMS}, got {list(platforms)}")
+        size = self.image_size
+        g = shd.shard_batch({"image": np.zeros((batch, 3, size, size), np.float32), "index": np.zeros(batch, np.int64)},
+                            self.mesh, self.axes)  # the arguments score_batch passes, as zeros
+        program = self.scorer.export(self.bundle, g["image"], self._key, g["index"], platforms=tuple(platforms))
+        weights = {shd.path_str(p): np.asarray(v)
+                   for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(self.bundle))}
+        manifest = {
+            "jax_version": jax.__version__, "source": self.source, "notes": self.notes,
+            "model_config": self.config.to_dict(), "eval_config": self.eval_config.to_dict(),
+            "image_size": size, "batch_size": batch, "platforms": list(platforms),
+            "input": {"images": f"uint8 (N, {size}, {size}, 3) RGB at the model's size, normalised by the loader",
+                      "program": f"weights, float32 ({batch}, 3, {size}, {size}) NCHW (x / 255 - mean) / std, key, "
+                                 f"int32 ({batch},) image ids (noise of image i: fold_in(key, id); padding: -1)"},
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "seed": self.eval_config.seed, "key": np.asarray(jax.device_get(self._key)).tolist(),
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
+        }
+        return exported.save(path, program.serialize(), weights, manifest)
 
     # ---- prediction -----------------------------------------------------------------------------
     def predict(self, inputs, *, class_name: str | None = None, original_size: bool = False,

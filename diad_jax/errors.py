@@ -4,7 +4,8 @@ traceback (`diad_jax.cli.entry_point`); anything else is a bug and keeps its tra
 
 The more specific errors live beside the code that raises them and derive from `UserError`:
 `data.DataError` (a dataset on disk), `sharding.MeshError` (a mesh the devices cannot form),
-`convert.ldm.ConversionError` and `convert.torch_io.CheckpointReadError` (reference checkpoints).
+`convert.ldm.ConversionError` and `convert.torch_io.CheckpointReadError` (reference checkpoints),
+`exported.ExportError` (an exported detector's folder).
 """
 from __future__ import annotations
 

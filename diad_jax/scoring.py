@@ -292,6 +292,20 @@ class Scorer:
         args = self._args(bundle, images, rng, index, uncond_context)
         return (self._jit if len(args) == 4 else self._jit2).lower(*args)
 
+    def export(self, bundle, images, rng, index, platforms=None) -> jax.export.Exported:
+        """The program `__call__` runs on arguments like these (shapes, dtypes, placement), exported
+        for `platforms` (default: the devices') with the weights as arguments: it takes
+        (bundle, images, rng, index) and returns {"maps", "scores", "reconstructions"} (a dict, which
+        serialises without this module's ScoreOutput). Without guidance deduplication the bundle's
+        context is the unconditional one, as in `__call__`."""
+        fn = self._jit if self.dedupe_guidance else self._jit2
+
+        def program(bundle, images, rng, index):
+            return fn(bundle, images, rng, index, *(() if self.dedupe_guidance else (bundle["context"],)))._asdict()
+
+        args = self._args(bundle, images, rng, index, None)[:4]
+        return jax.export.export(jax.jit(program), platforms=platforms)(*args)
+
     def compiled_programs(self) -> int:
         """How many programs this scorer has compiled (one per input shape and sharding)."""
         return self._jit._cache_size() + self._jit2._cache_size()

@@ -1,0 +1,224 @@
+"""A detector exported for deployment: the compiled scoring program, its weights and a manifest,
+scored without the model code (this module imports no flax and no diad_jax.models, diffusion or
+scoring).
+
+    det = diad_jax.load("checkpoints/diad_mvtec")     # where the library's model code is
+    det.export("deploy/diad_mvtec")                    # or: python scripts/export.py --checkpoint ... --out ...
+
+    from diad_jax import exported                      # on the machine that scores
+    ex = exported.load("deploy/diad_mvtec")
+    out = ex.score(images)        # uint8 (N, S, S, 3) RGB at the model's size S (resizing is the caller's)
+    out.scores, out.maps          # (N,) and (N, S, S); labels, normalised scores and masks when calibrated
+
+The folder:
+  program.bin          `jax.export` serialisation of the Detector's own denoise-and-score program
+                       (`Scorer.export`) for a fixed batch of `batch_size` images, lowered for each
+                       platform of the manifest. Its arguments: the weights, float32 (B, 3, S, S) NCHW
+                       images normalised as (x / 255 - mean) / std, the raw uint32 PRNG key and int32
+                       (B,) image ids (image i's noise comes from fold_in(key, id)); it returns
+                       {"maps", "scores", "reconstructions"}.
+  weights.safetensors  the weights, flat, keyed by "/"-joined pytree paths; the manifest lists the keys
+                       in the program's argument order.
+  manifest.json        format version, versions, model and eval configs, input size, normalisation,
+                       batch size, platforms, seed and key, thresholds, and the files' sizes and SHA-256.
+
+Why a fixed batch: it is the very module the Detector compiles for that batch size, so the two give
+the same numbers (tests/test_export.py). A batch-polymorphic export of the same program lowers too,
+but it is a module the Detector never runs, and each new batch size would compile again on loading
+anyway. `score` pads a call to whole batches; image i's noise depends only on its id, so padding and
+batching change nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from diad_jax import __version__
+from diad_jax.calibration import Calibration
+from diad_jax.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST, PROGRAM, WEIGHTS = "manifest.json", "program.bin", "weights.safetensors"
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
+
+
+class ExportError(UserError):
+    """An exported folder that is missing, incomplete, damaged or of another format version."""
+
+
+@dataclasses.dataclass
+class Scores:
+    """The results of one `ExportedDetector.score` call, one row per image."""
+
+    scores: np.ndarray                          # (N,) float32 image anomaly scores
+    maps: np.ndarray                            # (N, S, S) float32 anomaly maps
+    labels: np.ndarray | None = None            # (N,) 1 anomalous / 0 normal (exported with thresholds)
+    normalized_scores: np.ndarray | None = None  # (N,) in [0, 1], 0.5 at the threshold
+    masks: np.ndarray | None = None             # (N, S, S) bool, map >= the pixel threshold
+
+
+class ExportedDetector:
+    """An exported detector, loaded (`load`): the program deserialised, the weights on the default
+    device once. `score` gives the same scores and maps as the Detector that exported it."""
+
+    def __init__(self, path: Path, manifest: dict, program: jax.export.Exported, weights: list[np.ndarray]):
+        self.path, self.manifest = path, manifest
+        self.image_size = manifest["image_size"]
+        self.batch_size = manifest["batch_size"]
+        self.calibration = Calibration.from_dict(manifest["calibration"]) if manifest["calibration"] else None
+        self.notes = list(manifest.get("notes", []))
+        avals = program.in_avals
+        if len(avals) != len(weights) + 3:
+            raise ExportError(f"{path / PROGRAM} takes {len(avals)} arrays, {path / MANIFEST} lists {len(weights)} "
+                              f"weights (+ images, key, index): the files come from different exports")
+        for key, w, a in zip(manifest["weights"], weights, avals):
+            if w.shape != a.shape or w.dtype != a.dtype:
+                raise ExportError(f"{path / WEIGHTS}: {key!r} is {w.dtype}{list(w.shape)}, the program takes "
+                                  f"{a.dtype}{list(a.shape)}: the files come from different exports")
+        self._program = program
+        self._weights = jax.device_put(weights)
+        self._key = np.asarray(manifest["key"], np.uint32)
+        self._mean = np.asarray(manifest["normalization"]["mean"], np.float32)
+        self._std = np.asarray(manifest["normalization"]["std"], np.float32)
+        self._call = jax.jit(program.call)
+
+    def score(self, images, *, index=None, class_name: str | None = None) -> Scores:
+        """Scores `images`: uint8 RGB arrays at the model's input size, stacked (N, S, S, 3) or a list
+        of (S, S, 3). Resizing is the caller's (diad_jax resizes with PIL bilinear). Image i draws its
+        noise from id `index[i]` (default i, as `Detector.predict` numbers the images of a call).
+        `class_name` picks that class's threshold (exported with thresholds)."""
+        x = self._check_images(images)
+        n = len(x)
+        index = np.arange(n) if index is None else np.asarray(index)
+        if index.shape != (n,) or (n and (index.dtype.kind not in "iu" or index.min() < 0)):
+            raise UserError(f"index: {index.dtype}{list(index.shape)}; expected {n} non-negative integer image ids")
+        threshold = None
+        if self.calibration is not None:
+            threshold = self.calibration.image_threshold(class_name)
+        elif class_name is not None:
+            raise UserError(f"class {class_name!r} given, but {self.path} was exported without thresholds")
+        x = np.moveaxis((x.astype(np.float32) / 255.0 - self._mean) / self._std, -1, -3)  # data.pipeline.normalize
+        b, maps, scores = self.batch_size, [], []
+        for start in range(0, n, b):
+            chunk, ids = x[start:start + b], index[start:start + b]
+            pad = b - len(chunk)
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
+            ids = np.concatenate([ids, np.full(pad, -1)]).astype(np.int32)  # as Detector.score_batch pads
+            args, kwargs = jax.tree.unflatten(self._program.in_tree, [*self._weights, chunk, self._key, ids])
+            out = jax.device_get(self._call(*args, **kwargs))
+            maps.append(out["maps"][:b - pad])
+            scores.append(out["scores"][:b - pad])
+        size = self.image_size
+        out = Scores(np.concatenate(scores) if n else np.zeros(0, np.float32),
+                     np.concatenate(maps) if n else np.zeros((0, size, size), np.float32))
+        if threshold is not None:
+            out.labels = (out.scores >= threshold.value).astype(np.int64)
+            out.normalized_scores = threshold.normalize(out.scores)
+        if self.calibration is not None and self.calibration.pixel is not None:
+            out.masks = out.maps >= self.calibration.pixel.value
+        return out
+
+    def _check_images(self, images) -> np.ndarray:
+        s = self.image_size
+        expected = f"uint8 (N, {s}, {s}, 3) RGB arrays at the model's input size (resize them first)"
+        if isinstance(images, (list, tuple)):
+            for i, im in enumerate(images):
+                im = np.asarray(im)
+                if im.dtype != np.uint8 or im.shape != (s, s, 3):
+                    raise UserError(f"images[{i}]: {im.dtype} {im.shape}; expected uint8 ({s}, {s}, 3) RGB at the "
+                                    f"model's input size (resize it first)")
+            images = np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise UserError(f"images: {images.dtype} {images.shape}; expected {expected}")
+        return images
+
+
+def save(path: str | Path, program: bytes, weights: dict[str, np.ndarray], manifest: dict) -> Path:
+    """Writes an exported folder (`Detector.export` calls this): `program` (Exported.serialize()),
+    `weights` (flat, in the program's argument order) and `manifest`, completed with the format
+    version, the weight keys and the files' sizes and checksums. The manifest is written last, so a
+    folder that has one is complete."""
+    from safetensors.numpy import save as to_bytes
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MANIFEST).unlink(missing_ok=True)
+    (path / PROGRAM).write_bytes(program)
+    # written as bytes so the file gets the umask's permissions like the others (save_file makes it 0600)
+    (path / WEIGHTS).write_bytes(to_bytes({k: np.ascontiguousarray(v) for k, v in weights.items()}))
+    manifest = {"format_version": FORMAT_VERSION, "diad_jax_version": __version__, **manifest,
+                "weights": list(weights), "files": {name: _fingerprint(path / name) for name in (PROGRAM, WEIGHTS)}}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+def load(path: str | Path) -> ExportedDetector:
+    """An exported folder (`Detector.export`, scripts/export.py), ready to score. A folder of another
+    format version, a file that is missing, truncated or changed since the export, or a program this
+    jax cannot read is refused with an ExportError naming the file."""
+    from safetensors.numpy import load_file
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name in (PROGRAM, WEIGHTS):
+        _check_file(path / name, manifest["files"][name])
+    try:
+        program = jax.export.deserialize(bytearray((path / PROGRAM).read_bytes()))
+    except Exception as e:  # whatever the reader finds wrong: name the file instead of a raw traceback
+        raise ExportError(f"{path / PROGRAM}: not a program this jax ({jax.__version__}; exported with "
+                          f"{manifest.get('jax_version')}) can read ({type(e).__name__}: {e})") from e
+    try:
+        stored = load_file(str(path / WEIGHTS))
+    except Exception as e:
+        raise ExportError(f"{path / WEIGHTS}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    missing = [k for k in manifest["weights"] if k not in stored]
+    if missing:
+        raise ExportError(f"{path / WEIGHTS}: {len(missing)} weight(s) the manifest lists are missing: "
+                          f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    return ExportedDetector(path, manifest, program, [stored[k] for k in manifest["weights"]])
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of the exported folder `path`, checked: this format version, every field present."""
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ExportError(f"{path}: no {MANIFEST}; not an exported detector (Detector.export, scripts/export.py), "
+                          f"or an export that did not finish")
+    try:
+        manifest = json.loads(file.read_text())
+        version = manifest["format_version"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{file}: not a readable manifest ({type(e).__name__}: {e})") from e
+    if version != FORMAT_VERSION:
+        raise ExportError(f"{file}: format version {version!r} (written by diad_jax "
+                          f"{manifest.get('diad_jax_version')}); this diad_jax ({__version__}) reads version "
+                          f"{FORMAT_VERSION}: export the model again, or load it with the version that wrote it")
+    fields = ("image_size", "batch_size", "normalization", "key", "calibration", "weights", "files")
+    missing = [k for k in fields if k not in manifest]
+    if missing:
+        raise ExportError(f"{file}: missing {', '.join(missing)}")
+    return manifest
+
+
+def _fingerprint(file: Path) -> dict:
+    with open(file, "rb") as f:
+        return {"bytes": file.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _check_file(file: Path, recorded: dict) -> None:
+    if not file.is_file():
+        raise ExportError(f"{file}: missing from the exported folder")
+    size = file.stat().st_size
+    if size != recorded["bytes"]:
+        raise ExportError(f"{file}: {size} bytes, the manifest records {recorded['bytes']}: truncated or replaced "
+                          f"since the export; export the model again")
+    if _fingerprint(file)["sha256"] != recorded["sha256"]:
+        raise ExportError(f"{file}: damaged (its SHA-256 differs from the manifest's); export the model again")
+
+
+__all__ = ["ExportError", "ExportedDetector", "FORMAT_VERSION", "PLATFORMS", "Scores", "load", "read_manifest",
+           "save"]
