@@ -17,6 +17,7 @@ COMMANDS = {
     "finetune-autoencoder": ("finetune_autoencoder", "fine-tune the VAE first, as the reference does"),
     "evaluate": ("evaluate", "denoise-and-score a dataset: the seven metrics, heat maps, thresholds"),
     "predict": ("predict", "verdicts (score, map, label, mask) on a folder of new images"),
+    "export": ("export", "a detector -> a folder that scores without the model code (jax.export)"),
     "convert": ("convert", "reference PyTorch checkpoints -> a Flax model checkpoint"),
     "convert-to-torch": ("convert_to_torch", "a Flax model checkpoint -> ldm-layout safetensors"),
     "demo": ("demo", "the embedded default: train and evaluate the demo model on CPU"),

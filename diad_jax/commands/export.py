@@ -1,0 +1,59 @@
+"""Export a DiAD checkpoint for deployment: the compiled scoring program, its weights and a manifest,
+which `diad_jax.exported.load` scores without the model code (no flax, no diad_jax.models).
+
+Examples:
+  python scripts/export.py --checkpoint checkpoints/diad_mvtec --out deploy/diad_mvtec
+  python scripts/export.py --checkpoint random:tiny --out deploy/tiny --batch-size 4 --platforms cpu
+
+The program is the Detector's own, for a fixed batch (--batch-size; calls are padded to it), with
+the scoring flags below (default: what the checkpoint records); thresholds of a calibrated checkpoint
+travel in the manifest. Writes program.bin, weights.safetensors and manifest.json in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from diad_jax import cli
+
+log = logging.getLogger("diad_jax.export")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True,
+                    help="model checkpoint, a training --workdir (its best checkpoint, else the newest), or "
+                         "random:tiny")
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
+    ap.add_argument("--platforms", nargs="+", default=["cpu", "cuda", "tpu"],
+                    help="platforms to lower the program for: cpu, cuda, rocm, tpu (default: cpu cuda tpu)")
+    cli.add_eval_args(ap)
+    return ap
+
+
+@cli.entry_point
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    cli.setup_logging()
+    from diad_jax import checkpoints
+    from diad_jax.detector import RANDOM_PREFIX, load
+    from diad_jax.exported import PLATFORMS
+
+    if not set(args.platforms) <= set(PLATFORMS):  # before any weights are read
+        ap.error(f"--platforms: choose from {', '.join(PLATFORMS)}, got {' '.join(args.platforms)}")
+
+    checkpoint = args.checkpoint
+    if not checkpoint.startswith(RANDOM_PREFIX):
+        checkpoint = str(checkpoints.resolve(checkpoint, "--checkpoint"))
+    eval_config = cli.eval_config_for(args, checkpoint)
+    cli.check_writable(args.out, "--out")
+    detector = load(checkpoint, eval_config=eval_config, resnet="random" if args.random_resnet else "checkpoint")
+    for note in detector.notes:
+        log.warning(note)
+    path = detector.export(args.out, platforms=args.platforms)
+    print(f"exported {checkpoint} (batch {eval_config.batch_size}, {', '.join(args.platforms)}"
+          f"{', with thresholds' if detector.calibration else ''}) to {path}/")
+    return 0
+
