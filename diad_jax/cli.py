@@ -244,7 +244,7 @@ def _origin(e: ConfigError, flags: dict, from_file: dict, args: argparse.Namespa
 
 def add_eval_args(ap: argparse.ArgumentParser) -> None:
     """The EvalConfig flags of scripts/evaluate.py and scripts/predict.py. Each one given overrides
-    the checkpoint's recorded eval config (see `eval_config_for`); the others keep it."""
+    the checkpoint's recorded eval config (see `scoring_checkpoint`); the others keep it."""
     S = argparse.SUPPRESS
     g = ap.add_argument_group("scoring (default: what the checkpoint records, else the reference's)")
     g.add_argument("--preset", choices=["fast"], default=None,
@@ -290,16 +290,19 @@ _EVAL_FLAGS = ("batch_size", "ddim_steps", "schedule", "start_t", "one_step", "c
                "dedupe_guidance", "image_score", "sigma", "pool_window", "variant", "seed", "attention")
 
 
-def eval_config_for(args: argparse.Namespace, checkpoint: str):
-    """The EvalConfig a script scores `checkpoint` with: the one the checkpoint records (else the
-    default), with the flags of `add_eval_args` applied. Reads only the checkpoint's metadata, so bad
-    flag values are found before any weights are read."""
+def scoring_checkpoint(args: argparse.Namespace) -> tuple[str, EvalConfig]:
+    """--checkpoint as a model checkpoint folder (a training workdir resolved to its checkpoint; a
+    random:<model> spec kept as given) and the EvalConfig to score it with: the one the checkpoint
+    records (else the default), with the flags of `add_eval_args` applied. Reads only the checkpoint's
+    metadata, so bad flag values are found before any weights are read."""
     from diad_jax import checkpoints
     from diad_jax.detector import RANDOM_PREFIX
 
+    checkpoint = args.checkpoint
     if checkpoint.startswith(RANDOM_PREFIX):
         recorded, image_size = {}, ModelConfig.from_spec(checkpoint[len(RANDOM_PREFIX):], "--checkpoint").image_size
     else:
+        checkpoint = str(checkpoints.resolve(checkpoint, "--checkpoint"))
         meta = checkpoints.read_metadata(checkpoint, "--checkpoint")
         recorded, image_size = meta.get("eval_config") or {}, meta["model_config"]["image_size"]
     ec = EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config")
@@ -311,9 +314,21 @@ def eval_config_for(args: argparse.Namespace, checkpoint: str):
     if args.bf16:
         changes["dtype"] = "bfloat16"
     try:
-        return dataclasses.replace(ec, **changes)
+        return checkpoint, dataclasses.replace(ec, **changes)
     except ConfigError as e:
         raise ConfigError(f"{e} (from the flags {', '.join('--' + k.replace('_', '-') for k in changes)})") from e
+
+
+def load_detector(args: argparse.Namespace, checkpoint: str, eval_config: EvalConfig, mesh=None):
+    """`diad_jax.load` of what `scoring_checkpoint` gave, with --random-resnet's opt-in; logs what
+    the detector notes (e.g. a random ResNet-50)."""
+    from diad_jax.detector import load
+
+    detector = load(checkpoint, mesh=mesh, eval_config=eval_config,
+                    resnet="random" if args.random_resnet else "checkpoint")
+    for note in detector.notes:
+        log.warning(note)
+    return detector
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> None:

@@ -91,27 +91,19 @@ def main(argv=None) -> int:
         options = dict(train_per_class=args.synthetic_train, test_per_class=args.synthetic_test) | options
     from diad_jax import data as dataio
     dataio.check_options(args.dataset, options)
-    checkpoint = args.checkpoint
-    if not checkpoint.startswith(RANDOM_PREFIX):
-        from diad_jax import checkpoints
-        checkpoint = str(checkpoints.resolve(checkpoint, "--checkpoint"))
-    eval_config = cli.eval_config_for(args, checkpoint)
+    checkpoint, eval_config = cli.scoring_checkpoint(args)
     cli.check_writable(args.out, "--out")
 
     import jax
     import numpy as np
 
-    from diad_jax.detector import load
     from diad_jax.evaluation import evaluate
     mesh = None
     batch = eval_config.batch_size
     n_dev = args.data_parallel or math.gcd(batch, jax.device_count())
     if n_dev > 1:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("data",))
-    detector = load(checkpoint, mesh=mesh, eval_config=eval_config,
-                    resnet="random" if args.random_resnet else "checkpoint")
-    for note in detector.notes:
-        log.warning(note)
+    detector = cli.load_detector(args, checkpoint, eval_config, mesh)
     prepared = dataio.prepare(args.dataset, args.data_dir, manual_dir=args.manual_dir, classes=args.classes,
                               image_size=detector.image_size, skip_bad=args.skip_bad, overwrite=args.overwrite_data,
                               **options)

@@ -12,12 +12,9 @@ travel in the manifest. Writes program.bin, weights.safetensors and manifest.jso
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from diad_jax import cli
-
-log = logging.getLogger("diad_jax.export")
 
 
 def build_parser():
@@ -37,21 +34,14 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     cli.setup_logging()
-    from diad_jax import checkpoints
-    from diad_jax.detector import RANDOM_PREFIX, load
     from diad_jax.exported import PLATFORMS
 
     if not set(args.platforms) <= set(PLATFORMS):  # before any weights are read
         ap.error(f"--platforms: choose from {', '.join(PLATFORMS)}, got {' '.join(args.platforms)}")
 
-    checkpoint = args.checkpoint
-    if not checkpoint.startswith(RANDOM_PREFIX):
-        checkpoint = str(checkpoints.resolve(checkpoint, "--checkpoint"))
-    eval_config = cli.eval_config_for(args, checkpoint)
+    checkpoint, eval_config = cli.scoring_checkpoint(args)
     cli.check_writable(args.out, "--out")
-    detector = load(checkpoint, eval_config=eval_config, resnet="random" if args.random_resnet else "checkpoint")
-    for note in detector.notes:
-        log.warning(note)
+    detector = cli.load_detector(args, checkpoint, eval_config)
     path = detector.export(args.out, platforms=args.platforms)
     print(f"exported {checkpoint} (batch {eval_config.batch_size}, {', '.join(args.platforms)}"
           f"{', with thresholds' if detector.calibration else ''}) to {path}/")

@@ -49,18 +49,12 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     cli.setup_logging()
-    from diad_jax import checkpoints
-    from diad_jax.detector import RANDOM_PREFIX, collect_inputs, load
+    from diad_jax.detector import collect_inputs
 
-    checkpoint = args.checkpoint
-    if not checkpoint.startswith(RANDOM_PREFIX):
-        checkpoint = str(checkpoints.resolve(checkpoint, "--checkpoint"))
-    eval_config = cli.eval_config_for(args, checkpoint)
+    checkpoint, eval_config = cli.scoring_checkpoint(args)
     cli.check_writable(args.out, "--out")
     items = list(collect_inputs(args.input))  # a missing input or an empty folder fails here
-    detector = load(checkpoint, eval_config=eval_config, resnet="random" if args.random_resnet else "checkpoint")
-    for note in detector.notes:
-        log.warning(note)
+    detector = cli.load_detector(args, checkpoint, eval_config)
     cal = detector.calibration
     if cal is None:
         log.warning("%s has no thresholds: scores only (calibrate with scripts/evaluate.py --calibrate)", checkpoint)
