@@ -290,6 +290,13 @@ _EVAL_FLAGS = ("batch_size", "ddim_steps", "schedule", "start_t", "one_step", "c
                "dedupe_guidance", "image_score", "sigma", "pool_window", "variant", "seed", "attention")
 
 
+def add_checkpoint_arg(ap: argparse.ArgumentParser) -> None:
+    """--checkpoint of the scoring programs (read with `scoring_checkpoint`)."""
+    ap.add_argument("--checkpoint", required=True,
+                    help="model checkpoint (diad-jax convert), a training --workdir of diad-jax train (its best "
+                         "checkpoint if it has one, else the newest), or random:tiny (random weights)")
+
+
 def scoring_checkpoint(args: argparse.Namespace) -> tuple[str, EvalConfig]:
     """--checkpoint as a model checkpoint folder (a training workdir resolved to its checkpoint; a
     random:<model> spec kept as given) and the EvalConfig to score it with: the one the checkpoint

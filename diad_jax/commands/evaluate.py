@@ -35,9 +35,7 @@ log = logging.getLogger("diad_jax.evaluate")
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True,
-                    help="model checkpoint (convert/torch_to_flax.py), a training --workdir of scripts/train.py "
-                         "(its best checkpoint if it has one, else the newest), or random:tiny (random weights)")
+    cli.add_checkpoint_arg(ap)
     ap.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS),
                     help="dataset builder (default: the generated one)")
     ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="prepared-data directory")

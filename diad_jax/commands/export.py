@@ -19,9 +19,7 @@ from diad_jax import cli
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True,
-                    help="model checkpoint, a training --workdir (its best checkpoint, else the newest), or "
-                         "random:tiny")
+    cli.add_checkpoint_arg(ap)
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--platforms", nargs="+", default=["cpu", "cuda", "tpu"],
                     help="platforms to lower the program for: cpu, cuda, rocm, tpu (default: cpu cuda tpu)")

@@ -32,9 +32,7 @@ COLUMNS = ("file", "class", "score", "normalized_score", "threshold", "label", "
 
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True,
-                    help="model checkpoint, a training --workdir (its best checkpoint, else the newest), or "
-                         "random:tiny")
+    cli.add_checkpoint_arg(ap)
     ap.add_argument("--input", nargs="+", required=True, help="image files and/or folders (recursive)")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--class", dest="class_name", help="use this class's threshold (calibrated checkpoints)")

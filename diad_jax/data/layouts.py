@@ -100,6 +100,19 @@ def _find_mask(mask_dir: str, stem: str, suffixes: Sequence[str]) -> str | None:
     return None
 
 
+def _anomalous(cls: str, defect: str, path: str, mask_dir: str, root: str, skip_bad: bool,
+               skipped: list[str] | None) -> Record | None:
+    """The test Record of an anomalous image whose mask is `<mask_dir>/<stem>_mask.*` (MVTec-AD and
+    MVTec AD 2), or None (a problem reported by `_problem`) when the mask is missing."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    mask = _find_mask(mask_dir, stem, ("_mask",))
+    if mask is None:
+        _problem(f"{path}: anomalous image has no mask (expected {os.path.join(mask_dir, stem + '_mask.png')})",
+                 skip_bad, skipped)
+        return None
+    return Record(cls, "test", 1, defect, path, mask, relative_name(path, root))
+
+
 def _check_classes(classes: Iterable[str] | None, default: Sequence[str]) -> tuple[str, ...]:
     classes = tuple(default if classes is None else classes)
     if not classes:
@@ -162,13 +175,9 @@ def scan_mvtec(root: str, classes: Iterable[str] | None = None, *, exclude: Iter
                 if defect == GOOD:
                     per_split["test"].append(Record(cls, "test", 0, GOOD, path, None, relative_name(path, root)))
                     continue
-                stem = os.path.splitext(os.path.basename(path))[0]
-                mask = _find_mask(mask_dir, stem, ("_mask",))
-                if mask is None:
-                    _problem(f"{path}: anomalous image has no mask "
-                             f"(expected {os.path.join(mask_dir, stem + '_mask.png')})", skip_bad, skipped)
-                    continue
-                per_split["test"].append(Record(cls, "test", 1, defect, path, mask, relative_name(path, root)))
+                record = _anomalous(cls, defect, path, mask_dir, root, skip_bad, skipped)
+                if record is not None:
+                    per_split["test"].append(record)
         for split, where in (("train", good_dir), ("test", test_dir)):
             kept = [r for r in per_split[split] if r.filename not in exclude]
             seen_excluded.update(r.filename for r in per_split[split] if r.filename in exclude)
@@ -232,13 +241,9 @@ def scan_mvtec_ad2(root: str, classes: Iterable[str] | None = None, *, skip_bad:
         bad_dir, mask_dir = os.path.join(public, "bad"), os.path.join(public, "ground_truth", "bad")
         _require_dir(bad_dir, f"anomalous test folder of {cls!r}")
         for path in _list_images(bad_dir, skip_bad, skipped):
-            stem = os.path.splitext(os.path.basename(path))[0]
-            mask = _find_mask(mask_dir, stem, ("_mask",))
-            if mask is None:
-                _problem(f"{path}: anomalous image has no mask (expected "
-                         f"{os.path.join(mask_dir, stem + '_mask.png')})", skip_bad, skipped)
-                continue
-            per_split["test"].append(Record(cls, "test", 1, "bad", path, mask, relative_name(path, root)))
+            record = _anomalous(cls, "bad", path, mask_dir, root, skip_bad, skipped)
+            if record is not None:
+                per_split["test"].append(record)
         for split, records in per_split.items():
             if not records:
                 raise DataError(f"{public if split == 'test' else folders[split]}: the {split} split of class "
