@@ -334,7 +334,7 @@ def load_detector(args: argparse.Namespace, checkpoint: str, eval_config: EvalCo
     detector = load(checkpoint, mesh=mesh, eval_config=eval_config,
                     resnet="random" if args.random_resnet else "checkpoint")
     for note in detector.notes:
-        log.warning(note)
+        logging.getLogger("diad_jax.detector").warning(note)
     return detector
 
 

@@ -31,10 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_common_args(ap, presets=("tiny", "reference"))
     S = argparse.SUPPRESS
     g = ap.add_argument_group("autoencoder loss")
-    g.add_argument("--kl-weight", dest="autoencoder.kl_weight", type=float, default=S, help="KL weight (reference 1e-6)")
-    g.add_argument("--perceptual-weight", dest="autoencoder.perceptual_weight", type=float, default=S, help="LPIPS weight (reference 1.0)")
-    g.add_argument("--lpips-vgg16", dest="autoencoder.lpips_vgg16", default=S, help="torchvision VGG16 ImageNet state dict (local .pth)")
-    g.add_argument("--lpips-lin", dest="autoencoder.lpips_lin", default=S, help="LPIPS linear layers for VGG (vgg.pth, local)")
+    g.add_argument("--kl-weight", dest="autoencoder.kl_weight", type=float, default=S,
+                   help="KL weight (reference 1e-6)")
+    g.add_argument("--perceptual-weight", dest="autoencoder.perceptual_weight", type=float, default=S,
+                   help="LPIPS weight (reference 1.0)")
+    g.add_argument("--lpips-vgg16", dest="autoencoder.lpips_vgg16", default=S,
+                   help="torchvision VGG16 ImageNet state dict (local .pth)")
+    g.add_argument("--lpips-lin", dest="autoencoder.lpips_lin", default=S,
+                   help="LPIPS linear layers for VGG (vgg.pth, local)")
     g.add_argument("--disc-start", dest="autoencoder.disc_start", type=int, default=S,
                    help="the discriminator's start step (reference 50001); must exceed --steps")
     g.add_argument("--b1", dest="optimizer.b1", type=float, default=S, help="Adam beta1 (reference 0.5)")

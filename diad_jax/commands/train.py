@@ -53,19 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the noise levels t < this (default 1000, the reference); see --start-t of "
                         "scripts/evaluate.py")
     g = ap.add_argument_group("evaluation")
-    g.add_argument("--eval-every", dest="validation.every", type=int, default=S, help="evaluate every N steps (0: never during training)")
-    g.add_argument("--eval-at-end", dest="validation.at_end", type=cli._bool, default=S, help="evaluate after the last step")
+    g.add_argument("--eval-every", dest="validation.every", type=int, default=S,
+                   help="evaluate every N steps (0: never during training)")
+    g.add_argument("--eval-at-end", dest="validation.at_end", type=cli._bool, default=S,
+                   help="evaluate after the last step")
     g.add_argument("--eval-split", dest="validation.split", default=S,
                    help="split that is evaluated and selects the best checkpoint (default 'test', as the "
                         "reference; 'none' disables evaluation)")
-    g.add_argument("--eval-data-dir", dest="validation.data_dir", default=S, help="a prepared dataset directory to evaluate on instead")
+    g.add_argument("--eval-data-dir", dest="validation.data_dir", default=S,
+                   help="a prepared dataset directory to evaluate on instead")
     g.add_argument("--eval-batch-size", dest="eval.batch_size", type=int, default=S, help="global evaluation batch")
-    g.add_argument("--best-metric", dest="validation.best_metric", default=S, help="'+'-joined mean metrics (default p_auroc+i_auroc)")
+    g.add_argument("--best-metric", dest="validation.best_metric", default=S,
+                   help="'+'-joined mean metrics (default p_auroc+i_auroc)")
     g.add_argument("--metrics-variant", dest="eval.variant", choices=["standard", "reference"], default=S)
     g.add_argument("--eval-schedule", dest="eval.schedule", choices=["official", "consistent"], default=S,
                    help="DDIM schedule of the evaluation (default official = the reference's 801-step quirk)")
-    g.add_argument("--eval-sigma", dest="eval.sigma", type=float, default=S, help="anomaly-map blur sigma (reference 5 at 256 px)")
-    g.add_argument("--eval-pool-window", dest="eval.pool_window", type=int, default=S, help="image-score pool window (reference 8)")
+    g.add_argument("--eval-sigma", dest="eval.sigma", type=float, default=S,
+                   help="anomaly-map blur sigma (reference 5 at 256 px)")
+    g.add_argument("--eval-pool-window", dest="eval.pool_window", type=int, default=S,
+                   help="image-score pool window (reference 8)")
     g.add_argument("--eval-resnet", dest="validation.resnet", choices=["checkpoint", "random"], default=S,
                    help="checkpoint (default): evaluate with --init-checkpoint's ResNet-50; random: opt in to a "
                         "randomly initialised one (maps compare random features; recorded in the checkpoints)")
