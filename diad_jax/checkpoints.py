@@ -20,12 +20,14 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
+from diad_jax import sharding as shd
 from diad_jax.configs import ModelConfig
 from diad_jax.errors import CheckpointError
 from diad_jax.models.diad import DiAD
@@ -41,6 +43,10 @@ class ModelCheckpoint:
     context: Any
     resnet: dict | None = None
     metadata: dict = field(default_factory=dict)
+
+
+# the file orbax's JsonSave writes an item to (<checkpoint>/<item>/metadata)
+_JSON_ITEM_FILE = "metadata"
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -111,11 +117,19 @@ def resolve(path: str | Path, flag: str | None = None) -> Path:
 
 
 def read_metadata(path: str | Path, flag: str | None = None) -> dict:
-    """The model_config item of a model checkpoint (`path` as `resolve` accepts it)."""
+    """The model_config item of a model checkpoint (`path` as `resolve` accepts it), read as the
+    plain JSON file it is: no JAX backend or orbax machinery is touched, so a multi-host command can
+    check its flags before `jax.distributed.initialize`."""
     path = resolve(path, flag)
-    with restoring(path, "the model_config item"):
-        meta = _checkpointer().restore(path, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
-    return dict(meta["model_config"])
+    item = path / "model_config" / _JSON_ITEM_FILE
+    try:
+        meta = json.loads(item.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{item}: cannot read the checkpoint's model_config item "
+                              f"({getattr(e, 'strerror', None) or e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{item}: not a diad_jax model_config item (no \"model_config\" object)")
+    return meta
 
 
 @contextlib.contextmanager
@@ -172,25 +186,26 @@ def _silence_aborted_reads() -> None:
     _SILENCED = True
 
 
-def load_model(path: str | Path, sharding: Callable[[tuple, Any], Any] | None = None) -> ModelCheckpoint:
-    """Load a model checkpoint (`path` as `resolve` accepts it). `sharding(path, shape_dtype) ->
-    Sharding` places each leaf (default: numpy arrays on the host)."""
+def load_model(path: str | Path, mesh: Mesh | None = None, *,
+               min_shard_size: int = shd.MIN_SHARD_SIZE) -> ModelCheckpoint:
+    """Load a model checkpoint (`path` as `resolve` accepts it) with every array read straight onto
+    the devices of `mesh` (default: the first local device) where it is used: the model params
+    placed by the partition rules (`sharding.param_shardings`: sharded when the mesh has an fsdp
+    axis > 1), the context and ResNet-50 replicated. The one load-and-place path of scoring
+    (`diad_jax.load`) and training (--init-checkpoint): no full host copy, and any mesh or process
+    count, whatever topology the checkpoint was saved from."""
     path = resolve(path)
     meta = read_metadata(path)
     config = ModelConfig.from_dict(meta["model_config"])
-    if sharding is None:
-        with restoring(path, "the model weights (state item)"):
-            restored = _checkpointer().restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    else:
-        abstract = {"params": DiAD(config).abstract_params(),
-                    "context": jax.ShapeDtypeStruct((1, config.context_len, config.unet.context_dim), np.float32)}
-        if meta.get("has_resnet"):
-            abstract["resnet"] = resnet_abstract_params()
-        abstract = jax.tree_util.tree_map_with_path(
-            lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding(p, x)), abstract)
-        with restoring(path, "the model weights (state item)"):
-            restored = _checkpointer().restore(path, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))
+    mesh = mesh or shd.single_device_mesh()
+    abstract = {"params": DiAD(config).abstract_params(),
+                "context": jax.ShapeDtypeStruct((1, config.context_len, config.unet.context_dim), np.float32)}
+    if meta.get("has_resnet"):
+        abstract["resnet"] = resnet_abstract_params()
+    shardings = shd.param_shardings(abstract, mesh, min_shard_size=min_shard_size)
+    with restoring(path, "the model weights (state item)"):
+        restored = _checkpointer().restore(path, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(shd.with_shardings(abstract, shardings))))
     state = restored["state"]
     return ModelCheckpoint(config=config, params=state["params"], context=state["context"],
                            resnet=state.get("resnet"), metadata=meta)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -25,19 +26,31 @@ log = logging.getLogger("diad_jax.train")
 
 # the flags that are not TrainConfig fields (each of the others has its field's dotted path as its dest)
 _RUNTIME = {"preset", "config", "print_config", "no_progress", "distributed", "coordinator", "num_processes",
-            "process_id", "compilation_cache", "overwrite_data"}
+            "process_id", "distributed_timeout", "compilation_cache", "overwrite_data"}
+
+
+class StoppedBySignal(Exception):
+    """A training run stopped by SIGTERM or SIGINT after saving (`run`); the command exits 128 + signum."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 def entry_point(main):
     """Wraps a script's `main(argv) -> int`: a user error (`UserError`: a bad flag, config, file or
     dataset; `OSError`: a missing or unwritable path) prints `error: <message>` on stderr and returns
-    2, Ctrl-C returns 130, both without a traceback. DIAD_TRACEBACK=1 re-raises instead (for bug
-    reports)."""
+    2, Ctrl-C returns 130, a training run stopped (and saved) by a signal returns 128 + its number
+    (143 for SIGTERM, 130 for SIGINT), all without a traceback. DIAD_TRACEBACK=1 re-raises instead
+    (for bug reports)."""
 
     @functools.wraps(main)
     def wrapper(argv=None) -> int:
         try:
             return main(argv)
+        except StoppedBySignal as e:
+            print(str(e), file=sys.stderr)
+            return 128 + e.signum
         except (UserError, OSError) as e:
             if os.environ.get("DIAD_TRACEBACK") == "1":
                 raise
@@ -167,6 +180,9 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
     g.add_argument("--coordinator", help="coordinator host:port (default: auto-detected on TPU, SLURM, Open MPI)")
     g.add_argument("--num-processes", type=int)
     g.add_argument("--process-id", type=int)
+    g.add_argument("--distributed-timeout", type=positive_float, default=300.0, metavar="SECONDS",
+                   help="how long --distributed waits for every process to start before exiting with status 2 "
+                        "naming the missing ones (default 300)")
     g.add_argument("--compilation-cache", help="JAX persistent compilation cache directory")
 
 
@@ -400,17 +416,14 @@ def setup_logging() -> None:
 
 
 def init_runtime(args: argparse.Namespace) -> None:
-    """jax.distributed (if asked) and the compilation cache. Call before touching devices."""
+    """jax.distributed (if asked; see diad_jax/distributed.py) and the compilation cache. Call
+    before touching devices."""
     import jax
 
     if args.distributed or os.environ.get("DIAD_DISTRIBUTED") == "1":
-        # CPU processes need a collectives implementation; no effect on GPU/TPU
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        kw = {k: v for k, v in dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                    process_id=args.process_id).items() if v is not None}
-        jax.distributed.initialize(**kw)
-        log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
+        from diad_jax import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -450,13 +463,18 @@ class ProgressHook:
 
 
 def run(trainer, no_progress: bool = False, hooks=()) -> dict:
-    """`trainer.run()` with a progress bar (unless `no_progress`) and `hooks`; closes the trainer."""
+    """`trainer.run()` with a progress bar (unless `no_progress`) and `hooks`; closes the trainer.
+    A run stopped by a signal (saved) raises StoppedBySignal."""
     cfg = trainer.cfg
     t0 = time.perf_counter()
     try:
         result = trainer.run(hooks=(ProgressHook(trainer, not no_progress), *hooks))
     finally:
         trainer.close()
+    if result["signal"]:
+        raise StoppedBySignal(result["signal"], f"stopped by {signal.Signals(result['signal']).name} at step "
+                                                f"{result['step']}, saved in {trainer.checkpointer.directory}; "
+                                                f"run the same command again to resume")
     log.info("done: step %d, last loss %.4f, %.1fs; checkpoints in %s", result["step"], result["loss"],
              time.perf_counter() - t0, trainer.checkpointer.directory)
     if trainer.checkpointer.best_step() is not None:

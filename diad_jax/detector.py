@@ -32,7 +32,6 @@ from diad_jax.configs import (IMAGENET_MEAN, IMAGENET_STD, NO_WEIGHTS_COMPARATOR
                               ModelConfig)
 from diad_jax.errors import CheckpointError, ConfigError, UserError
 from diad_jax.models.diad import DiAD
-from diad_jax.models.resnet import resnet_abstract_params
 from diad_jax.scoring import Scorer, make_bundle, random_resnet
 
 log = logging.getLogger(__name__)
@@ -60,11 +59,6 @@ class Prediction:
     error: str | None = None
 
 
-def default_mesh() -> Mesh:
-    """One device: what `load` uses without a mesh."""
-    return Mesh(np.array(jax.devices()[:1]), ("data",))
-
-
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes a batch is split over (the training mesh's data and fsdp axes, when present)."""
     axes = tuple(a for a in shd.BATCH_AXES if a in mesh.axis_names)
@@ -74,19 +68,10 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return axes
 
 
-def bundle_shardings(bundle: dict, mesh: Mesh) -> dict:
-    """Where the scoring weights live on `mesh`: the model params sharded by the partition rules
-    when the mesh has an fsdp axis > 1 (a model too big for one device), else replicated; ResNet
-    and context replicated. `bundle` may hold arrays or ShapeDtypeStructs."""
-    rep = shd.replicated(mesh)
-    fsdp = mesh.shape.get("fsdp", 1) > 1
-    return {g: (shd.param_shardings(v, mesh) if fsdp and g not in ("resnet", "context")
-                else jax.tree.map(lambda _: rep, v)) for g, v in bundle.items()}
-
-
 def place_bundle(bundle: dict, mesh: Mesh) -> dict:
-    """The scoring weights onto `mesh` (see `bundle_shardings`), once."""
-    return shd.place(bundle, bundle_shardings(bundle, mesh))
+    """The scoring weights onto `mesh`, once: the model params by the partition rules (sharded when
+    the mesh has an fsdp axis > 1, a model too big for one device), ResNet and context replicated."""
+    return shd.place(bundle, shd.param_shardings(bundle, mesh))
 
 
 class Detector:
@@ -102,7 +87,7 @@ class Detector:
                  source: str | None = None):
         self.config = config
         self.eval_config = eval_config
-        self.mesh = mesh or default_mesh()
+        self.mesh = mesh or shd.single_device_mesh()
         self.axes = batch_axes(self.mesh)
         if eval_config.comparator == "resnet" and "resnet" not in bundle:
             raise ConfigError("the 'resnet' comparator needs ResNet-50 weights in the bundle (make_bundle(params, "
@@ -364,7 +349,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
     """
     if resnet not in RESNET_CHOICES:
         raise ConfigError(f"resnet must be one of {RESNET_CHOICES}, got {resnet!r}")
-    mesh = mesh or default_mesh()
+    mesh = mesh or shd.single_device_mesh()
     notes: list[str] = []
     path = os.fspath(path)
     calibration = None
@@ -395,7 +380,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
         overrides["batch_size"] = batch_size
     eval_config = dataclasses.replace(eval_config, **overrides)
     if not random_weights:
-        ckpt = load_model(resolved, sharding=_restore_shardings(config, meta.get("has_resnet"), mesh))
+        ckpt = load_model(resolved, mesh)
         params, context, resnet_params = ckpt.params, ckpt.context, ckpt.resnet
         calibration = Calibration.load(resolved)
     if eval_config.comparator != "resnet":
@@ -416,18 +401,4 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
                     source=source)
 
 
-def _restore_shardings(config: ModelConfig, has_resnet: bool, mesh: Mesh):
-    """`load_model`'s per-leaf sharding callback: every array is read straight onto the devices where
-    the detector keeps it (on any mesh, whatever topology the checkpoint was saved from)."""
-    abstract = {**DiAD(config).abstract_params(),
-                "context": jax.ShapeDtypeStruct((1, config.context_len, config.unet.context_dim), np.float32)}
-    if has_resnet:
-        abstract["resnet"] = resnet_abstract_params()
-    placed = bundle_shardings(abstract, mesh)
-    in_checkpoint = {"params": {g: v for g, v in placed.items() if g not in ("context", "resnet")},
-                     **{g: placed[g] for g in ("context", "resnet") if g in placed}}
-    by_path = {shd.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(in_checkpoint)}
-    return lambda path, _: by_path[shd.path_str(path)]
-
-
-__all__ = ["Detector", "Prediction", "bundle_shardings", "collect_inputs", "load", "place_bundle", "resize_map"]
+__all__ = ["Detector", "Prediction", "collect_inputs", "load", "place_bundle", "resize_map"]

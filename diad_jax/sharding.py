@@ -20,7 +20,8 @@ first match wins (big_vision's sharding style). A tactic is either
 * "replicate".
 
 Paths are the param tree's keys joined by "/", e.g. ``unet/output_blocks_3_0/in_layers_2/kernel``
-(groups: unet, sg, vae, plus resnet in checkpoints). Optimizer state follows its param's sharding
+(groups: unet, sg, vae; checkpoints and scoring bundles add context and resnet, and checkpoints
+nest the groups under params/). Optimizer state follows its param's sharding
 (`opt_state_shardings` maps every param-shaped leaf of an optax state to the spec of the param it
 belongs to; counters are replicated).
 """
@@ -50,6 +51,8 @@ MIN_SHARD_SIZE = 2 ** 14
 
 # (regex over "/"-joined param paths, tactic); first match wins.
 PARTITION_RULES: tuple[tuple[str, Any], ...] = (
+    # The text context and the ResNet-50 (in checkpoints and scoring bundles): small, replicated.
+    (r"(context|resnet)(/.*)?", "replicate"),
     # Conv kernels (kh, kw, in, out) and dense kernels (in, out) of the UNet, SG network, VAE and
     # ResNet: shard the largest fsdp-divisible dimension.
     (r".*/kernel$", "fsdp"),
@@ -98,6 +101,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     d, f = resolve_mesh_shape(data, fsdp, len(devices))
     grid = np.asarray(devices, dtype=object).reshape(d, f)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def single_device_mesh() -> Mesh:
+    """A ("data",) mesh of this process's first device: where one-device loading and scoring go."""
+    return Mesh(np.array(jax.local_devices()[:1]), ("data",))
 
 
 def describe_mesh(mesh: Mesh) -> str:
@@ -151,7 +159,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=PARTITION_RULE
     if tactic == "replicate":
         return P()
     if tactic == "fsdp":
-        return _fsdp_spec(tuple(shape), mesh.shape["fsdp"], min_shard_size)
+        return _fsdp_spec(tuple(shape), mesh.shape.get("fsdp", 1), min_shard_size)
     raise ValueError(f"unknown partitioning tactic {tactic!r} for rule {pattern!r}")
 
 
@@ -191,16 +199,20 @@ def place(tree, shardings):
     """Put a pytree onto `shardings` (a matching tree of Shardings).
 
     Host leaves (numpy, identical on every process) are filled shard by shard from each process's
-    own copy (`jax.make_array_from_callback`), so nothing crosses the network; jax.Array leaves are
-    resharded on device (`device_put` in one process; with several processes, where arrays span
-    hosts, one jitted identity over all of them, compiled once per layout: `_reshard`)."""
+    own copy (`jax.make_array_from_callback`), so nothing crosses the network; jax.Array leaves
+    already on their sharding are kept, the others resharded on device (`device_put` in one process;
+    with several processes, where arrays span hosts, one jitted identity over all of them, compiled
+    once per layout: `_reshard`)."""
     leaves, treedef = jax.tree.flatten(tree)
     shard_leaves = treedef.flatten_up_to(shardings)
     out = [None] * len(leaves)
     on_device = []
     for i, x in enumerate(leaves):
         if isinstance(x, jax.Array):
-            on_device.append(i)
+            if x.sharding.is_equivalent_to(shard_leaves[i], x.ndim):
+                out[i] = x  # already where it belongs (e.g. restored onto these shardings)
+            else:
+                on_device.append(i)
         else:
             arr = np.asarray(x)
             out[i] = jax.make_array_from_callback(arr.shape, shard_leaves[i], lambda idx, a=arr: a[idx])

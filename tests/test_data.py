@@ -398,20 +398,23 @@ def test_two_process_sharding_covers_each_example_once(synth):
     assert [len(b["index"]) for b in short] == [4] * 7 + [2] and all(b["valid"].all() for b in short)
 
 
-def test_resume_from_saved_state(synth):
-    kwargs = dict(seed=11, shard_index=1, shard_count=2, num_threads=2)
-    reference = iter(data.train_dataset(synth, 3, **kwargs))
-    expected = [next(reference) for _ in range(9)]  # crosses an epoch boundary (6 batches per epoch)
-    it = iter(data.train_dataset(synth, 3, **kwargs))
-    for _ in range(4):
-        next(it)
-    state = json.loads(json.dumps(it.get_state()))  # survives a JSON checkpoint
-    resumed = iter(data.train_dataset(synth, 3, **kwargs))
-    resumed.set_state(state)
+def test_resume_at_a_step_on_any_number_of_hosts(synth):
+    """start_step=s continues the stream exactly (across an epoch boundary: 6 steps per epoch), and
+    the hosts' s-th batches together hold the same examples for 1 or 2 hosts: the data position
+    is a function of the global step, so a run resumes onto another process count."""
+    kwargs = dict(seed=11, num_threads=2)
+    reference = iter(data.train_dataset(synth, 6, shard_index=0, shard_count=1, **kwargs))
+    expected = [next(reference) for _ in range(9)]
+    resumed = iter(data.train_dataset(synth, 6, shard_index=0, shard_count=1, start_step=4, **kwargs))
+    two_hosts = [iter(data.train_dataset(synth, 3, shard_index=i, shard_count=2, start_step=4, **kwargs))
+                 for i in range(2)]
     for want in expected[4:]:
         got = next(resumed)
         np.testing.assert_array_equal(got["index"], want["index"])
         np.testing.assert_array_equal(got["image"], want["image"])
+        halves = [next(h)["index"] for h in two_hosts]
+        assert sorted(np.concatenate(halves).tolist()) == sorted(want["index"].tolist())
+    assert len({tuple(sorted(b["index"].tolist())) for b in expected}) == 9  # the steps differ
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Prepare once (decoded uint8 arrays in array_record files, no TensorFlow), then r
     from diad_jax import data
     ds = data.prepare("synthetic", "/tmp/diad_data", image_size=64)          # or "mvtec_ad", manual_dir=...
     it = iter(data.train_dataset(ds, batch_size=8, seed=0))                   # shuffled, sharded, endless
-    batch = next(it); state = it.get_state()                                  # JSON-serialisable
+    it = iter(data.train_dataset(ds, batch_size=8, seed=0, start_step=100))   # the same stream from step 100
     for batch in data.eval_dataset(ds, batch_size=8, classes="disk"): ...     # in order, padded
 
 Modules: records (Record, DataError), imageio (read + the reference's PIL-bilinear resize), layouts

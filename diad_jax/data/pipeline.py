@@ -20,9 +20,11 @@ Training (`train_dataset`): every epoch is a fresh permutation of the split (see
 the epoch number, identical on every host); host `i` of `n` takes positions i, i+n, i+2n, ... of it.
 Each host gets the same number of examples per epoch, rounded down to a multiple of the batch size,
 so all hosts run the same number of steps and batches never straddle epochs (drop-remainder: up to
-n*B - 1 examples, a different random few each epoch, are left out of each epoch). The iterator's
-state (``it.get_state()``, a small JSON-serialisable dict) restores the exact continuation with
-``it.set_state(state)`` on an iterator built with the same arguments.
+n*B - 1 examples, a different random few each epoch, are left out of each epoch). So the examples
+of global step s (the union of the hosts' s-th batches) are positions s*n*B .. (s+1)*n*B - 1 of the
+epochs' permutations, whatever the number of hosts n: `start_step=s` continues a run exactly,
+also with another number of hosts (the order of the examples inside a global batch then differs,
+which changes a mean loss only by float rounding).
 
 Evaluation (`eval_dataset`): the examples (optionally of some classes only) in stored order, host
 `i` of `n` taking every n-th; nothing is dropped. By default the last batch of every host is PADDED
@@ -156,7 +158,8 @@ def _select(data: PreparedDataset, split: str, classes) -> np.ndarray:
 def train_dataset(data: PreparedDataset, batch_size: int, *, split: str = "train",
                   classes: Iterable[str] | str | None = None, image_size: int | None = None, seed: int = 0,
                   num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
-                  num_threads: int | None = None, prefetch: int | None = None) -> grain.IterDataset:
+                  start_step: int = 0, num_threads: int | None = None,
+                  prefetch: int | None = None) -> grain.IterDataset:
     """The training pipeline: per-epoch shuffled, host-sharded, batched with drop-remainder.
 
     Args:
@@ -168,11 +171,12 @@ def train_dataset(data: PreparedDataset, batch_size: int, *, split: str = "train
       seed: shuffle seed in [0, 2**32); epoch e uses a permutation derived from seed + e.
       num_epochs: number of epochs, None for an endless stream.
       shard_index, shard_count: this host's shard (default: `jax.process_index()` / `jax.process_count()`).
+      start_step: how many batches to skip: the stream from global step `start_step` on (how a
+        resumed run continues exactly, with any number of hosts).
       num_threads, prefetch: grain read threads and prefetch buffer (elements).
 
     Returns:
-      A `grain.IterDataset`; ``it = iter(ds)`` gives batches, ``it.get_state()`` / ``it.set_state()``
-      checkpoint it.
+      A `grain.IterDataset` of batches.
     """
     ensure_absl_flags_parsed()
     shard_index, shard_count = _shard(shard_index, shard_count)
@@ -180,6 +184,8 @@ def train_dataset(data: PreparedDataset, batch_size: int, *, split: str = "train
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
     image_size = image_size or data.image_size
     indices = _select(data, split, classes)
     per_host = (len(indices) // shard_count) // batch_size * batch_size
@@ -189,6 +195,8 @@ def train_dataset(data: PreparedDataset, batch_size: int, *, split: str = "train
     ds = grain.MapDataset.source(indices.tolist()).shuffle(seed)
     ds = ds.slice(slice(shard_index, shard_index + per_host * shard_count, shard_count))
     ds = ds.repeat(num_epochs)
+    if start_step:
+        ds = ds.slice(slice(start_step * batch_size, None))
     ds = ds.map(_Loader(data, split, image_size))
     ds = ds.to_iter_dataset(_read_options(num_threads, prefetch))
     return ds.batch(batch_size, drop_remainder=True)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grain.checkpoint
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -62,7 +61,6 @@ class Checkpointer:
                                          (a model checkpoint)
         <directory>/<step>/model_config  JSON: ModelConfig + has_resnet      (a model checkpoint)
         <directory>/<step>/train_state   {"step", "params" (trainable), "opt_state", "ema"?, "rng"}
-        <directory>/<step>/data          grain iterator state, one JSON file per process
         <directory>/<step>/train_config  JSON: the TrainConfig and the step's metrics
 
     so `checkpoints.load_model(<directory>/<step>)` loads a trained model for evaluation.
@@ -95,13 +93,11 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, *, state: TrainState, params: Params, context, resnet, model_meta: dict,
-             data_iterator=None, train_config: dict | None = None) -> None:
+             train_config: dict | None = None) -> None:
         """`params`: the full model params evaluation uses (the EMA of the trained ones when on)."""
         items = model_items(params, context, resnet, model_meta)
         items["train_state"] = ocp.args.StandardSave(state.as_dict())
         items["train_config"] = ocp.args.JsonSave(train_config or {})
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def save_best(self, step: int, value: float, *, params: Params, context, resnet, model_meta: dict,
@@ -122,9 +118,10 @@ class Checkpointer:
         return dict(r["model_config"]), dict(r["train_config"])
 
     def restore(self, step: int, *, abstract_state: TrainState, abstract_params: Params, abstract_context,
-                abstract_resnet=None, data_iterator=None):
+                abstract_resnet=None):
         """Restore onto the shardings the abstract trees carry (any mesh). Returns
-        (state, full params, context, resnet, data_iterator restored or None)."""
+        (state, full params, context, resnet). (Checkpoints of older versions also hold the data
+        iterator's state: not needed, the data position is a function of the step.)"""
         target = {"params": abstract_params, "context": abstract_context}
         if abstract_resnet is not None:
             target["resnet"] = abstract_resnet
@@ -132,18 +129,8 @@ class Checkpointer:
                      train_state=ocp.args.StandardRestore(abstract_state.as_dict()))
         with restoring(self.directory / str(step), "the model weights and train state"):
             r = self.manager.restore(step, args=ocp.args.Composite(**items))
-        restored_iter = None
-        if data_iterator is not None:
-            try:
-                r_data = self.manager.restore(step, args=ocp.args.Composite(
-                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
-                restored_iter = r_data["data"]
-            except Exception as e:  # e.g. a different number of processes than at save time
-                log.warning("could not restore the data iterator of step %d (%s); the input pipeline "
-                            "starts a fresh order", step, e)
         st = r["state"]
-        return (TrainState.from_dict(r["train_state"]), st["params"], st["context"], st.get("resnet"),
-                restored_iter)
+        return TrainState.from_dict(r["train_state"]), st["params"], st["context"], st.get("resnet")
 
     def set_aside(self, step: int) -> Path:
         """Moves an unrestorable step out of the manager's folder (to <directory>_unrestorable/<step>),
@@ -210,12 +197,11 @@ class Restored:
     params: Params                  # the full model params (EMA ones when on)
     context: jax.Array
     resnet: Params | None
-    data_iterator: Any | None       # None: the data iterator's state did not restore
     best_value: float               # the best validation value so far (-inf: none yet)
 
 
-def restore_latest(checkpointer: Checkpointer, factory: StepFactory, cfg: TrainConfig, model_config: ModelConfig,
-                   data_iterator) -> Restored | None:
+def restore_latest(checkpointer: Checkpointer, factory: StepFactory, cfg: TrainConfig,
+                   model_config: ModelConfig) -> Restored | None:
     """The newest checkpoint that restores into this run (None: there is none). A checkpoint that
     does not restore is set aside (moved, never deleted) and the next older one is tried; when none
     restores, a CheckpointError lists why for each."""
@@ -227,7 +213,7 @@ def restore_latest(checkpointer: Checkpointer, factory: StepFactory, cfg: TrainC
     restored = None
     for step in steps:  # newest first
         try:
-            restored = _restore(checkpointer, step, factory, cfg, model_config, data_iterator)
+            restored = _restore(checkpointer, step, factory, cfg, model_config)
             break
         except CheckpointError as e:
             failed.append((step, e))
@@ -242,7 +228,7 @@ def restore_latest(checkpointer: Checkpointer, factory: StepFactory, cfg: TrainC
 
 
 def _restore(checkpointer: Checkpointer, step: int, factory: StepFactory, cfg: TrainConfig,
-             model_config: ModelConfig, data_iterator) -> Restored:
+             model_config: ModelConfig) -> Restored:
     where = f"{checkpointer.directory}/{step}"
     meta, tmeta = checkpointer.restore_meta(step)
     saved_cfg = ModelConfig.from_dict(meta["model_config"])
@@ -256,11 +242,11 @@ def _restore(checkpointer: Checkpointer, step: int, factory: StepFactory, cfg: T
         abstract_resnet = shd.with_shardings(resnet_abstract_params(),
                                              jax.tree.map(lambda _: rep, resnet_abstract_params()))
     c = model_config
-    state, params, context, resnet, iterator = checkpointer.restore(
+    state, params, context, resnet = checkpointer.restore(
         step, abstract_state=factory.abstract_state_with_shardings(),
         abstract_params=shd.with_shardings(factory.abstract_full, factory.full_shardings()),
         abstract_context=jax.ShapeDtypeStruct((1, c.context_len, c.unet.context_dim), jnp.float32, sharding=rep),
-        abstract_resnet=abstract_resnet, data_iterator=data_iterator)
+        abstract_resnet=abstract_resnet)
     best = tmeta.get("best_value")
     log.info("resumed from %s (step %d)", where, int(state.step))
-    return Restored(state, params, context, resnet, iterator, -math.inf if best is None else float(best))
+    return Restored(state, params, context, resnet, -math.inf if best is None else float(best))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,11 +21,13 @@ from diad_jax.errors import NonFiniteError
 from diad_jax.models.diad import DiAD, combine
 from diad_jax.train.checkpoint import Checkpointer, restore_latest
 from diad_jax.train.metrics_log import MetricWriter
+from diad_jax.train.preemption import StopSignal
 from diad_jax.train.sources import (ModelSource, check_batch, check_eval_resnet, prepare_data, train_iterator,
                                     validates)
 from diad_jax.train.state import StepFactory
 from diad_jax.train.task import Task, diad_task
 from diad_jax.train.validation import Validator
+from diad_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -107,42 +110,49 @@ class Trainer:
         validating = validates(cfg, self.task)
         check_batch(cfg, self.mesh, validating)
         self.workdir = Path(cfg.workdir).absolute()
-        source = ModelSource.load(cfg)
+        source = ModelSource.from_config(cfg)
         if self.task.detects_anomalies:
-            check_eval_resnet(cfg, source.resnet is not None)
-        self.model_config, self.model_meta = source.config, source.metadata(cfg, self.task)
-        self.model = DiAD(source.config, dtype=DTYPES[cfg.compute_dtype], remat=cfg.remat)
-        self.factory = StepFactory(self.model, cfg, self.mesh, task=self.task)
-        self.dataset = prepare_data(cfg, source.config.image_size, overwrite_data)
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save,
-                                         best_directory=(self.workdir / "best") if validating else None)
-        self.writer = MetricWriter(self.workdir)
-        best_value = self._start(source)
-        self.validator = None if not validating else Validator(
-            cfg, source.config, self.mesh, self.dataset, resnet=self.resnet, writer=self.writer,
-            checkpointer=self.checkpointer, model_meta=self.model_meta, best_value=best_value)
+            check_eval_resnet(cfg, source.has_resnet)
+        self.lock = WorkdirLock(self.workdir, jax.process_index())  # released by close()
+        try:
+            self.model_config, self.model_meta = source.config, source.metadata(cfg, self.task)
+            self.model = DiAD(source.config, dtype=DTYPES[cfg.compute_dtype], remat=cfg.remat)
+            self.factory = StepFactory(self.model, cfg, self.mesh, task=self.task)
+            self.dataset = prepare_data(cfg, source.config.image_size, overwrite_data)
+            self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.checkpoint.keep,
+                                             async_save=cfg.checkpoint.async_save,
+                                             best_directory=(self.workdir / "best") if validating else None)
+            self.writer = MetricWriter(self.workdir)
+            best_value = self._start(source)
+            self.validator = None if not validating else Validator(
+                cfg, source.config, self.mesh, self.dataset, resnet=self.resnet, writer=self.writer,
+                checkpointer=self.checkpointer, model_meta=self.model_meta, best_value=best_value)
+        except BaseException:
+            self.lock.release()
+            raise
 
     def _start(self, source: ModelSource) -> float:
         """Places the newest checkpoint that restores, else the source's (or fresh) params; returns
-        the best validation value so far."""
-        f, rep = self.factory, shd.replicated(self.mesh)
-        iterator = train_iterator(self.cfg, self.dataset, source.config.image_size)
-        restored = restore_latest(self.checkpointer, f, self.cfg, source.config, iterator)
+        the best validation value so far. The source's weights are read only when needed."""
+        f, cfg = self.factory, self.cfg
+        restored = restore_latest(self.checkpointer, f, cfg, source.config)
+        resnet = None if restored is None else restored.resnet
+        if restored is None or (resnet is None and source.has_resnet):
+            params, context, source_resnet = source.load(self.mesh, cfg.mesh.min_shard_size)
+            resnet = source_resnet if resnet is None else resnet
         if restored is None:
-            params = source.params if source.params is not None else self.model.init(seed=self.cfg.seed)
+            params = params if params is not None else self.model.init(seed=cfg.seed)
             trainable, self.frozen = f.split(params)
             self.state = f.init_state(trainable)
             others = {g: v for g, v in params.items() if g not in self.task.groups}
             self.others = shd.place(others, {g: f.full_shardings()[g] for g in others})
-            self.context, self.iterator, best_value = f.place_context(source.context), iterator, -math.inf
+            self.context, best_value = f.place_context(context), -math.inf
         else:
             self.state, self.frozen = restored.state, f.split(restored.params)[1]
             self.others = {g: v for g, v in restored.params.items() if g not in self.task.groups}
-            self.context, self.iterator = restored.context, restored.data_iterator or iterator
-            best_value = restored.best_value
-        resnet = restored.resnet if restored is not None and restored.resnet is not None else source.resnet
-        self.resnet = None if resnet is None else shd.place(resnet, jax.tree.map(lambda _: rep, resnet))
+            self.context, best_value = restored.context, restored.best_value
+        self.iterator = train_iterator(cfg, self.dataset, source.config.image_size, start_step=self.step)
+        self.resnet = resnet  # restored replicated onto the mesh (or None)
         log.info("params: %.2fM trainable, %.2fM frozen; trainable + optimizer state: %s", _millions(self.state.params),
                  _millions(self.frozen), shd.shard_summary((self.state.params, self.state.opt_state)))
         return best_value
@@ -163,72 +173,62 @@ class Trainer:
         tc = {"train_config": self.cfg.to_dict(), "step": step, "metrics": {"loss": loss},
               "best_value": best if math.isfinite(best) else None}
         self.checkpointer.save(step, state=self.state, params=self.model_params(), context=self.context,
-                               resnet=self.resnet, model_meta=self.model_meta, data_iterator=self.iterator,
-                               train_config=tc)
+                               resnet=self.resnet, model_meta=self.model_meta, train_config=tc)
 
     def evaluate(self) -> dict:
         """Scores the validation split with the current (EMA) weights, logs, keeps the best checkpoint."""
         return self.validator(self.step, self.model_params(), self.context)
 
     def run(self, hooks: Sequence[Hook] = ()) -> dict:
-        """Train until cfg.steps: a checkpoint every checkpoint.save_every steps and at the end (also
-        on KeyboardInterrupt, unless that step is saved already), evaluations as cfg.validation says.
-        Stops with NonFiniteError at the first non-finite loss or gradient norm, before any checkpoint
-        of it. Returns {"step", "loss" (last interval's mean), "eval": last results or None}."""
+        """Train until cfg.steps: a checkpoint every checkpoint.save_every steps and at the end,
+        evaluations as cfg.validation says. SIGTERM or SIGINT stops the run after a step that every
+        process agrees on, saved like any other (see train/preemption.py). Stops with NonFiniteError
+        at the first non-finite loss or gradient norm, before any checkpoint of it. Returns {"step",
+        "loss" (last interval's mean), "eval": last results or None, "signal": the number of the
+        signal that stopped the run, or 0}."""
         cfg, step = self.cfg, self.step
         if cfg.profile_steps is not None:
             hooks = (*hooks, ProfileHook(*cfg.profile_steps, self.workdir / "profile"))
-        pending, last_eval, last_loss, saved_step = [], None, float("nan"), None
+        pending, last_eval, last_loss, stop = [], None, float("nan"), 0
         t_last, imgs = time.perf_counter(), 0
-        try:
-            while step < cfg.steps:
-                for h in hooks:
-                    h.before_step(self, step)
-                with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
-                    batch = next(self.iterator)
-                    batch = shd.shard_batch({"image": batch["image"], "index": batch["index"]}, self.mesh)
-                    self.state, metrics = self.factory.step(self.state, self.frozen, self.context, batch)
-                step, imgs = step + 1, imgs + cfg.data.batch_size
-                pending.append((step, metrics))
-                do_eval = self.validator is not None and ((cfg.validation.every and step % cfg.validation.every == 0)
-                                                          or (cfg.validation.at_end and step == cfg.steps))
-                do_save = step % cfg.checkpoint.save_every == 0 or step == cfg.steps
-                # metrics are fetched (a device sync) at log intervals and before an evaluation or a
-                # save, so that a non-finite loss never reaches a checkpoint
-                if step % cfg.log_every == 0 or do_eval or do_save:
-                    info = self._log(pending, imgs, t_last)
-                    last_loss, pending, t_last, imgs = info.metrics["loss"], [], time.perf_counter(), 0
+        with StopSignal(self.mesh, cfg.data.batch_size // jax.process_count()) as signals:
+            try:
+                while step < cfg.steps and not stop:
                     for h in hooks:
-                        h.after_log(self, info)
-                if do_eval:
-                    last_eval = self.evaluate()
-                    t_last, imgs = time.perf_counter(), 0
-                if do_save:
-                    self.save(step, last_loss)
-                    saved_step = step
+                        h.before_step(self, step)
+                    with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
+                        batch = next(self.iterator)
+                        batch = shd.shard_batch({"image": batch["image"], "index": batch["index"]}, self.mesh)
+                        self.state, metrics = self.factory.step(self.state, self.frozen, self.context, batch)
+                    step, imgs = step + 1, imgs + cfg.data.batch_size
+                    pending.append((step, metrics))
+                    stop = signals.poll()  # the same on every process
+                    do_eval = not stop and self.validator is not None and (
+                        (cfg.validation.every and step % cfg.validation.every == 0)
+                        or (cfg.validation.at_end and step == cfg.steps))
+                    do_save = step % cfg.checkpoint.save_every == 0 or step == cfg.steps or stop
+                    # metrics are fetched (a device sync) at log intervals and before an evaluation or a
+                    # save, so that a non-finite loss never reaches a checkpoint
+                    if step % cfg.log_every == 0 or do_eval or do_save:
+                        info = self._log(pending, imgs, t_last)
+                        last_loss, pending, t_last, imgs = info.metrics["loss"], [], time.perf_counter(), 0
+                        for h in hooks:
+                            h.after_log(self, info)
+                    if do_eval:
+                        last_eval = self.evaluate()
+                        t_last, imgs = time.perf_counter(), 0
+                    if do_save:
+                        self.save(step, last_loss)
+                    for h in hooks:
+                        h.after_step(self, step)
+            finally:
                 for h in hooks:
-                    h.after_step(self, step)
-        except KeyboardInterrupt:
-            self._save_on_interrupt(step, saved_step, last_loss)
-            raise
-        finally:
-            for h in hooks:
-                h.end(self)
-        self.checkpointer.wait()
-        return {"step": step, "loss": last_loss, "eval": last_eval}
-
-    def _save_on_interrupt(self, step: int, saved_step: int | None, loss: float) -> None:
-        self.checkpointer.wait()  # a save in flight finishes first: never write the same step twice
-        if step == saved_step or step in self.checkpointer.all_steps():
-            log.warning("interrupted at step %d, which is saved in %s", step, self.checkpointer.directory)
-            return
-        log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
-        try:
-            self.save(step, loss)
-            self.checkpointer.wait()
-        except Exception as e:  # e.g. the interrupt cut a save of this step short
-            log.error("could not save step %d (%s); the newest checkpoint is step %s", step, e,
-                      max(self.checkpointer.all_steps(), default=None))
+                    h.end(self)
+            self.checkpointer.wait()  # inside the handlers: a signal now cannot cut the last write short
+        if stop:
+            log.warning("stopped by %s after step %d, saved in %s; the same command resumes the run",
+                        signal.Signals(stop).name, step, self.checkpointer.directory)
+        return {"step": step, "loss": last_loss, "eval": last_eval, "signal": stop}
 
     def _log(self, pending: list[tuple[int, dict]], images: int, since: float) -> StepInfo:
         """Fetches the pending steps' metrics, writes them, stops at the first non-finite one. Throughput:
@@ -247,3 +247,4 @@ class Trainer:
         self.checkpointer.wait()
         self.checkpointer.close()
         self.writer.close()
+        self.lock.release()

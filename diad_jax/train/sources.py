@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from diad_jax import data as data_lib
 from diad_jax import sharding as shd
-from diad_jax.checkpoints import default_context, load_model, model_metadata
+from diad_jax.checkpoints import default_context, load_model, model_metadata, read_metadata, resolve
 from diad_jax.configs import NO_WEIGHTS_COMPARATOR, ModelConfig, TrainConfig
 from diad_jax.errors import ConfigError
 from diad_jax.train.task import Task
@@ -61,29 +61,39 @@ def check_batch(cfg: TrainConfig, mesh: Mesh, evaluates: bool) -> None:
 
 @dataclasses.dataclass
 class ModelSource:
-    """The model a run starts from, on the host: its config, its params (None: initialise fresh),
-    the text context and the ResNet-50 (None: the checkpoint has none)."""
+    """The model a run starts from: its config (the run's overrides applied) and where its weights
+    come from: `checkpoint` (the --init-checkpoint, resolved; None: initialise fresh), which may
+    hold a ResNet-50 (`has_resnet`). Building one reads only the checkpoint's JSON metadata;
+    `load` reads the weights, straight onto the run's mesh."""
 
     config: ModelConfig
-    params: Params | None
-    context: np.ndarray
-    resnet: Params | None
+    checkpoint: str | None
+    has_resnet: bool
 
     @classmethod
-    def load(cls, cfg: TrainConfig) -> "ModelSource":
+    def from_config(cls, cfg: TrainConfig) -> "ModelSource":
         if cfg.init_checkpoint:
-            ckpt = load_model(cfg.init_checkpoint)
-            source = cls(ckpt.config, ckpt.params, np.asarray(ckpt.context, np.float32), ckpt.resnet)
-            log.info("initialising from %s (context and%s ResNet from the checkpoint)", cfg.init_checkpoint,
-                     "" if ckpt.resnet is not None else " NO")
+            path = resolve(cfg.init_checkpoint, "--init-checkpoint")
+            meta = read_metadata(path)
+            source = cls(ModelConfig.from_dict(meta["model_config"], f"{path}: model_config"), str(path),
+                         bool(meta.get("has_resnet")))
         else:
-            config = ModelConfig.from_spec(cfg.model)
-            source = cls(config, None, default_context(config), None)
+            source = cls(ModelConfig.from_spec(cfg.model), None, False)
             log.warning("no --init-checkpoint: %s model with the reference's random initialisation (SG network "
                         "copied from the UNet encoder) and a zero context in place of CLIP(\"\")", cfg.model)
         overrides = {k: getattr(cfg, k) for k in ("only_mid_control", "fusion") if getattr(cfg, k) is not None}
         source.config = dataclasses.replace(source.config, **overrides)
         return source
+
+    def load(self, mesh: Mesh, min_shard_size: int) -> tuple[Params | None, Any, Params | None]:
+        """(params placed on `mesh` by the partition rules, or None: initialise fresh; the text
+        context; the ResNet-50 replicated, or None)."""
+        if self.checkpoint is None:
+            return None, default_context(self.config), None
+        ckpt = load_model(self.checkpoint, mesh, min_shard_size=min_shard_size)
+        log.info("initialising from %s (context and%s ResNet from the checkpoint)", self.checkpoint,
+                 "" if ckpt.resnet is not None else " NO")
+        return ckpt.params, ckpt.context, ckpt.resnet
 
     def metadata(self, cfg: TrainConfig, task: Task) -> dict:
         """The model checkpoints' metadata; for an anomaly detector also how the run scores it (its
@@ -91,9 +101,9 @@ class ModelSource:
         extra = {}
         if task.detects_anomalies:
             extra["eval_config"] = cfg.eval.to_dict()
-            if self.resnet is None and cfg.validation.resnet == "random" and cfg.eval.comparator == "resnet":
+            if not self.has_resnet and cfg.validation.resnet == "random" and cfg.eval.comparator == "resnet":
                 extra["resnet"] = "random"
-        return model_metadata(self.config, self.resnet is not None, source="diad_jax.train",
+        return model_metadata(self.config, self.has_resnet, source="diad_jax.train",
                               init_checkpoint=cfg.init_checkpoint, **extra)
 
 
@@ -115,9 +125,10 @@ def prepare_data(cfg: TrainConfig, image_size: int, overwrite: bool = False) -> 
     return ds
 
 
-def train_iterator(cfg: TrainConfig, dataset: data_lib.PreparedDataset, image_size: int):
-    """This process's share of every global batch, shuffled per epoch (checkpointable grain iterator)."""
+def train_iterator(cfg: TrainConfig, dataset: data_lib.PreparedDataset, image_size: int, start_step: int = 0):
+    """This process's share of every global batch from global step `start_step` on, shuffled per
+    epoch: a function of the step alone, so a resumed run continues exactly, on any number of processes."""
     n_proc = jax.process_count()
     return iter(data_lib.train_dataset(dataset, cfg.data.batch_size // n_proc, split=cfg.data.train_split,
                                        classes=cfg.data.classes, image_size=image_size, seed=cfg.seed,
-                                       shard_index=jax.process_index(), shard_count=n_proc))
+                                       shard_index=jax.process_index(), shard_count=n_proc, start_step=start_step))
