@@ -32,7 +32,7 @@ from diad_jax.configs import (IMAGENET_MEAN, IMAGENET_STD, NO_WEIGHTS_COMPARATOR
                               ModelConfig)
 from diad_jax.errors import CheckpointError, ConfigError, UserError
 from diad_jax.models.diad import DiAD
-from diad_jax.scoring import Scorer, make_bundle, random_resnet
+from diad_jax.scoring import Scorer, distinct_uncond_context, make_bundle, random_resnet
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,14 @@ class Detector:
     Build it with `diad_jax.load` (or, with weights already placed, `Detector(config, bundle, ...)`).
     `eval_config` decides the maps and scores (schedule, steps, footprint, seed, batch size);
     `calibration` (thresholds) adds labels, normalised scores and masks; `notes` say what a user
-    must know about these results (e.g. a random ResNet-50) and travel into every report."""
+    must know about these results (e.g. a random ResNet-50) and travel into every report.
+    `uncond_context` (default: the same as the bundle's context, as in the reference) is compared
+    with the context once, here (on every process together when the arrays span several): equal,
+    guidance costs one UNet pass per DDIM step; different, both halves run (and a note says so)."""
 
     def __init__(self, config: ModelConfig, bundle: dict, *, eval_config: EvalConfig = EvalConfig(),
                  mesh: Mesh | None = None, calibration: Calibration | None = None, notes: Sequence[str] = (),
-                 source: str | None = None):
+                 source: str | None = None, uncond_context=None):
         self.config = config
         self.eval_config = eval_config
         self.mesh = mesh or shd.single_device_mesh()
@@ -108,6 +111,13 @@ class Detector:
             sizes.add(b)
         self.buckets = tuple(sorted(sizes))
         self.scorer = Scorer.from_eval_config(config, eval_config, self.mesh, self.axes)
+        # guidance: one UNet pass per DDIM step unless an unconditional context that differs was given
+        self.uncond_context = distinct_uncond_context(bundle["context"], uncond_context)
+        if self.uncond_context is not None:
+            self.notes.append("the unconditional context differs from the conditional one: guidance runs both "
+                              "halves (twice the UNet work per DDIM step)")
+        self.unet_passes_per_step = 2 if self.uncond_context is not None or not eval_config.dedupe_guidance else 1
+        log.info("guidance: %d UNet pass(es) per DDIM step", self.unet_passes_per_step)
         # a raw uint32 key placed like the weights (a host value is not a valid input across processes)
         self._key = shd.place(np.asarray(jax.random.PRNGKey(eval_config.seed)), shd.replicated(self.mesh))
 
@@ -136,7 +146,7 @@ class Detector:
         elif b * n_proc not in self.buckets:
             raise ValueError(f"{n_proc} processes x {b} rows is not one of the batch sizes {self.buckets}")
         g = shd.shard_batch({"image": images, "index": index}, self.mesh, self.axes)
-        out = self.scorer(self.bundle, g["image"], self._key, g["index"])
+        out = self.scorer(self.bundle, g["image"], self._key, g["index"], self.uncond_context)
         wanted = {"maps": out.maps, "scores": out.scores}
         if reconstructions:
             wanted["reconstructions"] = out.reconstructions
@@ -154,6 +164,9 @@ class Detector:
         if self.mesh.size != 1 or jax.process_count() != 1:
             raise ConfigError(f"export needs a detector on one device in one process (diad_jax.load(path) without a "
                               f"mesh); this one spans {self.mesh.size} device(s) in {jax.process_count()} process(es)")
+        if self.uncond_context is not None:
+            raise ConfigError("export: this detector's unconditional context differs from its context; the exported "
+                              "program carries only the context (one guidance pass)")
         batch = self.eval_config.batch_size if batch_size is None else batch_size
         if batch < 1:
             raise ConfigError(f"export: batch_size must be >= 1, got {batch}")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from diad_jax import sharding as shd
 from diad_jax.configs import (COMPARATORS, IMAGENET_MEAN, IMAGENET_STD, REFERENCE_POOL_WINDOW, REFERENCE_SIGMA,
                               DiffusionConfig, EvalConfig, ModelConfig)
 from diad_jax.diffusion import ddim_sample, guided_eps, q_sample
@@ -181,8 +182,9 @@ class Scorer:
     (VAE posterior sample, q_sample, DDIM eta noise) comes from fold_in(rng, index[i]), so its map
     and score do not depend on the batch it is in (`index` defaults to 0..B-1).
     `uncond_context=None` means the unconditional context equals the conditional one (the
-    reference: both CLIP("")), so guidance is skipped exactly; pass an array to run the
-    reference's batched two-half guidance. With a mesh, the batch is split over `data_axis`."""
+    reference: both CLIP("")), so guidance is skipped exactly; an array runs the reference's
+    batched two-half guidance with it (`distinct_uncond_context` tells, once, whether one is
+    needed; the Detector asks it when built). With a mesh, the batch is split over `data_axis`."""
 
     config: ModelConfig
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -278,8 +280,6 @@ class Scorer:
             data = NamedSharding(self.mesh, P(self.data_axis))
             images = jax.device_put(images, NamedSharding(self.mesh, P(self.data_axis, None, None, None)))
             index = jax.device_put(np.asarray(index, np.int32) if not isinstance(index, jax.Array) else index, data)
-        if uncond_context is not None and self.dedupe_guidance and _same(uncond_context, bundle["context"]):
-            uncond_context = None  # identical contexts: guidance is the identity
         if uncond_context is None and not self.dedupe_guidance:
             uncond_context = bundle["context"]
         return (bundle, images, rng, index) + (() if uncond_context is None else (jnp.asarray(uncond_context),))
@@ -321,11 +321,18 @@ def check_finite(maps: np.ndarray, scores: np.ndarray, name_of: Callable[[int], 
                              f"{', '.join(name_of(int(i)) for i in bad[:10])}{' ...' if len(bad) > 10 else ''}")
 
 
-def _same(a, b) -> bool:
-    try:
-        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
-    except Exception:  # traced values: cannot decide, keep both halves
-        return False
+def distinct_uncond_context(context, uncond_context):
+    """The unconditional context guidance must run with: None when there is none or it equals
+    `context` (the reference: both are CLIP(""), so guidance is the identity and one UNet pass per
+    step is exact), else `uncond_context`. Decided once, from the host values (gathered from every
+    process when the arrays span several: call it on all processes together), not per call."""
+    if uncond_context is None:
+        return None
+
+    def host(x):
+        return np.asarray(shd.gather_to_host(x) if isinstance(x, jax.Array) and not x.is_fully_addressable else x)
+
+    return None if np.array_equal(host(context), host(uncond_context)) else uncond_context
 
 
 def random_resnet(seed: int = 0) -> dict:

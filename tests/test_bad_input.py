@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from diad_jax.evaluation import EvalResult
 from diad_jax.models.diad import DiAD
 from diad_jax.scoring import check_finite
-from diad_jax.train import Trainer
+from diad_jax.train import Hook, Trainer
+from diad_jax.train.workdir_lock import WorkdirLock
 
 from tests import oracle
 from tests.conftest import MICRO
@@ -163,65 +165,61 @@ def test_folder_dataset_trains_with_the_preset_and_a_nan_loss_stops_it(tmp_path,
     assert cfg["data"]["dataset"] == "folder" and cfg["data"]["options"] == {}  # the preset's options did not leak
 
 
-# ---- 7, 8, 10: Ctrl-C right after a save, a damaged checkpoint, a changed --ema-decay -------------
-class InFlightSaves:
-    """A CheckpointManager as orbax's async saves look from outside: a step is listed only once
-    its save has been waited for (until then it is a temporary folder)."""
+# ---- 7, 8, 10: Ctrl-C with a non-finite loss pending, a damaged checkpoint, a changed --ema-decay ----
+class CtrlCAfter(Hook):
+    """A real SIGINT to this process once step `step` is done."""
 
-    def __init__(self, manager):
-        self.manager, self.pending, self.saved = manager, set(), []
+    def __init__(self, step: int):
+        self.step = step
 
-    def save(self, step, *args, **kwargs):
-        self.pending.add(step)
-        self.saved.append(step)
-        return self.manager.save(step, *args, **kwargs)
-
-    def all_steps(self):
-        return [s for s in self.manager.all_steps() if s not in self.pending]
-
-    def wait_until_finished(self):
-        self.manager.wait_until_finished()
-        self.pending.clear()
-
-    def __getattr__(self, name):
-        return getattr(self.manager, name)
+    def after_step(self, trainer, step):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_interrupt_after_a_save_then_damaged_checkpoint_falls_back(tmp_path, micro_json, capfd):
+def test_interrupt_saves_nothing_non_finite_then_damaged_checkpoint_falls_back(tmp_path, micro_json, capfd):
     data_dir = tmp_path / "data"
-    cfg = TrainConfig.tiny(model=str(micro_json), workdir=str(tmp_path / "run"), steps=6, log_every=2, **{
-        "data.data_dir": str(data_dir), "data.batch_size": 2, "checkpoint.save_every": 2, "validation.split": None,
+    cfg = TrainConfig.tiny(model=str(micro_json), workdir=str(tmp_path / "run"), steps=10, log_every=10, **{
+        "data.data_dir": str(data_dir), "data.batch_size": 2, "checkpoint.save_every": 5, "validation.split": None,
         "data.options": dict(train_per_class=2, test_per_class=2)})
     mesh = shd.make_mesh(1, 1, jax.devices()[:1])
     trainer = Trainer(cfg, mesh=mesh)
-    manager = trainer.checkpointer.manager = InFlightSaves(trainer.checkpointer.manager)
     step_fn, calls = trainer.factory.step, []
 
-    def step_then_ctrl_c(*args):  # Ctrl-C arrives in the step after the periodic save of step 2
+    def nan_loss_at_step_6(*args):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return step_fn(*args)
+        state, metrics = step_fn(*args)
+        return state, ({**metrics, "loss": metrics["loss"] * np.nan} if len(calls) == 6 else metrics)
 
-    trainer.factory.step = step_then_ctrl_c
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
+    trainer.factory.step = nan_loss_at_step_6
+    # Ctrl-C while step 6's NaN loss is not yet fetched: the run stops after step 8 (the step all processes
+    # agree on), and its save goes through the non-finite check like a periodic one
+    with pytest.raises(NonFiniteError, match=r"training stopped at step 6: loss = nan.*checkpoints/5 \(kept"):
+        trainer.run(hooks=(CtrlCAfter(6),))
     trainer.close()
     ckpts = tmp_path / "run" / "checkpoints"
-    assert manager.saved == [2]  # the interrupt did not save step 2 a second time
-    assert sorted(os.listdir(ckpts)) == ["2"]  # and left no temporary folder
+    assert sorted(os.listdir(ckpts)) == ["5"]  # nothing of step 6 or later, no temporary folder
 
-    # a newer checkpoint whose array files are gone: resume falls back to step 2 and sets it aside
-    shutil.copytree(ckpts / "2", ckpts / "3")
-    for f in (ckpts / "3" / "train_state").rglob("d/*"):
+    # a newer checkpoint whose array files are gone: resume falls back to step 5 and sets it aside
+    shutil.copytree(ckpts / "5", ckpts / "6")
+    for f in (ckpts / "6" / "train_state").rglob("d/*"):
         f.unlink()
     capfd.readouterr()
     trainer = Trainer(cfg, mesh=mesh)
-    assert trainer.step == 2
+    assert trainer.step == 5
     trainer.close()
     out = capfd.readouterr()
     assert "Traceback" not in out.err and "Event loop is closed" not in out.err
-    assert sorted(os.listdir(ckpts)) == ["2"] and os.listdir(tmp_path / "run" / "checkpoints_unrestorable") == ["3"]
+    assert sorted(os.listdir(ckpts)) == ["5"] and os.listdir(tmp_path / "run" / "checkpoints_unrestorable") == ["6"]
+
+    # a second run into a workdir in use: exit 2 naming the holder, before any work
+    holder = WorkdirLock(tmp_path / "run", 0)
+    try:
+        rc, err = cli("train", ["--model", micro_json, "--workdir", tmp_path / "run", "--data-dir", data_dir,
+                                "--eval-split", "none", "--no-progress"], capfd)
+    finally:
+        holder.release()
+    assert_user_error(rc, err, f"{tmp_path / 'run'} is in use by another training run (pid {os.getpid()} on ")
 
     # 10: EMA switched on for a run whose checkpoints have none
     with pytest.raises(ConfigError, match=r"--ema-decay \(on/off\): checkpoint False, this run True"):
@@ -229,7 +227,7 @@ def test_interrupt_after_a_save_then_damaged_checkpoint_falls_back(tmp_path, mic
 
     # 8: a model checkpoint with a missing file: one line naming the checkpoint, item and array
     broken = tmp_path / "broken"
-    shutil.copytree(ckpts / "2", broken)
+    shutil.copytree(ckpts / "5", broken)
     for f in (broken / "state").rglob("d/*"):
         f.unlink()
     with pytest.raises(CheckpointError, match=r"broken: cannot restore the model weights \(state item\): "

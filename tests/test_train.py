@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -287,10 +288,10 @@ def _env(devices: int, cache: Path | None = None) -> dict:
     return env
 
 
-def _train_cmd(workdir, data_dir, *extra, kill_after: int | None = None) -> list[str]:
-    """scripts/train.py with these flags; `kill_after`: through tests/train_killed.py, which SIGKILLs
-    the process once that step is done (its checkpoint, if any, written)."""
-    wrapper = [] if kill_after is None else [str(ROOT / "tests" / "train_killed.py"), str(kill_after)]
+def _train_cmd(workdir, data_dir, *extra, signal_at: tuple[str, int] | None = None) -> list[str]:
+    """scripts/train.py with these flags; `signal_at` ("TERM" or "KILL", N): through
+    tests/train_signalled.py, which sends the process that signal once step N is done."""
+    wrapper = [] if signal_at is None else [str(ROOT / "tests" / "train_signalled.py"), *map(str, signal_at)]
     return [sys.executable, *wrapper, str(ROOT / "scripts" / "train.py"), "--workdir", str(workdir), "--data-dir",
             str(data_dir), "--dataset-option", f"train_per_class={SYNTH['train_per_class']}",
             "--dataset-option", f"test_per_class={SYNTH['test_per_class']}", "--lr", str(LR),
@@ -309,8 +310,12 @@ def _losses(workdir) -> dict[int, float]:
 def _final_params(path):
     """Params of a checkpoint saved on any topology (here: 2 processes), onto one local device."""
     from diad_jax.checkpoints import load_model
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return _flat(jax.device_get(load_model(path, sharding=lambda p, x: one).params))
+    return _flat(jax.device_get(load_model(path).params))
+
+
+def _resumed_from(log: str) -> int:
+    assert "resumed from" in log, log[-3000:]
+    return int(log.split("resumed from ")[1].split("(step ")[1].split(")")[0])
 
 
 # The subprocess runs share one persistent compilation cache and these settings, so the
@@ -330,45 +335,56 @@ def jax_cache(tmp_path_factory):
     return d
 
 
-def _ref_args(jax_cache) -> tuple[str, ...]:
-    return (*REFERENCE_ARGS, "--config", str(jax_cache / "eps.json"))
+@pytest.fixture(scope="module")
+def init_checkpoint(tmp_path_factory):
+    """The runs' --init-checkpoint (as every real run has one), saved by THIS process from a data=2 x
+    fsdp=4 mesh of 8 devices: the runs restore it onto other meshes and process counts."""
+    from diad_jax.checkpoints import default_context, save_model
+    model = DiAD(ModelConfig.tiny())
+    mesh = shd.make_mesh(2, 4)
+    params = shd.place(model.init(seed=3), shd.param_shardings(model.abstract_params(), mesh))
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
+    return save_model(tmp_path_factory.mktemp("init") / "ckpt", config=model.config, params=params,
+                      context=default_context(model.config) + 0.5)
+
+
+def _ref_args(jax_cache, init_checkpoint) -> tuple[str, ...]:
+    return (*REFERENCE_ARGS, "--config", str(jax_cache / "eps.json"), "--init-checkpoint", str(init_checkpoint))
 
 
 @pytest.fixture(scope="module")
-def reference_run(synth, jax_cache, tmp_path_factory):
+def reference_run(synth, jax_cache, init_checkpoint, tmp_path_factory):
     """One uninterrupted single-process run: 7 steps on 2 devices (fsdp=2), checkpoints
     every 2 steps. Both subprocess tests compare with it (and it fills the compilation cache)."""
     data_dir, _ = synth
     workdir = tmp_path_factory.mktemp("reference_run")
-    proc = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache)), env=_env(2, jax_cache),
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache, init_checkpoint)),
+                          env=_env(2, jax_cache), capture_output=True, text=True, timeout=400)
     _check(proc, proc.stdout + proc.stderr)
     return workdir
 
 
 @pytest.mark.slow
-def test_kill_and_resume_continues_exactly(synth, jax_cache, reference_run):
-    """A run SIGKILLed at step 5 and restarted resumes from its step-4 checkpoint and ends exactly
-    like the uninterrupted run (7 steps; 5 steps make an epoch, so the data iterator's state
+def test_kill_and_resume_continues_exactly(synth, jax_cache, init_checkpoint, reference_run):
+    """A run SIGKILLed right after its step-4 checkpoint is committed (before the next save starts;
+    the kill does not wait on the checkpointer) and restarted resumes from step 4 and ends exactly
+    like the uninterrupted run (7 steps; 5 steps make an epoch, so the resumed data position
     crosses an epoch boundary)."""
     data_dir, _ = synth
     workdir = jax_cache.parent / "killed_run"
-    killed = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache), kill_after=5),
-                            env=_env(2, jax_cache), capture_output=True, text=True, timeout=300)
+    cmd = _train_cmd(workdir, data_dir, *_ref_args(jax_cache, init_checkpoint), signal_at=("KILL", 4))
+    killed = subprocess.run(cmd, env=_env(2, jax_cache), capture_output=True, text=True, timeout=300)
     _check(killed, killed.stdout + killed.stderr, expect=-9)
     before = _losses(workdir)
-    assert max(before) == 5, "the killed run logged steps 1..5"
-    resumed = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache)), env=_env(2, jax_cache),
-                             capture_output=True, text=True, timeout=300)
+    assert max(before) == 4, "the killed run logged steps 1..4"
+    resumed = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache, init_checkpoint)),
+                             env=_env(2, jax_cache), capture_output=True, text=True, timeout=300)
     _check(resumed, resumed.stdout + resumed.stderr)
-    log = resumed.stdout + resumed.stderr
-    assert "resumed from" in log, log[-3000:]
-    resumed_from = int(log.split("resumed from ")[1].split("(step ")[1].split(")")[0])
-    assert resumed_from == 4
+    assert _resumed_from(resumed.stdout + resumed.stderr) == 4
     want, got = _losses(reference_run), _losses(workdir)
     assert sorted(want) == sorted(got) == list(range(1, 8))
     assert got == want, (got, want)
-    for s in range(1, 6):  # the steps the killed run did before dying are the same too
+    for s in range(1, 5):  # the steps the killed run did before dying are the same too
         assert before[s] == want[s]
     a, b = _final_params(reference_run / "checkpoints" / "7"), _final_params(workdir / "checkpoints" / "7")
     assert a.keys() == b.keys()
@@ -382,51 +398,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(synth, jax_cache, reference_run, tmp_path):
-    """Two processes (jax.distributed on 127.0.0.1, gloo), one CPU device each, the same mesh
-    (fsdp=2: params and optimizer state split ACROSS the processes) and global batch 8, each
-    reading its half of every batch through the per-host pipeline, train 4 steps and save a
-    checkpoint together; losses and params equal the single-process run on the full batch. Then
-    they evaluate the test split together (each process scores its half of every batch, with the
-    fsdp-sharded weights): the same metrics as one process evaluating the saved checkpoint."""
-    data_dir, ds = synth
-    args = (*_ref_args(jax_cache), "--steps", "4", "--save-every", "4", "--eval-split", "test", "--eval-at-end",
-            "true", "--eval-resnet", "random", "--eval-batch-size", "8")
+def _two_processes(workdir, data_dir, args, jax_cache, signal_at: dict | None = None) -> list[tuple[int, str]]:
+    """The README's pod command, one process per (local) host: (exit status, output) of each."""
     port = _free_port()
-    procs = [subprocess.Popen(_train_cmd(tmp_path / "multi", data_dir, *args, "--distributed", "--coordinator",
-                                         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)),
-                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outs = [tempfile.TemporaryFile("w+") for _ in range(2)]
+    procs = [subprocess.Popen(_train_cmd(workdir, data_dir, *args, "--distributed", "--coordinator",
+                                         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                                         signal_at=(signal_at or {}).get(i)),
+                              env=_env(1, jax_cache), stdout=outs[i], stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outs = []
     try:
-        for p in procs:
-            outs.append(p.communicate(timeout=400)[0])
+        codes = [p.wait(timeout=400) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outs):
-        _check(p, out)
-    assert "process 1 of 2, 1 local / 2 global devices" in outs[1]
-    want, got = _losses(reference_run), _losses(tmp_path / "multi")
-    assert sorted(got) == [1, 2, 3, 4]
+    for f in outs:
+        f.seek(0)
+    return [(rc, f.read()) for rc, f in zip(codes, outs)]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(synth, jax_cache, init_checkpoint, reference_run, tmp_path):
+    """The README's pod command in two processes (jax.distributed on 127.0.0.1, gloo), one CPU
+    device each, from the --init-checkpoint that one process saved from an 8-device mesh, on the
+    reference run's mesh (fsdp=2: params and optimizer state split ACROSS the processes) and global
+    batch 8, each reading its half of every batch. A SIGTERM to process 1 after step 1 stops BOTH
+    after the same step (3), saved, with exit 143; rerunning the command resumes there and trains to
+    step 6: losses and params equal the single-process run's. Then they evaluate the test split
+    together (guidance deduplicated: one UNet pass per step): the same metrics as one process
+    evaluating the saved checkpoint."""
+    data_dir, ds = synth
+    workdir = tmp_path / "multi"
+    args = (*_ref_args(jax_cache, init_checkpoint), "--steps", "6", "--save-every", "6", "--eval-split", "test",
+            "--eval-at-end", "true", "--eval-resnet", "random", "--eval-batch-size", "8")
+    stopped = _two_processes(workdir, data_dir, args, jax_cache, signal_at={1: ("TERM", 1)})
+    for rc, out in stopped:
+        assert rc == 143, out[-6000:]
+        assert "stopped by SIGTERM after step 3" in out, out[-3000:]
+    assert "process 1 of 2, 1 local / 2 global devices" in stopped[1][1]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+    resumed = _two_processes(workdir, data_dir, args, jax_cache)
+    for rc, out in resumed:
+        assert rc == 0, out[-6000:]
+        assert _resumed_from(out) == 3
+        assert "guidance: 1 UNet pass(es) per DDIM step" in out
+    want, got = _losses(reference_run), _losses(workdir)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
-    a, b = _final_params(reference_run / "checkpoints" / "4"), _final_params(tmp_path / "multi" / "checkpoints" / "4")
+    a, b = _final_params(reference_run / "checkpoints" / "6"), _final_params(workdir / "checkpoints" / "6")
     mask = _flat(trainable_mask(DiAD(ModelConfig.tiny()).abstract_params()))
     for k in a:
         if not mask[k]:
             assert np.array_equal(a[k], b[k]), k  # frozen: untouched by both
             continue
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-4 * LR, err_msg=k)
-    # each process saved its own data iterator state (its half of the data)
-    data_dir_4 = tmp_path / "multi" / "checkpoints" / "4" / "data"
-    assert sorted(p.name for p in data_dir_4.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
-    two = read_metrics(tmp_path / "multi" / "metrics.jsonl", kind="eval_test")
-    assert [r["step"] for r in two] == [4]
+    two = read_metrics(workdir / "metrics.jsonl", kind="eval_test")
+    assert [r["step"] for r in two] == [6]
     import diad_jax
     from diad_jax.evaluation import evaluate
-    one = evaluate(diad_jax.load(tmp_path / "multi" / "checkpoints" / "4"), ds, progress=False).metrics["mean"]
+    one = evaluate(diad_jax.load(workdir / "checkpoints" / "6"), ds, progress=False).metrics["mean"]
     for k, v in one.items():
         assert two[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,26 @@ class Checkpointer:
         items = model_items(params, context, resnet, model_meta)
         items["train_state"] = ocp.args.StandardSave(state.as_dict())
         items["train_config"] = ocp.args.JsonSave(train_config or {})
+        began = time.monotonic()
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if jax.process_index() == 0:
+            threading.Thread(target=self._report_commit, args=(step, began), daemon=True,
+                             name=f"diad_jax: commit of step {step}").start()
+
+    def committed(self, step: int) -> bool:
+        """Whether step `step` is finalised on disk: its write completed and orbax renamed its
+        temporary folder (`<step>.orbax-checkpoint-tmp`) to `<step>`. From then on, a kill -9 loses
+        nothing of it: a rerun resumes from it."""
+        return (self.directory / str(step)).is_dir()
+
+    def _report_commit(self, step: int, began: float) -> None:
+        """Logs when the save of `step` is committed (orbax finalises it in the background as soon
+        as its write completes; under a busy training loop that can take several steps)."""
+        while not self.committed(step):
+            if time.monotonic() - began > 24 * 3600:
+                return
+            time.sleep(0.2)
+        log.info("checkpoint %d committed to disk (%.1f s after its save began)", step, time.monotonic() - began)
 
     def save_best(self, step: int, value: float, *, params: Params, context, resnet, model_meta: dict,
                   metrics: dict | None = None) -> None:
