@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,31 @@ def test_user_errors_in_a_real_process_have_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--checkpoint",
                            str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=120)
     assert_user_error(proc.returncode, proc.stderr, "--checkpoint")
+
+
+def test_a_distributed_start_with_a_process_missing_exits_2_naming_it(tmp_path):
+    """Processes 0 and 2 of 3 start, 1 never does: after --distributed-timeout both exit 2 naming
+    process 1 (JAX's own start-up would wait 300 s, then abort without a name); a process whose
+    coordinator never starts says so."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+    def start(process_id: int, num_processes: int, port: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "--workdir", str(tmp_path / "w"),
+                                 "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                 str(num_processes), "--process-id", str(process_id), "--distributed-timeout", "3"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    procs = [start(0, 3, port), start(2, 3, port), start(1, 2, port + 1)]  # the last one's coordinator never starts
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert_user_error(procs[0].returncode, errs[0], "after 3 s, still waiting for process(es) 1 of 3 to start",
+                      "started: 0, 2")
+    assert_user_error(procs[1].returncode, errs[1], "after 3 s, still waiting for process(es) 1 to start")
+    assert_user_error(procs[2].returncode, errs[2], f"the coordinator (process 0) at 127.0.0.1:{port + 1} never "
+                                                    f"answered")
 
 
 # ---- 1 + 6: a folder dataset with the default preset; a NaN loss stops the run -----------------

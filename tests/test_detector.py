@@ -107,6 +107,21 @@ def test_weights_are_placed_once_with_the_partition_rules(sharded, weights):
         assert x.sharding.is_fully_replicated
 
 
+def test_guidance_is_decided_once_when_the_detector_is_built(weights, sharded):
+    """An unconditional context equal to the context (here: a copy placed on the 8-device mesh) is
+    found equal once, at build: one UNet pass per DDIM step and no note; a different one runs both
+    halves, and the detector says so in its notes."""
+    det, _ = sharded
+    params, resnet, ctx = weights
+    bundle = det.bundle
+    same = Detector(MICRO, bundle, eval_config=det.eval_config, mesh=det.mesh,
+                    uncond_context=shd.place(ctx.copy(), shd.replicated(det.mesh)))
+    assert same.uncond_context is None and same.unet_passes_per_step == 1 and not same.notes
+    other = Detector(MICRO, bundle, eval_config=det.eval_config, mesh=det.mesh, uncond_context=ctx * 0)
+    assert other.uncond_context is not None and other.unet_passes_per_step == 2
+    assert any("guidance runs both halves" in n for n in other.notes)
+
+
 def test_predict_a_folder_with_a_corrupt_grayscale_rgba_and_16_bit_file(tmp_path, by_four):
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
