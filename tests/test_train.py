@@ -5,7 +5,6 @@ Everything uses ModelConfig.tiny() on the generated dataset at 64 px; the in-pro
 the 8 forced CPU devices conftest.py sets up; subprocess tests set their own XLA_FLAGS."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
