@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -46,8 +47,6 @@ def make_checkpoint(path: Path, seed: int = 0) -> None:
 
 def measure(path: str, mode: str, fsdp: int) -> dict:
     """Runs in the child process: restore, block until every array is placed, report."""
-    import resource
-
     import jax
 
     from diad_jax import sharding as shd
@@ -79,17 +78,22 @@ def main(argv=None) -> int:
     ap.add_argument("--fsdp", type=int, default=8, help="forced CPU devices = the fsdp axis (default 8)")
     ap.add_argument("--modes", nargs="+", default=["placed", "host-copy"], choices=["placed", "host-copy"])
     ap.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child[1], args.child[0], args.fsdp)))
         return 0
-    if not (args.dir / "model_config").exists():
-        t0 = time.perf_counter()
-        make_checkpoint(args.dir)
-        print(f"wrote {args.dir} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    size = sum(f.stat().st_size for f in args.dir.rglob("*") if f.is_file())
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.fsdp}", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
+    if args.make:
+        make_checkpoint(args.dir)
+        return 0
+    if not (args.dir / "model_config").exists():
+        # in a child too: Linux keeps a process's peak RSS across fork + exec, so this process must stay small
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--make"], env=env, check=True)
+        print(f"wrote {args.dir} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    size = sum(f.stat().st_size for f in args.dir.rglob("*") if f.is_file())
     rows = []
     for mode in args.modes:
         out = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--fsdp", str(args.fsdp), "--child",
@@ -98,6 +102,8 @@ def main(argv=None) -> int:
     import jax
     import orbax.checkpoint
 
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert parent_peak < 2, f"the measuring process itself peaked at {parent_peak:.1f} GiB"
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
           f"jax {jax.__version__}, orbax-checkpoint {orbax.checkpoint.__version__}; checkpoint {size / 2**30:.2f} GiB "
           f"on disk; {args.fsdp} forced CPU devices, mesh data=1 x fsdp={args.fsdp}\n")

@@ -415,6 +415,14 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def start(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """What a training command does before its Trainer: `preflight` (no JAX backend touched: the
+    metadata of checkpoints is read as plain JSON), then `init_runtime`. In this order a flag error
+    stops every process at once, and jax.distributed.initialize still comes before any backend."""
+    preflight(cfg)
+    init_runtime(args)
+
+
 def init_runtime(args: argparse.Namespace) -> None:
     """jax.distributed (if asked; see diad_jax/distributed.py) and the compilation cache. Call
     before touching devices."""

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diad_jax.configs import MeshConfig
 from diad_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,15 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
 
 # Arrays smaller than this (elements) are replicated by the "fsdp" tactic: 2**14 fp32 = 64 KiB.
 # At SD size that replicates only biases, norm scales and a few tiny convs (about 1% of the bytes).
-MIN_SHARD_SIZE = 2 ** 14
+# One rule for scoring and training (where TrainConfig.mesh.min_shard_size may change it).
+MIN_SHARD_SIZE = MeshConfig.min_shard_size
 
 # (regex over "/"-joined param paths, tactic); first match wins.
 PARTITION_RULES: tuple[tuple[str, Any], ...] = (
     # The text context and the ResNet-50 (in checkpoints and scoring bundles): small, replicated.
     (r"(context|resnet)(/.*)?", "replicate"),
-    # Conv kernels (kh, kw, in, out) and dense kernels (in, out) of the UNet, SG network, VAE and
-    # ResNet: shard the largest fsdp-divisible dimension.
+    # Conv kernels (kh, kw, in, out) and dense kernels (in, out) of the UNet, SG network and VAE:
+    # shard the largest fsdp-divisible dimension.
     (r".*/kernel$", "fsdp"),
     # Biases, GroupNorm/LayerNorm scales, frozen BatchNorm statistics: small, replicated.
     (r".*", "replicate"),

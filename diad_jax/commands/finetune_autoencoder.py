@@ -62,8 +62,7 @@ def main(argv=None) -> int:
     if (ae.lpips_vgg16 is None) != (ae.lpips_lin is None):
         ap.error("give both --lpips-vgg16 and --lpips-lin, or neither (L1 + KL only)")
     autoencoder.check_config(cfg)
-    cli.preflight(cfg)
-    cli.init_runtime(args)
+    cli.start(cfg, args)
     from diad_jax.train import Trainer
 
     lpips = autoencoder.load_lpips_params(ae.lpips_vgg16, ae.lpips_lin) if ae.lpips_vgg16 else None

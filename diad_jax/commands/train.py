@@ -95,8 +95,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    cli.preflight(cfg)
-    cli.init_runtime(args)
+    cli.start(cfg, args)
     from diad_jax.train import Trainer
 
     cli.write_config(cfg)
