@@ -4,6 +4,12 @@
 Examples:
   python benchmarks/bench_train_step.py                              # tiny, batch 8, fp32 and bf16
   python benchmarks/bench_train_step.py --model sd15 --batch 1 --dtype bfloat16 --remat --grads-only
+  # the first SD-size training on one GPU (issue 21): the reference preset's optimiser, bf16, remat
+  PYTHONPATH=. python3 benchmarks/bench_train_step.py --preset reference --model sd15 --dtype bfloat16 \
+      --remat --batch 4 8 --steps 20
+
+The peak device memory column is `device.memory_stats()["peak_bytes_in_use"]` of the first device
+(a running maximum over the process, so give the batches in ascending order); CPUs report none.
 
 --grads-only times the loss + gradient of the trainable params without the optimizer (for a
 machine whose memory cannot hold SD-size AdamW state: about 11 GiB of fp32 params + moments);
@@ -28,8 +34,11 @@ import time
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=["default", "reference"], default="default",
+                    help="the TrainConfig the step is built from: TrainConfig() or TrainConfig.reference() (AdamW "
+                         "1e-5, weight decay 0.01); --grad-accum, the dtype and the batch still apply")
     ap.add_argument("--model", default="tiny", help="tiny (default), sd15, or a ModelConfig JSON file")
-    ap.add_argument("--batch", type=int, default=8, help="global batch")
+    ap.add_argument("--batch", type=int, nargs="+", default=[8], help="global batch(es), one row each")
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -55,73 +64,82 @@ def main(argv=None):
 
     config = ModelConfig.from_spec(args.model)
     mesh = shd.make_mesh(args.mesh_data, args.mesh_fsdp)
+    base = TrainConfig.reference() if args.preset == "reference" else TrainConfig()
     rows = []
     params_host = None
     for dt in args.dtype:
-        cfg = TrainConfig(model=args.model, compute_dtype=dt, remat=args.remat).replace(**{
-            "data.batch_size": args.batch, "optimizer.grad_accum": args.grad_accum, "mesh.data": args.mesh_data,
-            "mesh.fsdp": args.mesh_fsdp})
-        model = DiAD(config, dtype=jnp.bfloat16 if dt == "bfloat16" else jnp.float32, remat=args.remat)
-        f = StepFactory(model, cfg, mesh)
-        if params_host is None:
-            t0 = time.perf_counter()
-            if args.torch:  # the same random weights in both: an ldm state dict converted for us
-                from tests import oracle
-                from diad_jax.convert.ldm import ldm_to_params
-                ldm_sd = oracle.random_ldm_state_dict(config, seed=0)
-                params_host, _ = ldm_to_params(ldm_sd, model.abstract_params())
+        for batch_size in args.batch:
+            cfg = base.replace(model=args.model, compute_dtype=dt, remat=args.remat, **{
+                "data.batch_size": batch_size, "optimizer.grad_accum": args.grad_accum, "mesh.data": args.mesh_data,
+                "mesh.fsdp": args.mesh_fsdp})
+            model = DiAD(config, dtype=jnp.bfloat16 if dt == "bfloat16" else jnp.float32, remat=args.remat)
+            f = StepFactory(model, cfg, mesh)
+            if params_host is None:
+                t0 = time.perf_counter()
+                if args.torch:  # the same random weights in both: an ldm state dict converted for us
+                    from tests import oracle
+                    from diad_jax.convert.ldm import ldm_to_params
+                    ldm_sd = oracle.random_ldm_state_dict(config, seed=0)
+                    params_host, _ = ldm_to_params(ldm_sd, model.abstract_params())
+                else:
+                    params_host = jax.device_get(model.init(seed=0))
+                print(f"# init {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+            trainable, frozen = f.split(params_host)
+            context = f.place_context(default_context(config))
+            rng = np.random.default_rng(0)
+            batch = shd.shard_batch({"image": rng.standard_normal(
+                (batch_size, 3, config.image_size, config.image_size), np.float32), "index": np.arange(batch_size)},
+                mesh)
+            if args.grads_only:
+                key = jax.random.PRNGKey(0)
+                grad_fn = jax.jit(jax.value_and_grad(lambda p, fr, c, b: f.loss(p, fr, c, b, key)))
+                run = lambda: grad_fn(trainable, frozen, context, batch)  # noqa: E731
             else:
-                params_host = jax.device_get(model.init(seed=0))
-            print(f"# init {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-        trainable, frozen = f.split(params_host)
-        context = f.place_context(default_context(config))
-        rng = np.random.default_rng(0)
-        batch = shd.shard_batch({"image": rng.standard_normal((args.batch, 3, config.image_size, config.image_size),
-                                                              np.float32),
-                                 "index": np.arange(args.batch)}, mesh)
-        if args.grads_only:
-            key = jax.random.PRNGKey(0)
-            grad_fn = jax.jit(jax.value_and_grad(lambda p, fr, c, b: f.loss(p, fr, c, b, key)))
-            run = lambda: grad_fn(trainable, frozen, context, batch)  # noqa: E731
-        else:
-            state = [f.init_state(trainable)]
+                state = [f.init_state(trainable)]
 
-            def run():
-                state[0], m = f.step(state[0], frozen, context, batch)
-                return m
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            out = run()
-        jax.block_until_ready(out)
-        dt_step = (time.perf_counter() - t0) / args.steps
-        rows.append((dt, first, dt_step, args.batch / dt_step))
-        print(f"# {dt}: first call {first:.1f}s, {dt_step:.3f}s/step", file=sys.stderr, flush=True)
-        del trainable, frozen, run
+                def run():
+                    state[0], m = f.step(state[0], frozen, context, batch)
+                    return m
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                out = run()
+            jax.block_until_ready(out)
+            dt_step = (time.perf_counter() - t0) / args.steps
+            stats = jax.local_devices()[0].memory_stats() or {}
+            peak = stats.get("peak_bytes_in_use")
+            rows.append((dt, batch_size, first, dt_step, batch_size / dt_step, peak))
+            print(f"# {dt}, batch {batch_size}: first call {first:.1f}s, {dt_step:.3f}s/step, peak device memory "
+                  f"{'-' if peak is None else f'{peak / 2**30:.1f} GiB'}", file=sys.stderr, flush=True)
+            del trainable, frozen, run  # and the train state (the closure's list), before the next row
+            if not args.grads_only:
+                del state
     if args.torch:
         del params_host
         import gc
         gc.collect()
-        first, dt_step = torch_baseline(config, ldm_sd, args)
-        rows.append((f"PyTorch {__import__('torch').__version__} float32", first, dt_step, args.batch / dt_step))
+        first, dt_step = torch_baseline(config, ldm_sd, args, args.batch[0])
+        rows.append((f"PyTorch {__import__('torch').__version__} float32", args.batch[0], first, dt_step,
+                     args.batch[0] / dt_step, None))
 
     print(f"Train step ({'loss + grads only' if args.grads_only else 'full AdamW step'}), model={args.model}, "
-          f"batch {args.batch}, remat={'on' if args.remat else 'off'}, grad_accum={args.grad_accum}, "
+          f"preset {args.preset}, remat={'on' if args.remat else 'off'}, grad_accum={args.grad_accum}, "
           f"mesh {dict(mesh.shape)}\n")
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}; jax {jax.__version__}\n")
-    print("| compute dtype | first call (compile + run) s | s / step | images / s |")
-    print("|---|---:|---:|---:|")
-    for dt, first, step, ips in rows:
-        print(f"| {dt} | {first:.1f} | {step:.3f} | {ips:.1f} |")
+    print("| compute dtype | batch | first call (compile + run) s | s / step | images / s | peak device memory GiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for dt, b, first, step, ips, peak in rows:
+        print(f"| {dt} | {b} | {first:.1f} | {step:.3f} | {ips:.1f} | {'-' if peak is None else f'{peak / 2**30:.1f}'} |")
     if args.torch:
-        base = rows[-1][2]
-        print("\n" + ", ".join(f"{dt}: {base / step:.2f}x PyTorch's images/s" for dt, _, step, _ in rows[:-1]))
+        base = rows[-1][3]
+        print("\n" + ", ".join(f"{dt}: {base / step:.2f}x PyTorch's images/s" for dt, b, _, step, _, _ in rows[:-1]
+                               if b == args.batch[0]))
 
 
-def torch_baseline(config, ldm_sd, args):
+def torch_baseline(config, ldm_sd, args, batch_size: int):
     """(first step s, s/step) of the reference's train step in PyTorch (see the module docstring)."""
     import numpy as np
     import torch
@@ -150,14 +168,14 @@ def torch_baseline(config, ldm_sd, args):
     opt = None if args.grads_only else torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01)
     acp = torch.tensor(np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2), dtype=torch.float32)
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.standard_normal((args.batch, 3, config.image_size, config.image_size), np.float32))
-    ctx = torch.zeros(args.batch, config.context_len, config.unet.context_dim)
+    x = torch.from_numpy(rng.standard_normal((batch_size, 3, config.image_size, config.image_size), np.float32))
+    ctx = torch.zeros(batch_size, config.context_len, config.unet.context_dim)
 
     def step():
         with torch.no_grad():
             dist = ref.vae.encode(x).latent_dist
             z = config.scale_factor * dist.sample()
-        t = torch.randint(0, 1000, (args.batch,))
+        t = torch.randint(0, 1000, (batch_size,))
         noise = torch.randn_like(z)
         a = acp[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z + (1 - a).sqrt() * noise

@@ -253,7 +253,7 @@ def test_restore_onto_a_different_mesh(setup, single, tmp_path):
     a_params = shd.with_shardings(combine(f24.abstract_trainable, f24.abstract_frozen),
                                   combine(f24.trainable_shardings, f24.frozen_shardings))
     a_ctx = jax.ShapeDtypeStruct(ctx.shape, jnp.float32, sharding=shd.replicated(f24.mesh))
-    r_state, r_params, r_ctx, _, _ = ckpt.restore(1, abstract_state=f24.abstract_state_with_shardings(),
+    r_state, r_params, r_ctx, _ = ckpt.restore(1, abstract_state=f24.abstract_state_with_shardings(),
                                                   abstract_params=a_params, abstract_context=a_ctx)
     ckpt.close()
     assert int(r_state.step) == 1
