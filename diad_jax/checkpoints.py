@@ -197,18 +197,23 @@ def load_model(path: str | Path, mesh: Mesh | None = None, *,
     path = resolve(path)
     meta = read_metadata(path)
     config = ModelConfig.from_dict(meta["model_config"])
-    mesh = mesh or shd.single_device_mesh()
-    abstract = {"params": DiAD(config).abstract_params(),
-                "context": jax.ShapeDtypeStruct((1, config.context_len, config.unet.context_dim), np.float32)}
-    if meta.get("has_resnet"):
-        abstract["resnet"] = resnet_abstract_params()
-    shardings = shd.param_shardings(abstract, mesh, min_shard_size=min_shard_size)
+    target = state_target(config, bool(meta.get("has_resnet")), mesh or shd.single_device_mesh(), min_shard_size)
     with restoring(path, "the model weights (state item)"):
-        restored = _checkpointer().restore(path, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(shd.with_shardings(abstract, shardings))))
+        restored = _checkpointer().restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     state = restored["state"]
     return ModelCheckpoint(config=config, params=state["params"], context=state["context"],
                            resnet=state.get("resnet"), metadata=meta)
+
+
+def state_target(config: ModelConfig, has_resnet: bool, mesh: Mesh, min_shard_size: int = shd.MIN_SHARD_SIZE):
+    """The restore target of a checkpoint's "state" item on `mesh`: {"params", "context",
+    "resnet"?} as ShapeDtypeStructs carrying the partition rules' shardings (`load_model` and the
+    training checkpoints restore through it, so both place every array the same way)."""
+    abstract = {"params": DiAD(config).abstract_params(),
+                "context": jax.ShapeDtypeStruct((1, config.context_len, config.unet.context_dim), np.float32)}
+    if has_resnet:
+        abstract["resnet"] = resnet_abstract_params()
+    return shd.with_shardings(abstract, shd.param_shardings(abstract, mesh, min_shard_size=min_shard_size))
 
 
 def default_context(config: ModelConfig) -> np.ndarray:

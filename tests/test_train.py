@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from diad_jax import data
 from diad_jax import sharding as shd
-from diad_jax.checkpoints import model_metadata
+from diad_jax.checkpoints import model_metadata, state_target
 from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
 from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
 from diad_jax.errors import ConfigError
@@ -251,11 +251,9 @@ def test_restore_onto_a_different_mesh(setup, single, tmp_path):
     ckpt.save(1, state=state, params=combine(state.params, frozen), context=f1.place_context(ctx), resnet=None,
               model_meta=meta, train_config={"step": 1})
     ckpt.wait()
-    a_params = shd.with_shardings(combine(f24.abstract_trainable, f24.abstract_frozen),
-                                  combine(f24.trainable_shardings, f24.frozen_shardings))
-    a_ctx = jax.ShapeDtypeStruct(ctx.shape, jnp.float32, sharding=shd.replicated(f24.mesh))
-    r_state, r_params, r_ctx, _ = ckpt.restore(1, abstract_state=f24.abstract_state_with_shardings(),
-                                                  abstract_params=a_params, abstract_context=a_ctx)
+    r_state, restored = ckpt.restore(1, abstract_state=f24.abstract_state_with_shardings(),
+                                     state_target=state_target(model.config, False, f24.mesh))
+    r_params, r_ctx = restored["params"], restored["context"]
     ckpt.close()
     assert int(r_state.step) == 1
     for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(r_state))):

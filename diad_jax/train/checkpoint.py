@@ -12,16 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from diad_jax.checkpoints import model_items, restoring
-from diad_jax import sharding as shd
+from diad_jax.checkpoints import model_items, restoring, state_target
 from diad_jax.configs import ModelConfig, TrainConfig, unflatten_train_dict
 from diad_jax.errors import CheckpointError, ConfigError
-from diad_jax.models.resnet import resnet_abstract_params
 from diad_jax.train.state import StepFactory, TrainState
 
 log = logging.getLogger(__name__)
@@ -137,20 +134,16 @@ class Checkpointer:
                                                                    train_config=ocp.args.JsonRestore()))
         return dict(r["model_config"]), dict(r["train_config"])
 
-    def restore(self, step: int, *, abstract_state: TrainState, abstract_params: Params, abstract_context,
-                abstract_resnet=None):
-        """Restore onto the shardings the abstract trees carry (any mesh). Returns
-        (state, full params, context, resnet). (Checkpoints of older versions also hold the data
+    def restore(self, step: int, *, abstract_state: TrainState, state_target: dict):
+        """Restore onto the shardings the targets carry (any mesh): `abstract_state` for the train
+        state, `state_target` (`checkpoints.state_target`) for the model items. Returns (state,
+        {"params", "context", "resnet"?}). (Checkpoints of older versions also hold the data
         iterator's state: not needed, the data position is a function of the step.)"""
-        target = {"params": abstract_params, "context": abstract_context}
-        if abstract_resnet is not None:
-            target["resnet"] = abstract_resnet
-        items = dict(state=ocp.args.StandardRestore(target),
+        items = dict(state=ocp.args.StandardRestore(state_target),
                      train_state=ocp.args.StandardRestore(abstract_state.as_dict()))
         with restoring(self.directory / str(step), "the model weights and train state"):
             r = self.manager.restore(step, args=ocp.args.Composite(**items))
-        st = r["state"]
-        return TrainState.from_dict(r["train_state"]), st["params"], st["context"], st.get("resnet")
+        return TrainState.from_dict(r["train_state"]), r["state"]
 
     def set_aside(self, step: int) -> Path:
         """Moves an unrestorable step out of the manager's folder (to <directory>_unrestorable/<step>),
@@ -256,17 +249,10 @@ def _restore(checkpointer: Checkpointer, step: int, factory: StepFactory, cfg: T
         raise ConfigError(f"{where}: the checkpoint's model config differs from this run's ({saved_cfg} vs "
                           f"{model_config}); use its --model/--init-checkpoint or a new --workdir")
     check_resume_compatible(tmeta.get("train_config", {}), cfg, where)
-    rep = shd.replicated(factory.mesh)
-    abstract_resnet = None
-    if meta.get("has_resnet"):
-        abstract_resnet = shd.with_shardings(resnet_abstract_params(),
-                                             jax.tree.map(lambda _: rep, resnet_abstract_params()))
-    c = model_config
-    state, params, context, resnet = checkpointer.restore(
+    state, model = checkpointer.restore(
         step, abstract_state=factory.abstract_state_with_shardings(),
-        abstract_params=shd.with_shardings(factory.abstract_full, factory.full_shardings()),
-        abstract_context=jax.ShapeDtypeStruct((1, c.context_len, c.unet.context_dim), jnp.float32, sharding=rep),
-        abstract_resnet=abstract_resnet)
+        state_target=state_target(model_config, bool(meta.get("has_resnet")), factory.mesh, cfg.mesh.min_shard_size))
     best = tmeta.get("best_value")
     log.info("resumed from %s (step %d)", where, int(state.step))
-    return Restored(state, params, context, resnet, -math.inf if best is None else float(best))
+    return Restored(state, model["params"], model["context"], model.get("resnet"),
+                    -math.inf if best is None else float(best))
