@@ -97,7 +97,7 @@ class Calibration:
             return cls.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: not a readable calibration file ({type(e).__name__}: {e}); "
-                                  f"delete it or calibrate again (scripts/evaluate.py --calibrate)") from e
+                                  f"delete it or calibrate again (diad-jax evaluate --calibrate)") from e
 
 
 def threshold(scores, labels, percentile: float = DEFAULT_PERCENTILE) -> Threshold:

@@ -112,8 +112,8 @@ def resolve(path: str | Path, flag: str | None = None) -> Path:
             log.info("%s is a training directory: using its %s checkpoint %s", path, which, candidates[-1])
             return candidates[-1]
     raise CheckpointError(f"{where}: not a diad_jax model checkpoint (no model_config item) nor a training "
-                          f"directory (no checkpoints/<step>); create one with `python convert/torch_to_flax.py` "
-                          f"or `python scripts/train.py`")
+                          f"directory (no checkpoints/<step>); create one with `diad-jax convert` "
+                          f"or `diad-jax train`")
 
 
 def read_metadata(path: str | Path, flag: str | None = None) -> dict:

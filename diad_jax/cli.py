@@ -115,7 +115,7 @@ def add_common_args(ap: argparse.ArgumentParser, presets: tuple[str, ...]) -> No
     g = ap.add_argument_group("model")
     g.add_argument("--model", default=S, help="tiny, sd15, or a ModelConfig JSON file (random init)")
     g.add_argument("--init-checkpoint", default=S,
-                   help="converted model checkpoint dir (convert/torch_to_flax.py): params, CLIP context, ResNet")
+                   help="converted model checkpoint dir (diad-jax convert): params, CLIP context, ResNet")
     g.add_argument("--dtype", dest="compute_dtype", choices=["float32", "bfloat16"], default=S,
                    help="compute dtype of training (evaluations: --eval-dtype); master weights and optimizer "
                         "state stay float32")

@@ -75,14 +75,25 @@ class _Section:
         return cls.from_dict(json.loads(s))
 
     @classmethod
+    def _unknown_keys(cls, d: dict, where: str) -> list[tuple[str, set, set]]:
+        """(where, unknown keys, known keys) of `d` and of every section in it: all of them, so
+        that one error names every key a file gets wrong."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        found = [(where, set(d) - known, known)] if set(d) - known else []
+        for k, v in d.items():
+            if k in cls.SECTIONS and isinstance(v, dict):
+                found += cls.SECTIONS[k]._unknown_keys(v, f"{where}.{k}")
+        return found
+
+    @classmethod
     def from_dict(cls, d: dict, where: str | None = None):
         where = where or cls.__name__
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a mapping of fields, got {d!r}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        unknown = cls._unknown_keys(d, where)
         if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: "
-                              f"{sorted(f.name for f in dataclasses.fields(cls))})")
+            raise ConfigError("; ".join(f"{w}: unknown keys {sorted(keys)} (known: {sorted(known)})"
+                                        for w, keys, known in unknown))
         d = {k: (cls.SECTIONS[k].from_dict(v, f"{where}.{k}") if k in cls.SECTIONS and isinstance(v, dict) else v)
              for k, v in d.items()}
         try:

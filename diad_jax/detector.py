@@ -218,7 +218,7 @@ class Detector:
             pixel = self.calibration.pixel
         elif class_name is not None:
             raise UserError(f"class {class_name!r} given, but {self.source or 'this model'} has no thresholds; "
-                            f"calibrate it first (scripts/evaluate.py --calibrate)")
+                            f"calibrate it first (diad-jax evaluate --calibrate)")
         bar = None
         if progress:
             from tqdm import tqdm
@@ -373,8 +373,8 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
             raise ConfigError(f"{path!r}: expected random:tiny, random:demo or random:sd15")
         config = ModelConfig.from_spec(preset)
         params, context, resnet_params, recorded = DiAD(config).init(0), default_context(config), None, {}
-        notes.append(f"{path}: RANDOM weights (the scores are meaningless; train a model with scripts/train.py or "
-                     f"convert one with convert/torch_to_flax.py)")
+        notes.append(f"{path}: RANDOM weights (the scores are meaningless; train a model with diad-jax train or "
+                     f"convert one with diad-jax convert)")
         source, resnet = path, "random"
     else:
         resolved = resolve(path)
@@ -402,7 +402,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
         if resnet != "random":
             raise CheckpointError(
                 f"{source} has no ResNet-50 weights, which the 'resnet' comparator (the reference's) uses to compare "
-                f"the input with its reconstruction: convert the reference's with `python convert/torch_to_flax.py "
+                f"the input with its reconstruction: convert the reference's with `diad-jax convert "
                 f"--resnet resnet50.pth ...`, score with a comparator that needs no ImageNet weights "
                 f"(EvalConfig(comparator=\"{NO_WEIGHTS_COMPARATOR}\") / --comparator {NO_WEIGHTS_COMPARATOR}, the "
                 f"best one measured without them), or opt in to a randomly initialised ResNet-50 (maps then compare "

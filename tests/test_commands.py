@@ -40,3 +40,23 @@ def test_each_checkout_script_runs_a_command(shim):
 def test_every_command_has_a_checkout_script():
     modules = {re.findall(r"^from diad_jax\.commands\.(\w+) import", s.read_text(), re.M)[0] for s in SHIMS}
     assert modules == {m for m, _ in COMMANDS.values()}
+
+
+def test_hints_and_messages_name_the_diad_jax_command():
+    """Every string the library prints (messages, hints, --help; not docstrings) names `diad-jax <cmd>`,
+    which works in a checkout and in a wheel install alike, never a checkout path (scripts/X.py)."""
+    import ast
+
+    checkout_path = re.compile(r"\b(scripts|convert)/\w+\.py\b")
+    found = []
+    for path in sorted((ROOT / "diad_jax").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                    and checkout_path.search(node.value)):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.strip()[:80]}")
+    assert not found, "\n".join(found)

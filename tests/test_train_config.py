@@ -34,6 +34,9 @@ def test_sections_round_trip_and_replace_by_dotted_path():
     assert TrainConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match=r"TrainConfig.optimizer: unknown keys \['lr'\]"):
         TrainConfig.from_dict({"optimizer": {"lr": 1.0}})
+    with pytest.raises(ConfigError, match=r"TrainConfig: unknown keys \['bogus'\].*; TrainConfig.optimizer: unknown "
+                                          r"keys \['lr'\].*; TrainConfig.data: unknown keys \['batch'\]"):
+        TrainConfig.from_dict({"bogus": 1, "optimizer": {"lr": 1.0}, "data": {"batch": 2}})  # every one named
     with pytest.raises(ConfigError, match=r"OptimizerConfig.b1 must be in \[0, 1\)"):
         cfg.replace(**{"optimizer.b1": 1.5})
 

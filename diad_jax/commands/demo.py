@@ -161,7 +161,7 @@ def main(argv=None) -> int:
           f"AUPRO {100 * mean['aupro']:.1f} on {len(result.labels)} generated test images.")
     print(f"NOTE: input and reconstruction are compared per pixel ({ec.comparator} comparator, the best measured "
           f"without ImageNet weights; benchmarks/RESULTS.md); the reference compares ResNet-50 features: convert "
-          f"ImageNet weights (convert/torch_to_flax.py --resnet) and score with --comparator resnet.")
+          f"ImageNet weights (diad-jax convert --resnet) and score with --comparator resnet.")
     print("Demo recipe vs the reference (all because it trains from scratch on a CPU in minutes): a 4x VAE "
           "trained first with scale_factor = 1/latent std; the whole UNet trains (the reference freezes its "
           "pretrained encoder); lr 3e-4 with an EMA; evaluation with the 'consistent' schedule and the blur / "
@@ -171,9 +171,9 @@ def main(argv=None) -> int:
     print(f"Thresholds (F1-optimal on the test split, so optimistic) stored in {final}: image "
           f"{cal.image.value:.4g}, pixel {cal.pixel.value:.4g}.")
     print(f"Results, heat maps and checkpoints: {out}/, {args.workdir}/diad/checkpoints/")
-    print(f"Re-evaluate: python scripts/evaluate.py --checkpoint {final} --data-dir {args.data_dir} "
+    print(f"Re-evaluate: diad-jax evaluate --checkpoint {final} --data-dir {args.data_dir} "
           f"(--preset fast: one network pass per image)")
-    print(f"Verdicts on any images: python scripts/predict.py --checkpoint {final} --input <folder> --out preds")
+    print(f"Verdicts on any images: diad-jax predict --checkpoint {final} --input <folder> --out preds")
     (args.workdir / "timings.json").write_text(json.dumps(times, indent=2))
     return 0
 

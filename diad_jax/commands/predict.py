@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     detector = cli.load_detector(args, checkpoint, eval_config)
     cal = detector.calibration
     if cal is None:
-        log.warning("%s has no thresholds: scores only (calibrate with scripts/evaluate.py --calibrate)", checkpoint)
+        log.warning("%s has no thresholds: scores only (calibrate with diad-jax evaluate --calibrate)", checkpoint)
     elif args.class_name is not None:
         cal.image_threshold(args.class_name)  # an unknown class fails before scoring
     (args.out / "overlays").mkdir(exist_ok=True)

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the SFF trains only with --only-mid-control false")
     g.add_argument("--train-t-max", type=int, default=S,
                    help="train on the noise levels t < this (default 1000, the reference); see --start-t of "
-                        "scripts/evaluate.py")
+                        "diad-jax evaluate")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--eval-every", dest="validation.every", type=int, default=S,
                    help="evaluate every N steps (0: never during training)")

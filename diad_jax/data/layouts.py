@@ -192,7 +192,7 @@ def scan_mvtec(root: str, classes: Iterable[str] | None = None, *, exclude: Iter
 MVTEC_AD2_SPLITS = ("train", "validation", "test")
 MVTEC_AD2_UNLABELLED = ("test_private", "test_private_mixed")
 """MVTec AD 2's test sets without ground truth: not prepared (a stored example needs a label);
-score them with ``scripts/predict.py --input <root>/<class>/test_private``."""
+score them with ``diad-jax predict --input <root>/<class>/test_private``."""
 
 
 def scan_mvtec_ad2(root: str, classes: Iterable[str] | None = None, *, skip_bad: bool = False,
@@ -252,7 +252,7 @@ def scan_mvtec_ad2(root: str, classes: Iterable[str] | None = None, *, skip_bad:
         unlabelled += [p for p in (os.path.join(cls_dir, d) for d in MVTEC_AD2_UNLABELLED) if os.path.isdir(p)]
     if unlabelled:
         log.info("MVTec AD 2: %d unlabelled test folder(s) are not prepared (%s, ...); score them with "
-                 "scripts/predict.py --input <folder>", len(unlabelled), unlabelled[0])
+                 "diad-jax predict --input <folder>", len(unlabelled), unlabelled[0])
     return out
 
 

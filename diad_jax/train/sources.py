@@ -41,7 +41,7 @@ def check_eval_resnet(cfg: TrainConfig, has_resnet: bool) -> None:
         where = (f"--init-checkpoint {cfg.init_checkpoint} has" if cfg.init_checkpoint
                  else "a run without --init-checkpoint has")
         raise ConfigError(f"{where} no ResNet-50 weights for the evaluation: convert them into the checkpoint "
-                          f"(convert/torch_to_flax.py --resnet), opt in to a randomly initialised ResNet-50 "
+                          f"(diad-jax convert --resnet), opt in to a randomly initialised ResNet-50 "
                           f"with --eval-resnet random (maps then compare random features), compare without it "
                           f"(--eval-comparator {NO_WEIGHTS_COMPARATOR}), or --eval-split none")
 
