@@ -42,7 +42,8 @@ def make_checkpoint(path: Path, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape, np.float32)).astype(x.dtype),
                           DiAD(config).abstract_params())
-    save_model(path, config=config, params=params, context=default_context(config), metadata={"source": "bench"})
+    save_model(path, config=config, params=params, context=default_context(config), kind="init",
+               metadata={"source": "bench"})
 
 
 def measure(path: str, mode: str, fsdp: int) -> dict:

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "calibration.json"
 DEFAULT_PERCENTILE = 99.0
+# fewer calibration images than this in a class: its threshold (a 99th percentile, or an F1 optimum
+# over a handful of anomalies) is noise, and a warning names the class
+MIN_CALIBRATION_IMAGES = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,11 @@ def calibrate(result, percentile: float = DEFAULT_PERCENTILE, source: dict | Non
     classes = np.asarray(result.class_names)
     per_class = {str(c): threshold(scores[classes == c], labels[classes == c], percentile)
                  for c in dict.fromkeys(result.class_names)}
+    few = {c: th.images for c, th in per_class.items() if th.images < MIN_CALIBRATION_IMAGES}
+    if few:
+        log.warning("calibration: %d class(es) have fewer than %d images, so their thresholds are noisy: %s; "
+                    "calibrate on a larger split (or use the global threshold)", len(few), MIN_CALIBRATION_IMAGES,
+                    ", ".join(f"{c} ({n})" for c, n in few.items()))
     pixel = None
     with_mask = np.asarray(result.has_mask, bool)
     if with_mask.any():

@@ -53,9 +53,9 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def save_model(path: str | Path, *, config: ModelConfig, params: dict, context, resnet: dict | None = None,
-               metadata: dict | None = None, overwrite: bool = False) -> Path:
-    """Write a model checkpoint directory (see module docstring)."""
+def save_model(path: str | Path, *, config: ModelConfig, params: dict, context, kind: str,
+               resnet: dict | None = None, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a model checkpoint directory (see module docstring); `kind` says what it is (`KINDS`)."""
     path = Path(path).absolute()
     if path.exists():
         if not overwrite:
@@ -66,16 +66,49 @@ def save_model(path: str | Path, *, config: ModelConfig, params: dict, context, 
     if context.ndim != 3 or context.shape[0] != 1 or context.shape[1:] != expected:
         raise ValueError(f"context has shape {context.shape}, expected (1, {expected[0]}, {expected[1]}) "
                          f"for this model config")
-    meta = model_metadata(config, resnet is not None, **(metadata or {}))
+    meta = model_metadata(config, resnet is not None, kind=kind, **(metadata or {}))
     _checkpointer().save(path, args=ocp.args.Composite(**model_items(params, context, resnet, meta)))
     (path / "model_config.json").write_text(json.dumps(meta, indent=2))
     return path
 
 
-def model_metadata(config: ModelConfig, has_resnet: bool, **extra) -> dict:
+# What a model checkpoint is, recorded in it: a trained anomaly detector (diad-jax train, or a
+# converted DiAD .ckpt), an autoencoder fine-tuning's (diad-jax finetune-autoencoder: the VAE
+# trained, the UNet and SG network as they started), or the start of training (diad-jax convert
+# --sd-ckpt: SD v1.5 + a VAE, the SG network copied from the UNet encoder).
+KINDS = ("detector", "autoencoder", "init")
+_NOT_A_DETECTOR = {
+    "autoencoder": "an autoencoder fine-tuning checkpoint (diad-jax finetune-autoencoder): only its VAE is trained, "
+                   "its UNet and SG network never were",
+    "init": "a start-of-training checkpoint (diad-jax convert --sd-ckpt: SD v1.5 + a VAE): its SG network is "
+            "untrained",
+}
+
+
+def model_metadata(config: ModelConfig, has_resnet: bool, *, kind: str, **extra) -> dict:
     """The model_config item of a model checkpoint: the ModelConfig, whether a ResNet-50 is stored,
-    and what else the writer records (e.g. "eval_config", "source")."""
-    return {"model_config": config.to_dict(), "has_resnet": has_resnet, **extra}
+    what the checkpoint is (`KINDS`) and what else the writer records (e.g. "eval_config", "source")."""
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    return {"model_config": config.to_dict(), "has_resnet": has_resnet, "kind": kind, **extra}
+
+
+def checkpoint_kind(meta: dict) -> str:
+    """What a checkpoint is (`KINDS`). Checkpoints written before the kind was recorded: a training
+    run's without an eval config is an autoencoder fine-tuning's; any other is taken as a detector."""
+    if "kind" in meta:
+        return meta["kind"]
+    return "autoencoder" if meta.get("source") == "diad_jax.train" and "eval_config" not in meta else "detector"
+
+
+def require_detector(meta: dict, path: str | Path) -> None:
+    """A CheckpointError unless the checkpoint of `meta` (at `path`) is a trained anomaly detector,
+    saying what it is and what to do with it."""
+    kind = checkpoint_kind(meta)
+    if kind != "detector":
+        raise CheckpointError(f"{path} is {_NOT_A_DETECTOR.get(kind, f'a {kind!r} checkpoint')}, so it cannot "
+                              f"score; train DiAD from it (diad-jax train --init-checkpoint {path}) and score that "
+                              f"run's checkpoint (its --workdir)")
 
 
 def model_items(params: dict, context, resnet: dict | None, metadata: dict) -> dict:

@@ -327,6 +327,7 @@ def scoring_checkpoint(args: argparse.Namespace) -> tuple[str, EvalConfig]:
     else:
         checkpoint = str(checkpoints.resolve(checkpoint, "--checkpoint"))
         meta = checkpoints.read_metadata(checkpoint, "--checkpoint")
+        checkpoints.require_detector(meta, checkpoint)  # before anything is created or loaded
         recorded, image_size = meta.get("eval_config") or {}, meta["model_config"]["image_size"]
     ec = EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config")
     if args.preset == "fast":  # before the explicit sampler flags

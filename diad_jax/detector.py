@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from diad_jax import sharding as shd
 from diad_jax.calibration import Calibration
-from diad_jax.checkpoints import default_context, load_model, read_metadata, resolve
+from diad_jax.checkpoints import default_context, load_model, read_metadata, require_detector, resolve
 from diad_jax.configs import (IMAGENET_MEAN, IMAGENET_STD, NO_WEIGHTS_COMPARATOR, RESNET_CHOICES, EvalConfig,
                               ModelConfig)
 from diad_jax.errors import CheckpointError, ConfigError, UserError
@@ -379,6 +379,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
     else:
         resolved = resolve(path)
         meta = read_metadata(resolved)
+        require_detector(meta, resolved)
         config = ModelConfig.from_dict(meta["model_config"])
         recorded = meta.get("eval_config") or {}
         source = str(resolved)

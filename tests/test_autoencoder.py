@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import diad_jax
 from diad_jax import autoencoder
 from diad_jax.checkpoints import load_model
+from diad_jax.errors import CheckpointError
 from diad_jax.models.lpips import LPIPS, VGG16_BLOCKS, VGG16_CHANNELS, lpips_params_from_state_dicts
 
 
@@ -108,3 +110,9 @@ def test_finetune_run_trains_only_the_vae(tmp_path):
     assert flat_init.keys() == flat_got.keys()
     changed = {k[0] for k in flat_init if not np.array_equal(flat_init[k], flat_got[k])}
     assert changed == {"vae"}
+    # the checkpoint says what it is, and scoring refuses it, saying why and what to do
+    assert got.metadata["kind"] == "autoencoder"
+    with pytest.raises(CheckpointError, match=r"is an autoencoder fine-tuning checkpoint .* its UNet and SG network "
+                                              r"never were, so it cannot score; train DiAD from it \(diad-jax train "
+                                              r"--init-checkpoint"):
+        diad_jax.load(tmp_path / "run")

@@ -299,7 +299,7 @@ def test_evaluate_records_the_source_lists_skipped_files_and_keeps_results(tmp_p
     (b / "grid" / "test" / "good" / "999.png").write_bytes(b"not a png")
     data.prepare("mvtec_ad", cache, manual_dir=a, classes=CLASSES, image_size=MICRO.image_size)
     ckpt = tmp_path / "ckpt"
-    checkpoints.save_model(ckpt, config=MICRO, params=DiAD(MICRO).init(seed=3),
+    checkpoints.save_model(ckpt, config=MICRO, params=DiAD(MICRO).init(seed=3), kind="detector",
                            context=checkpoints.default_context(MICRO))
     real_save = EvalResult.save
 

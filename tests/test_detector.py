@@ -4,6 +4,7 @@ refusal to load a checkpoint without ResNet-50 weights. The model is the micro c
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -25,6 +26,7 @@ from diad_jax.scoring import make_bundle, random_resnet
 from diad_jax.train import Trainer, read_metrics
 
 from tests.conftest import MICRO
+from tests.scripts import run_script
 
 pytestmark = pytest.mark.xdist_group("detector")
 
@@ -172,16 +174,18 @@ def test_thresholds_f1_optimal_or_percentile():
     assert th.normalize(th.value) == 0.5 and th.normalize(normal.max() + 10) == 1.0
 
 
-def test_calibration_survives_save_and_load_and_labels_follow_it(tmp_path, weights, sharded, by_four, dataset):
+def test_calibration_survives_save_and_load_and_labels_follow_it(tmp_path, weights, sharded, by_four, dataset,
+                                                                caplog):
     _, result = sharded
     cal = calibrate(result)
+    assert "5 class(es) have fewer than 20 images, so their thresholds are noisy: " in caplog.text  # 4 each
     scores, labels = result.image_scores, result.labels
     assert cal.image.value == f1_optimal_threshold(scores, labels)[0] and cal.image.method == "f1"
     assert set(cal.per_class) == set(dataset.class_names) and cal.pixel is not None
     # a checkpoint with thresholds: they come back with the detector
     params, resnet, ctx = weights
     ckpt = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params, context=ctx, resnet=resnet,
-                                  metadata={"eval_config": EVAL.to_dict()})
+                                  kind="detector", metadata={"eval_config": EVAL.to_dict()})
     cal.save(ckpt)
     det = diad_jax.load(ckpt, batch_size=4)
     assert det.calibration == cal == Calibration.load(ckpt) and det.eval_config == EvalConfig(
@@ -208,7 +212,8 @@ def test_calibration_survives_save_and_load_and_labels_follow_it(tmp_path, weigh
 def test_a_checkpoint_without_resnet_needs_an_opt_in(tmp_path, weights):
     params, _, ctx = weights
     meta = {"eval_config": EVAL.to_dict()}
-    ckpt = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params, context=ctx, metadata=meta)
+    ckpt = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params, context=ctx, kind="detector",
+                                  metadata=meta)
     with pytest.raises(CheckpointError,
                        match=r"no ResNet-50 weights.*--resnet resnet50.pth.*--comparator pixel_l1.*resnet=\"random\""):
         diad_jax.load(ckpt)
@@ -219,11 +224,31 @@ def test_a_checkpoint_without_resnet_needs_an_opt_in(tmp_path, weights):
     assert det.notes == [] and "resnet" not in det.bundle
     assert np.isfinite(det.predict([np.zeros((32, 32, 3), np.uint8)])[0].score)
     # a training run that opted in records it: its checkpoints load as they were evaluated
-    opted = checkpoints.save_model(tmp_path / "opted", config=MICRO, params=params, context=ctx,
+    opted = checkpoints.save_model(tmp_path / "opted", config=MICRO, params=params, context=ctx, kind="detector",
                                    metadata={"resnet": "random", **meta})
     assert any("randomly initialised" in n for n in diad_jax.load(opted).notes)
     with pytest.raises(Exception, match="random:tiny, random:demo or random:sd15"):
         diad_jax.load("random:huge")
+
+
+def test_only_a_detector_checkpoint_scores(tmp_path, weights, capsys):
+    """A start-of-training checkpoint (and one of an older version that records no kind) is refused,
+    by the library and by predict before its --out exists, saying what it is."""
+    params, resnet, ctx = weights
+    init = checkpoints.save_model(tmp_path / "init", config=MICRO, params=params, context=ctx, kind="init")
+    with pytest.raises(CheckpointError, match=r"init is a start-of-training checkpoint .* its SG network is "
+                                              r"untrained, so it cannot score; train DiAD from it"):
+        diad_jax.load(init)
+    rc = run_script("predict", ["--checkpoint", init, "--input", tmp_path, "--out", tmp_path / "out"])
+    assert rc == 2 and "is a start-of-training checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # written before the kind was recorded: a training run's metadata without an eval config
+    meta_file = init / "model_config" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["kind"]
+    meta_file.write_text(json.dumps({**meta, "source": "diad_jax.train"}))
+    with pytest.raises(CheckpointError, match=r"is an autoencoder fine-tuning checkpoint"):
+        diad_jax.load(init)
 
 
 def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores(tmp_path):

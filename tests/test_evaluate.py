@@ -21,7 +21,7 @@ def test_evaluate_cli_writes_table_json_heatmaps_and_thresholds(tmp_path):
     """Through the installed console command, in a subprocess (as a pip user runs it)."""
     ckpt = tmp_path / "ckpt"
     cfg = ModelConfig.tiny()
-    save_model(ckpt, config=cfg, params=DiAD(cfg).init(seed=3), context=default_context(cfg))
+    save_model(ckpt, config=cfg, params=DiAD(cfg).init(seed=3), context=default_context(cfg), kind="detector")
     out = tmp_path / "eval"
     argv = ["--checkpoint", ckpt, "--data-dir", tmp_path / "data", "--synthetic-train", 2, "--synthetic-test", 4,
             "--limit-per-class", 4, "--batch-size", 4, "--heatmaps", 1, "--variant", "reference", "--out", out,

@@ -247,7 +247,7 @@ def test_restore_onto_a_different_mesh(setup, single, tmp_path):
     f1, f24 = factory(setup, 1, 1), factory(setup, 2, 4)
     state, frozen, _, _ = run_steps(f1, params, ctx, batches, 1)
     ckpt = Checkpointer(tmp_path / "ckpt", keep=2, async_save=True)
-    meta = model_metadata(model.config, False)
+    meta = model_metadata(model.config, False, kind="detector")
     ckpt.save(1, state=state, params=combine(state.params, frozen), context=f1.place_context(ctx), resnet=None,
               model_meta=meta, train_config={"step": 1})
     ckpt.wait()
@@ -342,7 +342,7 @@ def init_checkpoint(tmp_path_factory):
     mesh = shd.make_mesh(2, 4)
     params = shd.place(model.init(seed=3), shd.param_shardings(model.abstract_params(), mesh))
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
-    return save_model(tmp_path_factory.mktemp("init") / "ckpt", config=model.config, params=params,
+    return save_model(tmp_path_factory.mktemp("init") / "ckpt", config=model.config, params=params, kind="init",
                       context=default_context(model.config) + 0.5)
 
 

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         sd = read_state_dict(args.diad_ckpt, args.unsafe_pickle)
         conv = pipeline.convert_diad(sd, config, source=str(args.diad_ckpt), prompt_context=ctx,
                                      consume=True, **allow)
-        sources = {"diad_ckpt": str(args.diad_ckpt)}
+        sources, kind = {"diad_ckpt": str(args.diad_ckpt)}, "detector"
     else:
         log.info("reading %s", args.sd_ckpt)
         sd = read_state_dict(args.sd_ckpt, args.unsafe_pickle)
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
             sd, vae, config, seed=args.seed, sd_source=str(args.sd_ckpt),
             vae_source=str(args.vae_ckpt), prompt_context=ctx, consume=True, **allow)
         sources = {"sd_ckpt": str(args.sd_ckpt), "vae_ckpt": str(args.vae_ckpt) if args.vae_ckpt else None}
+        kind = "init"
     if args.resnet:
         log.info("reading %s", args.resnet)
         conv.resnet, conv.reports["resnet"] = pipeline.convert_resnet(
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
         conv.notes.append("no ResNet-50 weights: scoring will use a randomly initialised feature extractor "
                           "unless --resnet is given")
     t_conv = time.perf_counter() - t0
-    save_model(args.out, config=config, params=conv.params, context=conv.context, resnet=conv.resnet,
+    save_model(args.out, config=config, params=conv.params, context=conv.context, resnet=conv.resnet, kind=kind,
                metadata={"sources": sources, "converted_at": time.strftime("%Y-%m-%d %H:%M:%S")},
                overwrite=args.overwrite)
     log.info("converted in %.1fs, written in %.1fs to %s\n%s", t_conv, time.perf_counter() - t0 - t_conv,

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         std = autoencoder.latent_std(DiAD(ckpt.config), ckpt.params, prepared)
         config = dataclasses.replace(ckpt.config, scale_factor=1.0 / std)
         log.info("latent std %.4f -> scale_factor %.4f (SD's VAE: 0.18215)", std, config.scale_factor)
-        save_model(init_dir, config=config, params=ckpt.params, context=ckpt.context, resnet=None,
+        save_model(init_dir, config=config, params=ckpt.params, context=ckpt.context, resnet=None, kind="init",
                    metadata={"source": str(vae_ckpt)}, overwrite=True)
 
     # 4. DiAD

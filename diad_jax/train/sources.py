@@ -102,8 +102,8 @@ class ModelSource:
             extra["eval_config"] = cfg.eval.to_dict()
             if not self.has_resnet and cfg.validation.resnet == "random" and cfg.eval.comparator == "resnet":
                 extra["resnet"] = "random"
-        return model_metadata(self.config, self.has_resnet, source="diad_jax.train",
-                              init_checkpoint=cfg.init_checkpoint, **extra)
+        return model_metadata(self.config, self.has_resnet, kind="detector" if task.detects_anomalies else task.name,
+                              source="diad_jax.train", init_checkpoint=cfg.init_checkpoint, **extra)
 
 
 def prepare_data(cfg: TrainConfig, image_size: int, overwrite: bool = False) -> data_lib.PreparedDataset:
