@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diad_jax.configs import EvalConfig
 from diad_jax.errors import CheckpointError, UserError
 from diad_jax.metrics import f1_optimal_threshold
 
@@ -60,6 +61,13 @@ class Calibration:
     pixel: Threshold | None                # None when no image of the split has a mask
     split: str
     source: dict = dataclasses.field(default_factory=dict)  # dataset, checkpoint, eval config
+
+    @property
+    def eval_config(self) -> EvalConfig | None:
+        """The scoring settings the thresholds were calibrated with (None: a file of an older version
+        that does not record them). Labels are only right under the same ones."""
+        recorded = self.source.get("eval_config")
+        return EvalConfig.from_dict(recorded, f"{FILE_NAME}: source.eval_config") if recorded else None
 
     def image_threshold(self, class_name: str | None = None) -> Threshold:
         """The class's threshold, or the global one for `class_name=None`. An unknown class is an error."""
@@ -123,7 +131,8 @@ def threshold(scores, labels, percentile: float = DEFAULT_PERCENTILE) -> Thresho
 
 
 def calibrate(result, percentile: float = DEFAULT_PERCENTILE, source: dict | None = None) -> Calibration:
-    """Thresholds from an `evaluation.EvalResult` (its scores, labels, classes, maps and masks)."""
+    """Thresholds from an `evaluation.EvalResult` (its scores, labels, classes, maps and masks),
+    recording the eval config it was scored with (`Calibration.eval_config`) and `source`."""
     scores, labels = np.asarray(result.image_scores), np.asarray(result.labels)
     classes = np.asarray(result.class_names)
     per_class = {str(c): threshold(scores[classes == c], labels[classes == c], percentile)
@@ -138,4 +147,4 @@ def calibrate(result, percentile: float = DEFAULT_PERCENTILE, source: dict | Non
     if with_mask.any():
         pixel = threshold(result.maps[with_mask], result.masks[with_mask], percentile)
     return Calibration(threshold(scores, labels, percentile), per_class, pixel, result.info.get("split", ""),
-                       dict(source or {}))
+                       {"eval_config": result.info.get("eval_config"), **(source or {})})

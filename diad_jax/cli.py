@@ -300,6 +300,9 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--random-resnet", action="store_true",
                    help="opt in to a randomly initialised ResNet-50 when the checkpoint has none (maps then "
                         "compare random features)")
+    g.add_argument("--accept-calibration-mismatch", action="store_true",
+                   help="label with the checkpoint's thresholds although the flags above score differently from "
+                        "how they were calibrated (refused without it: the labels would be wrong)")
 
 
 _EVAL_FLAGS = ("batch_size", "ddim_steps", "schedule", "start_t", "one_step", "comparator", "eta", "guidance_scale",
@@ -315,11 +318,13 @@ def add_checkpoint_arg(ap: argparse.ArgumentParser) -> None:
 
 def scoring_checkpoint(args: argparse.Namespace) -> tuple[str, EvalConfig]:
     """--checkpoint as a model checkpoint folder (a training workdir resolved to its checkpoint; a
-    random:<model> spec kept as given) and the EvalConfig to score it with: the one the checkpoint
-    records (else the default), with the flags of `add_eval_args` applied. Reads only the checkpoint's
+    random:<model> spec kept as given) and the EvalConfig to score it with: the one its thresholds
+    were calibrated with, else the one it records, else the default (`detector.scoring_settings`),
+    with the flags of `add_eval_args` applied. Reads only the checkpoint's
     metadata, so bad flag values are found before any weights are read."""
     from diad_jax import checkpoints
-    from diad_jax.detector import RANDOM_PREFIX
+    from diad_jax.calibration import Calibration
+    from diad_jax.detector import RANDOM_PREFIX, scoring_settings
 
     checkpoint = args.checkpoint
     if checkpoint.startswith(RANDOM_PREFIX):
@@ -328,7 +333,7 @@ def scoring_checkpoint(args: argparse.Namespace) -> tuple[str, EvalConfig]:
         checkpoint = str(checkpoints.resolve(checkpoint, "--checkpoint"))
         meta = checkpoints.read_metadata(checkpoint, "--checkpoint")
         checkpoints.require_detector(meta, checkpoint)  # before anything is created or loaded
-        recorded, image_size = meta.get("eval_config") or {}, meta["model_config"]["image_size"]
+        recorded, image_size = scoring_settings(meta, Calibration.load(checkpoint)), meta["model_config"]["image_size"]
     ec = EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config")
     if args.preset == "fast":  # before the explicit sampler flags
         ec = ec.fast()
@@ -349,7 +354,8 @@ def load_detector(args: argparse.Namespace, checkpoint: str, eval_config: EvalCo
     from diad_jax.detector import load
 
     detector = load(checkpoint, mesh=mesh, eval_config=eval_config,
-                    resnet="random" if args.random_resnet else "checkpoint")
+                    resnet="random" if args.random_resnet else "checkpoint",
+                    accept_calibration_mismatch=args.accept_calibration_mismatch)
     for note in detector.notes:
         logging.getLogger("diad_jax.detector").warning(note)
     return detector

@@ -454,6 +454,16 @@ class EvalConfig(_Section):
     # (fused attention on NVIDIA GPUs, with dtype "bfloat16")
     attention: str | None = None
 
+    # the fields that leave every image's map and score as they are: how a split is batched (image
+    # i's noise is keyed by i), which metric definitions are reported, skipping guidance's identical
+    # half (exact) and the attention kernel (the same maths)
+    SCORE_NEUTRAL = ("batch_size", "variant", "dedupe_guidance", "attention")
+
+    def scoring_differences(self, other: "EvalConfig") -> dict[str, tuple[Any, Any]]:
+        """{field: (this value, the other's)} of the fields that change maps or scores."""
+        return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if f.name not in self.SCORE_NEUTRAL and getattr(self, f.name) != getattr(other, f.name)}
+
     def __post_init__(self):
         self.diffusion()  # validates schedule, ddim_steps, eta, guidance_scale
         _check_finite("EvalConfig", sigma=self.sigma)

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diad_jax import sharding as shd
-from diad_jax.calibration import Calibration
+from diad_jax.calibration import FILE_NAME as CALIBRATION_FILE, Calibration
 from diad_jax.checkpoints import default_context, load_model, read_metadata, require_detector, resolve
 from diad_jax.configs import (IMAGENET_MEAN, IMAGENET_STD, NO_WEIGHTS_COMPARATOR, RESNET_CHOICES, EvalConfig,
                               ModelConfig)
@@ -81,13 +81,16 @@ class Detector:
     `eval_config` decides the maps and scores (schedule, steps, footprint, seed, batch size);
     `calibration` (thresholds) adds labels, normalised scores and masks; `notes` say what a user
     must know about these results (e.g. a random ResNet-50) and travel into every report.
+    Thresholds belong to the scoring settings they were calibrated with: `predict` and `export`
+    refuse a calibration whose eval config differs from `eval_config` in a field that changes scores,
+    unless `accept_calibration_mismatch` (then a note says which fields differ).
     `uncond_context` (default: the same as the bundle's context, as in the reference) is compared
     with the context once, here (on every process together when the arrays span several): equal,
     guidance costs one UNet pass per DDIM step; different, both halves run (and a note says so)."""
 
     def __init__(self, config: ModelConfig, bundle: dict, *, eval_config: EvalConfig = EvalConfig(),
                  mesh: Mesh | None = None, calibration: Calibration | None = None, notes: Sequence[str] = (),
-                 source: str | None = None, uncond_context=None):
+                 source: str | None = None, uncond_context=None, accept_calibration_mismatch: bool = False):
         self.config = config
         self.eval_config = eval_config
         self.mesh = mesh or shd.single_device_mesh()
@@ -99,6 +102,11 @@ class Detector:
         self.calibration = calibration
         self.notes = list(notes)
         self.source = source
+        self.accept_calibration_mismatch = accept_calibration_mismatch
+        mismatch = self.calibration_mismatch()
+        if mismatch and accept_calibration_mismatch:
+            self.notes.append(f"labels use thresholds calibrated with other scoring settings ({mismatch}); "
+                              f"calibrate again with these for labels that mean what they say")
         n_dev = shd.batch_size_multiple(self.mesh, self.axes)
         step = math.lcm(n_dev, jax.process_count())
         if eval_config.batch_size % step:
@@ -124,6 +132,26 @@ class Detector:
     @property
     def image_size(self) -> int:
         return self.config.image_size
+
+    def calibration_mismatch(self) -> str:
+        """'' when there are no thresholds or they were calibrated with this detector's scoring
+        settings (or do not say: files of older versions); else the fields that differ, as
+        "field: calibrated value -> this value, ..."."""
+        calibrated = None if self.calibration is None else self.calibration.eval_config
+        if calibrated is None:
+            return ""
+        return ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in calibrated.scoring_differences(self.eval_config).items())
+
+    def _check_calibration(self) -> None:
+        """Labels only under the scoring settings the thresholds were calibrated with (see the class)."""
+        mismatch = self.calibration_mismatch()
+        if mismatch and not self.accept_calibration_mismatch:
+            where = f"{self.source}/{CALIBRATION_FILE}" if self.source else "the calibration"
+            raise ConfigError(f"{where}: its thresholds were calibrated with other scoring settings than this "
+                              f"detector's ({mismatch}), so its labels would be wrong; score with the calibration's "
+                              f"settings (diad_jax.load(path) without eval_config; no scoring flags), calibrate "
+                              f"again with these (diad-jax evaluate --calibrate), or accept the mismatch "
+                              f"(accept_calibration_mismatch=True, --accept-calibration-mismatch)")
 
     # ---- scoring --------------------------------------------------------------------------------
     def score_batch(self, images: np.ndarray, index: np.ndarray, *, reconstructions: bool = False) -> dict:
@@ -167,6 +195,7 @@ class Detector:
         if self.uncond_context is not None:
             raise ConfigError("export: this detector's unconditional context differs from its context; the exported "
                               "program carries only the context (one guidance pass)")
+        self._check_calibration()
         batch = self.eval_config.batch_size if batch_size is None else batch_size
         if batch < 1:
             raise ConfigError(f"export: batch_size must be >= 1, got {batch}")
@@ -214,6 +243,7 @@ class Detector:
         items = list(collect_inputs(inputs))
         threshold = pixel = None
         if self.calibration is not None:
+            self._check_calibration()
             threshold = self.calibration.image_threshold(class_name)
             pixel = self.calibration.pixel
         elif class_name is not None:
@@ -345,7 +375,8 @@ def _read_item(item: tuple[str, Any], size: int) -> Prediction:
 
 # ---- loading --------------------------------------------------------------------------------------
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resnet: str = "checkpoint",
-         eval_config: EvalConfig | None = None, batch_size: int | None = None) -> Detector:
+         eval_config: EvalConfig | None = None, batch_size: int | None = None,
+         accept_calibration_mismatch: bool = False) -> Detector:
     """A Detector from a model checkpoint (convert/torch_to_flax.py), a training checkpoint or
     workdir (scripts/train.py; its best checkpoint, else the newest), or "random:<preset>" (the
     "tiny", "demo" or "sd15" model with random weights and a random ResNet-50, for trying things out).
@@ -357,8 +388,11 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
     resnet: "checkpoint" (default) needs the checkpoint's ResNet-50 weights; "random" opts in to a
         randomly initialised one when it has none (said in every result). A checkpoint whose
         training run opted in records it, and then loads without this argument.
-    eval_config: how to score (default: the one the checkpoint records, else EvalConfig());
+    eval_config: how to score (default: the one the checkpoint's thresholds were calibrated with, else
+        the one the checkpoint records, else EvalConfig());
     batch_size: overrides the eval config's batch size.
+    accept_calibration_mismatch: label with thresholds calibrated under other scoring settings (see
+        `Detector`; without it, `predict` and `export` refuse).
     """
     if resnet not in RESNET_CHOICES:
         raise ConfigError(f"resnet must be one of {RESNET_CHOICES}, got {resnet!r}")
@@ -381,7 +415,8 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
         meta = read_metadata(resolved)
         require_detector(meta, resolved)
         config = ModelConfig.from_dict(meta["model_config"])
-        recorded = meta.get("eval_config") or {}
+        calibration = Calibration.load(resolved)
+        recorded = scoring_settings(meta, calibration)
         source = str(resolved)
         if meta.get("resnet") == "random":  # the training run opted in
             resnet = "random"
@@ -396,7 +431,6 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
     if not random_weights:
         ckpt = load_model(resolved, mesh)
         params, context, resnet_params = ckpt.params, ckpt.context, ckpt.resnet
-        calibration = Calibration.load(resolved)
     if eval_config.comparator != "resnet":
         resnet_params = None  # not needed
     elif resnet_params is None:
@@ -412,7 +446,15 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
         notes.append(RANDOM_RESNET_NOTE)
     bundle = place_bundle(make_bundle(params, resnet_params, context), mesh)  # restored leaves: already there
     return Detector(config, bundle, eval_config=eval_config, mesh=mesh, calibration=calibration, notes=notes,
-                    source=source)
+                    source=source, accept_calibration_mismatch=accept_calibration_mismatch)
+
+
+def scoring_settings(meta: dict, calibration: Calibration | None) -> dict:
+    """The eval config (a dict) a checkpoint is scored with by default: the one its thresholds were
+    calibrated with, else the one it records (its training run's), else {} (EvalConfig())."""
+    if calibration is not None and calibration.eval_config is not None:
+        return calibration.eval_config.to_dict()
+    return meta.get("eval_config") or {}
 
 
 __all__ = ["Detector", "Prediction", "collect_inputs", "load", "place_bundle", "resize_map"]

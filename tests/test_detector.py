@@ -13,12 +13,12 @@ from jax.sharding import Mesh
 from PIL import Image
 
 import diad_jax
-from diad_jax import checkpoints, data
+from diad_jax import checkpoints, cli, data
 from diad_jax import sharding as shd
 from diad_jax.calibration import Calibration, calibrate, threshold
 from diad_jax.configs import EvalConfig, TrainConfig
 from diad_jax.detector import Detector, place_bundle
-from diad_jax.errors import CheckpointError, UserError
+from diad_jax.errors import CheckpointError, ConfigError, UserError
 from diad_jax.evaluation import evaluate
 from diad_jax.metrics import f1_optimal_threshold
 from diad_jax.models.diad import DiAD
@@ -190,6 +190,24 @@ def test_calibration_survives_save_and_load_and_labels_follow_it(tmp_path, weigh
     det = diad_jax.load(ckpt, batch_size=4)
     assert det.calibration == cal == Calibration.load(ckpt) and det.eval_config == EvalConfig(
         **{**EVAL.to_dict(), "batch_size": 4})
+    # the thresholds belong to the scoring settings they were calibrated with: those are the default (also
+    # over what the checkpoint records), and labelling under others is refused unless accepted, with a note
+    assert cal.eval_config == EVAL
+    checkpoints.save_model(tmp_path / "other", config=MICRO, params=params, context=ctx, resnet=resnet,
+                           kind="detector", metadata={"eval_config": dataclasses.replace(EVAL, seed=9).to_dict()})
+    cal.save(tmp_path / "other")
+    assert diad_jax.load(tmp_path / "other").eval_config == EVAL
+    from diad_jax.commands.predict import build_parser
+    args = build_parser().parse_args(["--checkpoint", str(tmp_path / "other"), "--input", "x", "--out", "y"])
+    assert cli.scoring_checkpoint(args)[1] == EVAL
+    other = diad_jax.load(ckpt, eval_config=dataclasses.replace(EVAL, seed=4, sigma=2.0))
+    with pytest.raises(ConfigError, match=r"ckpt/calibration.json: its thresholds were calibrated with other scoring "
+                                          r"settings than this detector's \(sigma: 0.625 -> 2.0, seed: 3 -> 4\)"):
+        other.predict(split_images(dataset)[:1])
+    accepted = diad_jax.load(ckpt, eval_config=dataclasses.replace(EVAL, seed=4), accept_calibration_mismatch=True)
+    assert any("calibrated with other scoring settings (seed: 3 -> 4)" in n for n in accepted.notes)
+    assert diad_jax.load(ckpt, eval_config=dataclasses.replace(EVAL, batch_size=2, variant="reference")) \
+        .calibration_mismatch() == ""  # batching and metric definitions do not change scores
     by_four.calibration = cal
     try:
         preds = by_four.predict(split_images(dataset)[:4], class_name=dataset.class_names[0])

@@ -118,8 +118,7 @@ def main(argv=None) -> int:
           f"{t['metrics_s']:.2f}s")
     if args.calibrate:
         from diad_jax.calibration import calibrate
-        cal = calibrate(result, args.percentile, source={"dataset": args.dataset, "prepared_copy": prepared.path,
-                                                         "eval_config": detector.eval_config.to_dict()})
+        cal = calibrate(result, args.percentile, source={"dataset": args.dataset, "prepared_copy": prepared.path})
         if jax.process_index() == 0:
             path = cal.save(checkpoint)
             print(f"thresholds stored in {path}: image {cal.image.value:.6g} ({cal.image.method}), "
