@@ -1,10 +1,12 @@
 """Detector.export -> diad_jax.exported.load: the exported program scores exactly as the Detector
 (maps, scores, labels, masks), runs without the model code, and a damaged folder, another format
-version or a wrong input is refused with a message naming the file or the expected shape. The
-model is the micro config at 32 px, on the CPU (the only platform tested; cuda and tpu are lowered too)."""
+version, an edited manifest or a wrong input is refused with a message naming the file, the field
+or the expected shape. The model is the micro config at 32 px, on the CPU (the only platform
+tested; cuda and tpu are lowered too)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -121,13 +123,61 @@ def test_a_changed_file_is_refused(scored, tmp_path):
         exported.load(path)
 
 
+def _edit(path, field, value, text=None):
+    """Sets `field` (a "."-joined path) of the manifest of `path` (or of the manifest `text`) to `value`."""
+    manifest = json.loads((path / exported.MANIFEST).read_text() if text is None else text)
+    *parents, last = field.split(".")
+    d = manifest
+    for k in parents:
+        d = d[k]
+    d[last] = value
+    (path / exported.MANIFEST).write_text(json.dumps(manifest))
+
+
 def test_another_format_version_is_refused(scored, tmp_path):
     path = _copy(scored[2], tmp_path)
-    manifest = json.loads((path / exported.MANIFEST).read_text())
-    manifest["format_version"] = exported.FORMAT_VERSION + 1
-    (path / exported.MANIFEST).write_text(json.dumps(manifest))
+    _edit(path, "format_version", exported.FORMAT_VERSION + 1)
     with pytest.raises(exported.ExportError, match=rf"manifest.json: format version {exported.FORMAT_VERSION + 1} "
                                                    rf".*reads version {exported.FORMAT_VERSION}"):
+        exported.load(path)
+
+
+def test_a_manifest_field_of_the_wrong_kind_or_at_odds_with_the_program_is_named(scored, tmp_path):
+    """One line naming the field, checked before the manifest's checksum (which would refuse them all)."""
+    path = _copy(scored[2], tmp_path)
+    original = (path / exported.MANIFEST).read_text()
+    program = r"but program.bin takes float32\[4, 3, 32, 32\] images and a uint32\[2\] key, lowered for cpu, cuda, tpu"
+    for field, value, message in [
+            ("batch_size", 3, rf"batch_size is 3, {program}: the manifest was edited"),
+            ("image_size", 64, rf"image_size is 64, {program}"),
+            ("key", [0, 3, 1], rf"key is \[0, 3, 1\], {program}"),
+            ("platforms", ["cpu"], rf'platforms is \["cpu"\], {program}'),
+            ("batch_size", 0, r"batch_size is 0; expected an integer >= 1"),
+            ("batch_size", "2", r'batch_size is "2"; expected an integer >= 1'),
+            ("key", [0, 2**32], r"key is \[0, 4294967296\]; expected a list of uint32 integers"),
+            ("normalization.std", [0.2, 0.2, 0], r"normalization is .*; expected \{\"mean\": \[3 finite numbers\]"),
+            ("files", {}, r"files is \{\}; expected \{\"program.bin\": ..."),
+            ("calibration", {"foo": 1}, r"calibration is not null or the thresholds .* \(KeyError: 'image'\)"),
+            ("calibration.pixel.value", None, r"calibration.pixel: value None, .*; expected finite numbers")]:
+        _edit(path, field, value, original)
+        with pytest.raises(exported.ExportError) as e:
+            exported.load(path)
+        assert re.fullmatch(rf"{re.escape(str(path / exported.MANIFEST))}: {message}.*", str(e.value)), str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_an_edited_manifest_is_refused(scored, tmp_path):
+    """Values the program cannot check (the normalisation, the key, the seed) are covered by manifest.sha256."""
+    path = _copy(scored[2], tmp_path)
+    original = (path / exported.MANIFEST).read_text()
+    for field, value in [("normalization.mean", [0.5, 0.5, 0.5]), ("key", [0, 4]), ("seed", 4)]:
+        _edit(path, field, value, original)
+        with pytest.raises(exported.ExportError, match=r"manifest.json: changed since the export \(its SHA-256 is "
+                                                       r"not the one manifest.sha256 records\)"):
+            exported.load(path)
+    (path / exported.MANIFEST).write_text(original)
+    (path / "manifest.sha256").unlink()
+    with pytest.raises(exported.ExportError, match=r"manifest.sha256: missing from the exported folder"):
         exported.load(path)
 
 
@@ -139,8 +189,12 @@ def test_a_wrong_input_names_the_expected_shape(scored):
             ex.score(bad)
     with pytest.raises(UserError, match=r"images\[1\]: uint8 \(16, 16, 3\); expected uint8 \(32, 32, 3\)"):
         ex.score([np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)])
-    with pytest.raises(UserError, match=r"index: .*expected 2 non-negative integer image ids"):
+    with pytest.raises(UserError, match=r"index: int64\[1\]; expected 2 integer image ids"):
         ex.score(np.zeros((2, 32, 32, 3), np.uint8), index=[0])
+    # ids the program's int32 would wrap (2**32 + 1 would score as image 1), and -1, its padding
+    for index, at in (([0, 2**31], 1), ([0, 2**32 + 1], 1), ([-1, 0], 0)):
+        with pytest.raises(UserError, match=rf"index\[{at}\]: image id {index[at]} is outside 0..2147483647 "):
+            ex.score(np.zeros((2, 32, 32, 3), np.uint8), index=index)
 
 
 def test_export_script(tmp_path, capsys):

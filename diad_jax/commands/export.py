@@ -7,7 +7,8 @@ Examples:
 
 The program is the Detector's own, for a fixed batch (--batch-size; calls are padded to it), with
 the scoring flags below (default: what the checkpoint records); thresholds of a calibrated checkpoint
-travel in the manifest. Writes program.bin, weights.safetensors and manifest.json in --out.
+travel in the manifest. Writes program.bin, weights.safetensors, manifest.json and manifest.sha256
+in --out.
 """
 from __future__ import annotations
 
