@@ -3,7 +3,7 @@ scored without the model code (this module imports no flax and no diad_jax.model
 scoring).
 
     det = diad_jax.load("checkpoints/diad_mvtec")     # where the library's model code is
-    det.export("deploy/diad_mvtec")                    # or: python scripts/export.py --checkpoint ... --out ...
+    det.export("deploy/diad_mvtec")                    # or: diad-jax export --checkpoint ... --out ...
 
     from diad_jax import exported                      # on the machine that scores
     ex = exported.load("deploy/diad_mvtec")
@@ -163,7 +163,7 @@ def save(path: str | Path, program: bytes, weights: dict[str, np.ndarray], manif
 
 
 def load(path: str | Path) -> ExportedDetector:
-    """An exported folder (`Detector.export`, scripts/export.py), ready to score. A folder of another
+    """An exported folder (`Detector.export`, `diad-jax export`), ready to score. A folder of another
     format version, a file that is missing, truncated or changed since the export (the manifest
     included), a manifest field of the wrong type or range or that disagrees with the program, or a
     program this jax cannot read is refused with an ExportError naming the file and field."""
@@ -196,7 +196,7 @@ def read_manifest(path: Path) -> dict:
     of its type and in its range (`load` checks it against the program and its checksum too)."""
     file = path / MANIFEST
     if not file.is_file():
-        raise ExportError(f"{path}: no {MANIFEST}; not an exported detector (Detector.export, scripts/export.py), "
+        raise ExportError(f"{path}: no {MANIFEST}; not an exported detector (Detector.export, diad-jax export), "
                           f"or an export that did not finish")
     try:
         manifest = json.loads(file.read_text())
