@@ -63,8 +63,8 @@ def main(argv=None) -> int:
         (args.out / "masks").mkdir(exist_ok=True)
     rows, failed = [], 0
     t0 = time.perf_counter()
-    for n, p in enumerate(detector.iter_predict([path for _, path in items], class_name=args.class_name,
-                                                original_size=True, progress=not args.no_progress)):
+    for n, p in enumerate(detector.iter_predict_items(items, class_name=args.class_name, original_size=True,
+                                                      progress=not args.no_progress)):
         rows.append({"file": p.name, "class": args.class_name or "", "score": p.score,
                      "normalized_score": p.normalized_score, "threshold": p.threshold, "label": p.label,
                      "error": p.error or ""})
