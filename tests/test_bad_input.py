@@ -139,6 +139,11 @@ def test_other_scripts_argument_errors(tmp_path, a_file, capsys):
     assert not (tmp_path / "d").exists()
     rc, err = cli("evaluate", ["--checkpoint", tmp_path / "nope", "--out", tmp_path / "o"], capsys)
     assert_user_error(rc, err, "--checkpoint", "nope: no such checkpoint folder")
+    # predict checks its --input before it makes --out
+    rc, err = cli("predict", ["--checkpoint", "random:tiny", "--input", tmp_path / "nope", "--out", tmp_path / "p"],
+                  capsys)
+    assert_user_error(rc, err, "nope: no such file or folder")
+    assert not (tmp_path / "p").exists()
 
 
 def test_user_errors_in_a_real_process_have_no_traceback(tmp_path):

@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     from diad_jax.detector import collect_inputs
 
     checkpoint, eval_config = cli.scoring_checkpoint(args)
+    items = list(collect_inputs(args.input))  # a missing input or an empty folder fails here, before --out is made
     cli.check_writable(args.out, "--out")
-    items = list(collect_inputs(args.input))  # a missing input or an empty folder fails here
     detector = cli.load_detector(args, checkpoint, eval_config)
     cal = detector.calibration
     if cal is None:
