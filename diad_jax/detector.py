@@ -236,11 +236,18 @@ class Detector:
     def iter_predict(self, inputs, *, class_name: str | None = None, original_size: bool = False,
                      batch_size: int | None = None, progress: bool = False) -> Iterator[Prediction]:
         """`predict`, one Prediction at a time (for folders too big to keep every map in memory)."""
+        return self.iter_predict_items(list(collect_inputs(inputs)), class_name=class_name,
+                                       original_size=original_size, batch_size=batch_size, progress=progress)
+
+    def iter_predict_items(self, items: Sequence[tuple[str, Any]], *, class_name: str | None = None,
+                           original_size: bool = False, batch_size: int | None = None,
+                           progress: bool = False) -> Iterator[Prediction]:
+        """`iter_predict` of what `collect_inputs` gave (folders are not walked again): the predict
+        CLI checks its inputs before it loads the model."""
         from diad_jax.data.pipeline import normalize
         if jax.process_count() > 1:
             raise UserError("Detector.predict runs in one process; evaluate datasets on several hosts with "
                             "diad_jax.evaluation.evaluate")
-        items = list(collect_inputs(inputs))
         threshold = pixel = None
         if self.calibration is not None:
             self._check_calibration()
@@ -308,8 +315,9 @@ def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def collect_inputs(inputs) -> Iterator[tuple[str, Any]]:
     """(name, path or array) for every image of `inputs` (see `Detector.predict`). A folder is
-    walked recursively (hidden entries skipped); its files without an image extension are listed
-    in a warning, not scored. Arrays are checked here, so a wrong one fails before any scoring."""
+    walked recursively (see `_walk`); an entry there that cannot be followed comes as (its path,
+    UserError), reported like an unreadable file. Arrays are checked here, so a wrong one fails
+    before any scoring; so does a path that does not exist."""
     if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
         inputs = list(inputs)
     elif isinstance(inputs, (str, os.PathLike, np.ndarray)):
@@ -329,26 +337,49 @@ def collect_inputs(inputs) -> Iterator[tuple[str, Any]]:
             raise UserError(f"input {i}: expected a path or a uint8 array, got {type(x).__name__}")
 
 
-def _walk(folder: Path) -> Iterator[tuple[str, str]]:
+def _walk(folder: Path) -> list[tuple[str, str | UserError]]:
+    """(path, path) for every image file below `folder`: a folder's files (sorted), then its
+    sub-folders' in turn; hidden entries are skipped, linked folders followed. A folder that cannot
+    be listed, or a link back to a folder above it (a loop, not followed), comes as (its path,
+    UserError); a broken link as a file (the reader names it). Files without an image extension
+    are listed in a warning, not scored."""
     from diad_jax.data.imageio import is_image_file
-    others = []
-    found = 0
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            if f.startswith("."):
-                continue
-            path = os.path.join(root, f)
-            if is_image_file(f):
-                found += 1
-                yield path, path
+    items, others = [], []
+
+    def visit(path: str, above: frozenset[str]) -> None:
+        try:
+            with os.scandir(path) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as e:
+            items.append((path, UserError(f"{path}: cannot list this folder ({e.strerror or e})")))
+            return
+        folders = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows links
+            except OSError:  # a link that cannot be resolved (e.g. to itself): the reader names it
+                is_dir = False
+            if is_dir:
+                folders.append(e.path)
+            elif is_image_file(e.name):
+                items.append((e.path, e.path))
             else:
-                others.append(path)
+                others.append(e.path)
+        for sub in folders:
+            real = os.path.realpath(sub)
+            if real in above:
+                items.append((sub, UserError(f"{sub}: a link back to {real}, a folder above it (a loop); not "
+                                             f"followed")))
+            else:
+                visit(sub, above | {real})
+
+    visit(str(folder), frozenset({os.path.realpath(folder)}))
     if others:
         log.warning("%s: %d file(s) without an image extension not scored: %s%s", folder, len(others),
                     ", ".join(others[:5]), " ..." if len(others) > 5 else "")
-    if not found:
+    if not items:
         raise UserError(f"{folder}: no image files in this folder or below it")
+    return items
 
 
 def _check_array(x: np.ndarray, name: str) -> np.ndarray:
@@ -366,6 +397,8 @@ def _check_array(x: np.ndarray, name: str) -> np.ndarray:
 def _read_item(item: tuple[str, Any], size: int) -> Prediction:
     from diad_jax.data.imageio import read_image, resize_image
     name, x = item
+    if isinstance(x, UserError):  # a folder entry the walk could not follow
+        return Prediction(name, error=str(x))
     try:
         image = read_image(x) if isinstance(x, str) else x
     except UserError as e:  # unreadable: reported for this file, the others go on

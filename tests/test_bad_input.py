@@ -23,7 +23,7 @@ from diad_jax import checkpoints, data
 from diad_jax import sharding as shd
 from diad_jax.configs import ModelConfig, TrainConfig
 from diad_jax.convert.ldm import ConversionError
-from diad_jax.data.imageio import read_image, read_mask
+from diad_jax.data.imageio import read_image, read_mask, read_pair
 from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from diad_jax.evaluation import EvalResult
 from diad_jax.models.diad import DiAD
@@ -139,6 +139,11 @@ def test_other_scripts_argument_errors(tmp_path, a_file, capsys):
     assert not (tmp_path / "d").exists()
     rc, err = cli("evaluate", ["--checkpoint", tmp_path / "nope", "--out", tmp_path / "o"], capsys)
     assert_user_error(rc, err, "--checkpoint", "nope: no such checkpoint folder")
+    # predict checks its --input before it makes --out
+    rc, err = cli("predict", ["--checkpoint", "random:tiny", "--input", tmp_path / "nope", "--out", tmp_path / "p"],
+                  capsys)
+    assert_user_error(rc, err, "nope: no such file or folder")
+    assert not (tmp_path / "p").exists()
 
 
 def test_user_errors_in_a_real_process_have_no_traceback(tmp_path):
@@ -410,6 +415,28 @@ def test_sixteen_bit_and_transparent_images(tmp_path, caplog):
     Image.fromarray(np.zeros((8, 8), np.float32), "F").save(tmp_path / "f.tiff")
     with pytest.raises(data.DataError, match=r"f\.tiff: 32-bit float image"):
         read_image(str(tmp_path / "f.tiff"))
+
+
+# ---- EXIF orientation: images and masks are read upright, as cv2 (and a viewer) shows them ----------
+def test_exif_orientation_turns_images_and_masks_upright(tmp_path):
+    a = np.arange(15, dtype=np.uint8).reshape(3, 5) * 16  # 5 wide, 3 high
+    upright = {1: a, 2: a[:, ::-1], 3: a[::-1, ::-1], 4: a[::-1], 5: a.T, 6: np.rot90(a, -1),
+               7: a[::-1, ::-1].T, 8: np.rot90(a)}
+    for orientation, want in upright.items():
+        img = Image.fromarray(a)
+        exif = img.getexif()
+        exif[0x0112] = orientation
+        img.save(tmp_path / f"{orientation}.png", exif=exif.tobytes())
+        np.testing.assert_array_equal(read_image(str(tmp_path / f"{orientation}.png"))[..., 0], want)
+        np.testing.assert_array_equal(read_mask(str(tmp_path / f"{orientation}.png")) > 0, want > 0)
+    # a photo stored 80x40 with orientation 6 is shown 40x80: its upright mask fits it
+    photo = Image.fromarray(np.zeros((40, 80, 3), np.uint8))
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    Image.fromarray(np.zeros((80, 40), np.uint8)).save(tmp_path / "photo_mask.png")
+    assert read_image(str(tmp_path / "photo.jpg")).shape == (80, 40, 3)
+    read_pair(str(tmp_path / "photo.jpg"), str(tmp_path / "photo_mask.png"), 16)  # no size mismatch
 
 
 # ---- 10: --checkpoint accepts a training directory ---------------------------------------------------

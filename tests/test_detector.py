@@ -3,8 +3,10 @@ once (no transfers, one compile per bucket), predicting folders with bad files, 
 refusal to load a checkpoint without ResNet-50 weights. The model is the micro config at 32 px."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import os
 
 import jax
 import numpy as np
@@ -17,7 +19,7 @@ from diad_jax import checkpoints, cli, data
 from diad_jax import sharding as shd
 from diad_jax.calibration import Calibration, calibrate, threshold
 from diad_jax.configs import EvalConfig, TrainConfig
-from diad_jax.detector import Detector, place_bundle
+from diad_jax.detector import Detector, _read_item, collect_inputs, place_bundle
 from diad_jax.errors import CheckpointError, ConfigError, UserError
 from diad_jax.evaluation import evaluate
 from diad_jax.metrics import f1_optimal_threshold
@@ -146,6 +148,50 @@ def test_predict_a_folder_with_a_corrupt_grayscale_rgba_and_16_bit_file(tmp_path
         by_four.predict(folder, class_name="bottle")
     with pytest.raises(UserError, match="nope: no such file or folder"):
         by_four.predict(tmp_path / "nope")
+
+
+def test_a_folder_walk_follows_links_and_lists_what_it_cannot_read(tmp_path, monkeypatch):
+    """Linked folders are walked; a broken link, a link back to a folder above (a loop) and a folder
+    that cannot be listed are each one unreadable entry, never a stop and never dropped."""
+    folder, other = tmp_path / "in", tmp_path / "other"
+    for d in (folder / "sub", folder / "locked", other):
+        d.mkdir(parents=True)
+    for f in (folder / "a.png", folder / "sub" / "b.png", other / "c.png"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(f)
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (folder / "linked").symlink_to(other)
+    (folder / "sub" / "up").symlink_to(folder)
+    real_scandir = os.scandir
+
+    def scandir(path):  # a folder without read permission (the tests may run as root, who reads any)
+        if path.endswith("locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    items = list(collect_inputs(folder))
+    assert [name.split("/in/")[1] for name, _ in items] == ["a.png", "dangling.png", "linked/c.png", "locked",
+                                                             "sub/b.png", "sub/up"]
+    errors = [_read_item(item, 8).error for item in items]
+    assert [e is None for e in errors] == [True, False, True, False, True, False]
+    assert errors[1] == f"{folder}/dangling.png: broken symbolic link (to {tmp_path}/gone.png, which does not exist)"
+    assert errors[3] == f"{folder}/locked: cannot list this folder (Permission denied)"
+    assert errors[5] == (f"{folder}/sub/up: a link back to {os.path.realpath(folder)}, a folder above it (a loop); "
+                         f"not followed")
+
+
+def test_predict_cli_lists_a_broken_link_in_a_folder_and_goes_on(tmp_path, monkeypatch, by_four):
+    """The CLI scores what it collected (it stopped at a broken link when it collected the paths again)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (folder / "loop").symlink_to(folder)
+    monkeypatch.setattr(cli, "load_detector", lambda *args: by_four)
+    assert run_script("predict", ["--checkpoint", "random:tiny", "--input", folder, "--out", tmp_path / "out",
+                                  "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert [r["file"] for r in rows] == [f"{folder}/dangling.png", f"{folder}/loop"]
+    assert "dangling.png: broken symbolic link" in rows[0]["error"] and "(a loop)" in rows[1]["error"]
 
 
 def brute_force_f1(scores, labels):

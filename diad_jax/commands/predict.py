@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     from diad_jax.detector import collect_inputs
 
     checkpoint, eval_config = cli.scoring_checkpoint(args)
+    items = list(collect_inputs(args.input))  # a missing input or an empty folder fails here, before --out is made
     cli.check_writable(args.out, "--out")
-    items = list(collect_inputs(args.input))  # a missing input or an empty folder fails here
     detector = cli.load_detector(args, checkpoint, eval_config)
     cal = detector.calibration
     if cal is None:
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
         (args.out / "masks").mkdir(exist_ok=True)
     rows, failed = [], 0
     t0 = time.perf_counter()
-    for n, p in enumerate(detector.iter_predict([path for _, path in items], class_name=args.class_name,
-                                                original_size=True, progress=not args.no_progress)):
+    for n, p in enumerate(detector.iter_predict_items(items, class_name=args.class_name, original_size=True,
+                                                      progress=not args.no_progress)):
         rows.append({"file": p.name, "class": args.class_name or "", "score": p.score,
                      "normalized_score": p.normalized_score, "threshold": p.threshold, "label": p.label,
                      "error": p.error or ""})

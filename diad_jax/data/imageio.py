@@ -11,6 +11,9 @@ We reproduce this exactly: images are resized with PIL bilinear on uint8; masks 
 PIL bilinear on their raw grayscale values and then binarised at > 0 (stored as 0/255). Non-square
 images are squashed to a square, as in the reference (no crop).
 
+Images and masks are turned upright by their EXIF orientation tag, as cv2.imread does (all eight
+orientations): a photo taken sideways is read as a viewer shows it, and its mask lines up with it.
+
 Images that are not 8-bit RGB/grayscale are converted explicitly, never silently mangled:
 16-bit grayscale becomes 8-bit by dropping the low byte (v >> 8, what cv2.imread(IMREAD_COLOR)
 does; a plain PIL conversion would clip it to white); an image with transparency is composited
@@ -21,9 +24,10 @@ its raw values (any non-zero value is anomalous).
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from diad_jax.data.records import DataError
 
@@ -39,11 +43,14 @@ def is_image_file(name: str) -> bool:
 
 
 def _open(path: str) -> Image.Image:
+    """The decoded image at `path`, upright by its EXIF orientation (as cv2.imread reads it)."""
     try:
         with Image.open(path) as img:
-            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
             return img
     except FileNotFoundError as e:
+        if os.path.islink(path):
+            raise DataError(f"{path}: broken symbolic link (to {os.readlink(path)}, which does not exist)") from e
         raise DataError(f"{path}: file not found") from e
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
