@@ -16,13 +16,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.numpy import save_file
 
 from diad_jax import checkpoints, data
 from diad_jax import sharding as shd
 from diad_jax.configs import ModelConfig, TrainConfig
-from diad_jax.convert.ldm import ConversionError
+from diad_jax.convert.ldm import ConversionError, params_to_ldm, stored_dtype
+from diad_jax.convert.pipeline import convert_diad, summarize
+from diad_jax.convert.torch_io import read_state_dict
 from diad_jax.data.imageio import read_image, read_mask, read_pair
 from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from diad_jax.evaluation import EvalResult
@@ -372,6 +375,78 @@ def test_converter_refuses_nan_weights_and_missing_torch(tiny_safetensors, tmp_p
     rc, err = cli("convert/torch_to_flax", ["--diad-ckpt", d / "diad.safetensors", "--config", "tiny",
                                             "--out", tmp_path / "o3"], capsys)
     assert_user_error(rc, err, "pip install 'diad-jax[convert]'", "--prompt-context")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """A one-layer CLIP text tower giving ModelConfig.tiny's 8-token context, with the int64
+    position_ids buffer SD's checkpoints carry (not a weight)."""
+    clip = oracle.random_clip_state_dict(ModelConfig.tiny().unet.context_dim, layers=1, positions=8)
+    clip["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(8)[None]
+    return clip
+
+
+def _write_both(tensors: dict, stem: Path) -> list[Path]:
+    """torch tensors as a .safetensors file and as a PyTorch .ckpt: both readers of the converter."""
+    from safetensors.torch import save_file as save_torch
+    save_torch(tensors, str(stem.with_suffix(".safetensors")))
+    torch.save({"state_dict": tensors}, stem.with_suffix(".ckpt"))
+    return [stem.with_suffix(".safetensors"), stem.with_suffix(".ckpt")]
+
+
+def test_converter_refuses_integer_and_boolean_weights_naming_each(tiny_safetensors, tiny_clip, tmp_path, capsys):
+    """A quantised source is refused, not cast into nonsense: every integer or boolean weight is
+    named with its dtype (the CLIP tower's too) in one error. Both readers keep the stored dtype."""
+    _, sd = tiny_safetensors
+    unet = "model.diffusion_model.input_blocks.0.0.weight"
+    sg = sorted(k for k in sd if k.startswith("control_model.") and k.endswith(".bias"))[0]
+    clip = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    tensors = {k: torch.from_numpy(v) for k, v in {**sd, **tiny_clip}.items()}
+    tensors[unet] = torch.from_numpy((sd[unet] * 100).astype(np.int8))
+    tensors[sg] = torch.from_numpy(sd[sg] > 0)
+    tensors[clip] = tensors[clip].to(torch.int8)
+    st, ckpt = _write_both(tensors, tmp_path / "quantised")
+    rc, err = cli("convert/torch_to_flax", ["--diad-ckpt", st, "--config", "tiny", "--out", tmp_path / "o"], capsys)
+    assert_user_error(rc, err, str(st), "3 tensor(s) are not float16/bfloat16/float32/float64 (key: dtype)",
+                      f"{unet}: int8", f"{sg}: bool", f"{clip}: int8")
+    assert "position_ids" not in err and not (tmp_path / "o").exists()
+    assert {k: stored_dtype(v) for k, v in read_state_dict(ckpt).items() if k in (unet, sg, clip)} == {
+        unet: "int8", sg: "bool", clip: "int8"}
+
+
+def test_converter_casts_half_and_double_weights_and_says_so(tiny_safetensors, tiny_clip, tmp_path):
+    """float16 / bfloat16 / float64 weights are cast to float32 exactly, and the summary counts them;
+    the CLIP tower runs beside its integer position_ids. Both readers keep the stored dtype."""
+    _, sd = tiny_safetensors
+    dtypes = dict(zip(sorted(k for k in sd if k.startswith("model.diffusion_model."))[:4],
+                      (torch.float16, torch.bfloat16, torch.float64, torch.float64)))
+    tensors = {k: torch.from_numpy(v) for k, v in {**sd, **tiny_clip}.items()}
+    tensors.update({k: tensors[k].to(dtype) for k, dtype in dtypes.items()})
+    st, ckpt = _write_both(tensors, tmp_path / "mixed")
+    conv = convert_diad(read_state_dict(ckpt), ModelConfig.tiny(), source=str(ckpt))
+    assert conv.reports["diad"].cast == {"bfloat16": 1, "float16": 1, "float64": 2}
+    assert "[diad] cast to float32: 1 bfloat16 tensor, 1 float16 tensor, 2 float64 tensors" in summarize(conv)
+    back, from_st = params_to_ldm(conv.params), read_state_dict(st)
+    for k, dtype in dtypes.items():
+        np.testing.assert_array_equal(back[k], tensors[k].float().numpy(), err_msg=k)
+        assert stored_dtype(from_st[k]) == stored_dtype(tensors[k])
+        np.testing.assert_array_equal(from_st[k].astype(np.float32), back[k], err_msg=k)
+
+
+def test_converter_lists_every_missing_key_by_prefix(tiny_safetensors, tmp_path, capsys):
+    """A source without its SG network (and CLIP tower): every missing key is listed, grouped by
+    prefix with counts, whether the CLIP tower is needed (no --prompt-context) or not."""
+    d, sd = tiny_safetensors
+    sg = sorted(k for k in sd if k.startswith("control_model."))
+    save_file({k: v for k, v in sd.items() if k not in sg}, str(tmp_path / "no_sg.safetensors"))
+    argv = ["--diad-ckpt", tmp_path / "no_sg.safetensors", "--config", "tiny", "--out", tmp_path / "o"]
+    rc, err = cli("convert/torch_to_flax", argv, capsys)
+    assert_user_error(rc, err, f"{len(sg) + 1} missing key(s)", "    cond_stage_model.* (1):\n      "
+                      "cond_stage_model.transformer.* (the whole CLIP text tower", f"    control_model.* ({len(sg)}):")
+    assert {f"      {k}" for k in sg} <= set(err.splitlines())
+    rc, err = cli("convert/torch_to_flax", argv + ["--prompt-context", d / "ctx.npy"], capsys)
+    assert_user_error(rc, err, f"{len(sg)} missing key(s)", f"    control_model.* ({len(sg)}):")
+    assert {f"      {k}" for k in sg} <= set(err.splitlines()) and "cond_stage_model" not in err
 
 
 def test_conversion_error_hints_name_the_cli_flags():

@@ -277,16 +277,33 @@ def test_corrupt_and_wrong_files(tmp_path, capsys):
         read_state_dict(txt)
     with pytest.raises(FileNotFoundError, match=r"nope\.ckpt: no such file"):
         read_state_dict(tmp_path / "nope.ckpt")
+    # neither zip, pickle nor safetensors: said so, whatever the suffix, without the --unsafe-pickle hint
+    zeros = tmp_path / "zeros.ckpt"
+    zeros.write_bytes(bytes(100))
+    with pytest.raises(CheckpointReadError, match=r"zeros\.ckpt: not a PyTorch checkpoint \(zip or pickle\) nor a "
+                                                  r"safetensors file: 100 bytes, starting 00 00 00 00 00 00 00 00$"):
+        read_state_dict(zeros)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointReadError, match=r"empty\.safetensors: not a PyTorch .*: the file is empty$"):
+        read_state_dict(tmp_path / "empty.safetensors")
     st = tmp_path / "broken.safetensors"
-    st.write_bytes(b"\x00" * 7)
-    with pytest.raises(CheckpointReadError, match=r"broken\.safetensors: not a readable \.safetensors"):
+    st.write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointReadError, match=r"broken\.safetensors: not a readable \.safetensors file \(bad "
+                                                  r"header length 1000000\)"):
         read_state_dict(st)
+    # the format is the content's, not the suffix's
+    from safetensors.numpy import save_file
+    save_file({"w": np.ones(3, np.float32)}, str(tmp_path / "renamed.ckpt"))
+    np.testing.assert_array_equal(read_state_dict(tmp_path / "renamed.ckpt")["w"], np.ones(3, np.float32))
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointReadError, match=r"list\.pt: holds a list, not a state dict"):
         read_state_dict(tmp_path / "list.pt")
     # through the CLI: exit code 2 and the file named on stderr
     assert run_cli("torch_to_flax", ["--diad-ckpt", bad, "--out", tmp_path / "o"]) == 2
     assert "corrupt.ckpt" in capsys.readouterr().err
+    assert run_cli("torch_to_flax", ["--diad-ckpt", zeros, "--out", tmp_path / "o"]) == 2
+    err = capsys.readouterr().err
+    assert "zeros.ckpt: not a PyTorch checkpoint" in err and "--unsafe-pickle" not in err
 
 
 def test_missing_unexpected_and_misshaped_keys_are_all_listed(diad_ckpt, tmp_path, capsys):
@@ -353,7 +370,7 @@ def test_missing_clip_asks_for_prompt_context(diad_ckpt):
 
 
 def test_safetensors_reader_matches_the_library(tmp_path):
-    """Our mmap-free reader against safetensors' own loader, every dtype including bf16."""
+    """Our mmap-free reader against safetensors' own loader, every dtype including bf16 (kept as stored)."""
     from safetensors.torch import save_file
     tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),
                "d": torch.randn(2, 2).half(), "e": torch.tensor([True, False])}
@@ -362,5 +379,5 @@ def test_safetensors_reader_matches_the_library(tmp_path):
     assert sorted(sd) == sorted(tensors)
     for k, v in tensors.items():
         np.testing.assert_array_equal(sd[k], v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy())
-    assert sd["b"].dtype == np.float32
+        assert str(sd[k].dtype) == str(v.dtype).removeprefix("torch."), k
     assert sd.pop("a").shape == (3, 4) and "a" not in sd and len(sd) == 4

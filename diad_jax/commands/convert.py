@@ -11,7 +11,9 @@ Examples:
 
 Every source key is consumed or explicitly ignored (schedule buffers, EMA copies, CLIP after it has
 produced the context, layer4/fc of the ResNet); anything else aborts with the full list of
-missing / unexpected / mis-shaped keys unless allowed with --allow-missing / --allow-unexpected.
+missing / unexpected / mis-shaped keys, grouped by prefix, unless allowed with --allow-missing /
+--allow-unexpected. Weights stored as float16, bfloat16 or float64 are cast to float32 (the summary
+counts them); integer or boolean ones (a quantised checkpoint) are refused, each named.
 """
 from __future__ import annotations
 

@@ -66,21 +66,27 @@ def flax_to_ldm_path(path: tuple[str, ...]) -> str:
     return ".".join(out)
 
 
-def torch_leaf_to_flax(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
-    """(torch leaf name, tensor) -> (flax leaf name, array in Flax layout)."""
+def torch_leaf_name(name: str, ndim: int) -> str:
+    """Flax leaf name of the torch leaf `name` of rank `ndim`; ValueError for one no parameter has."""
     if name == "bias":
-        return "bias", array
+        return "bias"
     if name in _BN_TO_FLAX:
-        return _BN_TO_FLAX[name], array
+        return _BN_TO_FLAX[name]
     if name != "weight":
         raise ValueError(f"unknown parameter leaf {name!r}")
-    if array.ndim == 4:  # conv OIHW -> HWIO
-        return "kernel", np.transpose(array, (2, 3, 1, 0))
-    if array.ndim == 2:  # linear [out, in] -> [in, out]
-        return "kernel", np.transpose(array)
-    if array.ndim == 1:  # norm weight
-        return "scale", array
-    raise ValueError(f"weight of unsupported rank {array.ndim}")
+    if ndim in (2, 4):  # linear, conv
+        return "kernel"
+    if ndim == 1:  # norm weight
+        return "scale"
+    raise ValueError(f"weight of unsupported rank {ndim}")
+
+
+def torch_leaf_to_flax(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+    """(torch leaf name, tensor) -> (flax leaf name, array in Flax layout)."""
+    leaf = torch_leaf_name(name, array.ndim)
+    if leaf == "kernel":  # conv OIHW -> HWIO, linear [out, in] -> [in, out]
+        return leaf, np.transpose(array, (2, 3, 1, 0) if array.ndim == 4 else (1, 0))
+    return leaf, array
 
 
 def flax_leaf_to_torch(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:

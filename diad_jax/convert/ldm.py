@@ -1,14 +1,13 @@
 """Strict conversion between ldm-layout state dicts and our Flax params (both directions).
 
 Every source key is either consumed, explicitly ignored (`IGNORED_PATTERNS`), or reported as
-unexpected; every target parameter must be filled; every shape is checked. A mismatch raises
-`ConversionError` listing all missing / unexpected / mis-shaped keys, unless the caller passes
-allow-lists.
+unexpected; every target parameter must be filled; every shape and dtype is checked. A mismatch
+raises `ConversionError` listing all missing / unexpected / mis-shaped / non-float keys, unless the
+caller passes allow-lists (which cover missing and unexpected keys only).
 """
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -19,7 +18,7 @@ from flax import traverse_util
 from diad_jax.errors import UserError
 from diad_jax.convert.keys import (
     GROUP_TO_PREFIX, flax_key_to_ldm, flax_leaf_to_torch, ldm_to_flax_path, split_group,
-    torch_leaf_to_flax,
+    torch_leaf_name, torch_leaf_to_flax,
 )
 
 # Keys a reference checkpoint carries that are not model parameters of the converted groups.
@@ -41,14 +40,25 @@ IGNORED_PATTERNS: tuple[str, ...] = (
     "*.position_ids",
 )
 
+# The dtypes a weight may be stored in (converted parameters are cast to float32, and the summary
+# says how many were). Anything else, integers and booleans above all, is an encoding of weights
+# (a quantised checkpoint), which a cast would turn into nonsense: refused.
+FLOAT_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
+
+
+def stored_dtype(t: Any) -> str:
+    """A torch / numpy / jax tensor's dtype as stored, without torch's prefix: 'float16', 'int8', 'bool', ..."""
+    return str(t.dtype).removeprefix("torch.")
+
 
 class ConversionError(UserError):
-    """A conversion that does not match its target exactly, or whose weights are not finite."""
+    """A conversion that does not match its target exactly, or whose weights are not finite or not floats."""
 
-    def __init__(self, source: str, missing=(), unexpected=(), mismatched=(), non_finite=(),
+    def __init__(self, source: str, missing=(), unexpected=(), mismatched=(), non_finite=(), not_float=(),
                  matched: int | None = None):
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        self.non_finite = list(non_finite)
+        self.source, self.matched = source, matched
+        self.missing, self.unexpected, self.mismatched = sorted(missing), sorted(unexpected), sorted(mismatched)
+        self.non_finite, self.not_float = sorted(non_finite), sorted(not_float)
         lines = [f"conversion of {source} failed:"]
         wrong = len(self.missing) + len(self.unexpected) + len(self.mismatched)
         if matched is not None and len(self.mismatched) >= 3 and wrong > matched:
@@ -57,20 +67,49 @@ class ConversionError(UserError):
         if self.non_finite:
             lines.append(f"  {len(self.non_finite)} tensor(s) hold NaN or inf (pass --allow-non-finite, "
                          f"allow_non_finite=True in Python, to convert them anyway):")
-            lines += [f"    {k}" for k in self.non_finite]
+            lines += _by_prefix((k, k) for k in self.non_finite)
+        if self.not_float:
+            lines.append(f"  {len(self.not_float)} tensor(s) are not {'/'.join(FLOAT_DTYPES)} (key: dtype): integer "
+                         f"or boolean weights are a quantised or otherwise encoded checkpoint, which a cast to float "
+                         f"would turn into nonsense; convert the source to floating point first:")
+            lines += _by_prefix((k, f"{k}: {d}") for k, d in self.not_float)
         if self.missing:
             lines.append(f"  {len(self.missing)} missing key(s) (expected by the model, absent from the source):")
-            lines += [f"    {k}" for k in self.missing]
+            lines += _by_prefix((k, k) for k in self.missing)
         if self.unexpected:
             lines.append(f"  {len(self.unexpected)} unexpected key(s) (in the source, not used by the model):")
-            lines += [f"    {k}" for k in self.unexpected]
+            lines += _by_prefix((k, k) for k in self.unexpected)
         if self.mismatched:
             lines.append(f"  {len(self.mismatched)} key(s) with the wrong shape (key: source vs expected):")
-            lines += [f"    {k}: {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched]
+            lines += _by_prefix((k, f"{k}: {tuple(a)} vs {tuple(b)}") for k, a, b in self.mismatched)
         if wrong:
             lines.append("  (pass --allow-missing / --allow-unexpected PATTERN, or allow_missing= / allow_unexpected= "
                          "in Python, to accept known differences)")
         super().__init__("\n".join(lines))
+
+    def merged(self, other: ConversionError) -> ConversionError:
+        """One error listing this one's findings and `other`'s, which another reader found in the same
+        source (the CLIP tower's, beside the key report)."""
+        return ConversionError(self.source, self.missing + other.missing, self.unexpected + other.unexpected,
+                               self.mismatched + other.mismatched, self.non_finite + other.non_finite,
+                               self.not_float + other.not_float, matched=self.matched)
+
+
+def _by_prefix(entries: Iterable[tuple[str, str]]) -> list[str]:
+    """Message lines of (key, line) entries sorted by key: grouped under their prefix
+    (`control_model.*`, ...) with the count of each, so that hundreds stay readable; every entry
+    is listed. Keys without a prefix come first, on their own."""
+    groups: dict[str, list[str]] = {}
+    for key, line in entries:
+        sg = split_group(key)
+        prefix = GROUP_TO_PREFIX[sg[0]] if sg else key[:key.index(".") + 1] if "." in key else ""
+        groups.setdefault(prefix, []).append(line)
+    lines = []
+    for prefix, group in sorted(groups.items()):
+        if prefix:
+            lines.append(f"    {prefix}* ({len(group)}):")
+        lines += [("      " if prefix else "    ") + line for line in group]
+    return lines
 
 
 @dataclass
@@ -79,6 +118,8 @@ class ConversionReport:
     ignored: list[str] = field(default_factory=list)
     allowed_missing: list[str] = field(default_factory=list)
     allowed_unexpected: list[str] = field(default_factory=list)
+    dtype: str = "float32"  # of the converted parameters
+    cast: dict[str, int] = field(default_factory=dict)  # stored dtype -> number of tensors cast from it to `dtype`
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:
@@ -125,13 +166,15 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
     without another copy), and with `consume=True` every source tensor is removed from
     `state_dict` once handled, so an SD-size conversion holds about one copy of the weights.
 
-    A tensor holding NaN or inf is an error unless `allow_non_finite`."""
+    A tensor holding NaN or inf is an error unless `allow_non_finite`; one that becomes a parameter
+    must be stored in one of `FLOAT_DTYPES` (integer and boolean tensors are refused, each named
+    with its dtype), and those not stored in `dtype` are counted in `report.cast`."""
     groups = tuple(abstract) if groups is None else tuple(groups)
     allow_missing, allow_unexpected, ignore = tuple(allow_missing), tuple(allow_unexpected), tuple(ignore)
     expected = {g: traverse_util.flatten_dict(abstract[g]) for g in groups}
-    report = ConversionReport()
+    report = ConversionReport(dtype=np.dtype(dtype).name)
     filled: dict[str, dict] = {g: {} for g in groups}
-    unexpected, mismatched, non_finite = [], [], []
+    unexpected, mismatched, non_finite, not_float = [], [], [], []
     cpu = jax.devices("cpu")[0] if as_jax else None
     for key in list(state_dict.keys()):
         value = state_dict.pop(key) if consume else state_dict[key]
@@ -150,30 +193,32 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
             continue
         try:
             path = ldm_to_flax_path(rest)
-        except ValueError:
-            unexpected.append(key)
-            continue
-        arr = to_numpy(value)
-        try:
-            leaf, arr_f = torch_leaf_to_flax(path[-1], arr)
+            fpath = path[:-1] + (torch_leaf_name(path[-1], len(value.shape)),)
         except ValueError:
             (report.allowed_unexpected if _matches(key, allow_unexpected) else unexpected).append(key)
             continue
-        fpath = path[:-1] + (leaf,)
         target = expected[group].get(fpath)
         if target is None:
             (report.allowed_unexpected if _matches(key, allow_unexpected) else unexpected).append(key)
             continue
-        if tuple(arr_f.shape) != tuple(target.shape):
-            _, tshape = flax_key_to_ldm(group, fpath, tuple(target.shape))
-            mismatched.append((key, tuple(arr.shape), tshape))
+        _, tshape = flax_key_to_ldm(group, fpath, tuple(target.shape))
+        if tuple(value.shape) != tshape:
+            mismatched.append((key, tuple(value.shape), tshape))
             filled[group][fpath] = None  # present, wrong shape: reported once, not also as missing
             continue
+        stored = stored_dtype(value)
+        if stored not in FLOAT_DTYPES:  # checked before any conversion: torch cannot give numpy a qint8 or float8
+            not_float.append((key, stored))
+            filled[group][fpath] = None  # present, not float: likewise
+            continue
+        _, arr_f = torch_leaf_to_flax(path[-1], to_numpy(value))
         out = np.ascontiguousarray(arr_f, dtype=dtype)
         if not allow_non_finite and not np.isfinite(out).all():
             non_finite.append(key)
         filled[group][fpath] = jax.device_put(out, cpu) if as_jax else out
-        del value, arr, arr_f, out
+        del value, arr_f, out
+        if stored != report.dtype:
+            report.cast[stored] = report.cast.get(stored, 0) + 1
         report.consumed.append(key)
     missing = []
     for g in groups:
@@ -185,8 +230,8 @@ def ldm_to_params(state_dict: Mapping[str, Any], abstract: Mapping[str, Any], *,
                     filled[g][fpath] = np.zeros(leaf.shape, dtype)
                 else:
                     missing.append(key)
-    if missing or unexpected or mismatched or non_finite:
-        raise ConversionError(source, sorted(missing), sorted(unexpected), sorted(mismatched), sorted(non_finite),
+    if missing or unexpected or mismatched or non_finite or not_float:
+        raise ConversionError(source, missing, unexpected, mismatched, non_finite, not_float,
                               matched=len(report.consumed))
     params = {g: traverse_util.unflatten_dict(filled[g]) for g in groups}
     return params, report

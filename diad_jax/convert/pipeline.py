@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from flax.core import meta
 
 from diad_jax.configs import ModelConfig
 from diad_jax.convert.ldm import (
-    IGNORED_PATTERNS, ConversionError, ConversionReport, ldm_to_params, to_numpy,
+    FLOAT_DTYPES, IGNORED_PATTERNS, ConversionError, ConversionReport, ldm_to_params, stored_dtype, to_numpy,
 )
 from diad_jax.convert.torch_io import CheckpointReadError
 from diad_jax.errors import ConfigError
@@ -56,7 +56,9 @@ def clip_context(state_dict: Mapping[str, Any], prefix: str = CLIP_PREFIX, sourc
     """Run the CLIP text tower stored under `prefix` on the empty prompt -> (1, 77, D) float32.
 
     The architecture is read off the weights (vocab, width, depth, MLP width, positions); heads =
-    width / 64 as in every OpenAI CLIP text tower unless `num_heads` is given."""
+    width / 64 as in every OpenAI CLIP text tower unless `num_heads` is given. Its weights must be
+    floats (`FLOAT_DTYPES`), like every converted parameter; the integer `position_ids` buffer
+    some exports carry is not one of them."""
     try:
         import torch
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -66,19 +68,21 @@ def clip_context(state_dict: Mapping[str, Any], prefix: str = CLIP_PREFIX, sourc
                                   f"context with --prompt-context)") from e
 
     # ldm checkpoints carry transformers-4 names (`text_model.embeddings...`); normalise to that.
-    sd = {}
+    sd, not_float = {}, []
     for k, v in state_dict.items():
         if k.startswith(prefix) and not k.endswith("position_ids"):
             name = k[len(prefix):]
             sd[name if name.startswith("text_model.") else "text_model." + name] = v
+            if (dtype := stored_dtype(v)) not in FLOAT_DTYPES:
+                not_float.append((k, dtype))
     if not sd:
-        raise ConversionError(source, missing=[f"{prefix}* (the CLIP text tower; or pass a precomputed "
-                                               f"context with --prompt-context)"])
+        raise ConversionError(source, missing=[f"{prefix}* (the whole CLIP text tower, which computes the text "
+                                               f"context; or pass a precomputed context with --prompt-context)"])
     need = ["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
             "text_model.encoder.layers.0.mlp.fc1.weight"]
     missing = [prefix + k for k in need if k not in sd]
-    if missing:
-        raise ConversionError(source, missing=missing)
+    if missing or not_float:
+        raise ConversionError(source, missing=missing, not_float=not_float)
     vocab, hidden = tuple(sd[need[0]].shape)
     positions = int(sd[need[1]].shape[0])
     layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)))
@@ -91,7 +95,7 @@ def clip_context(state_dict: Mapping[str, Any], prefix: str = CLIP_PREFIX, sourc
     # transformers 5 names the same parameters without the `text_model.` level
     strip = not any(k.startswith("text_model.") for k in model.state_dict())
     to_model = (lambda k: k[len("text_model."):]) if strip else (lambda k: k)
-    tensors = {to_model(k): (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))).float()
+    tensors = {to_model(k): v.float() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, np.float32))
                for k, v in sd.items()}
     result = model.load_state_dict(tensors, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -124,6 +128,28 @@ def _check_context(ctx: np.ndarray, config: ModelConfig, source: str, allow_non_
 
 
 # ---- the conversions ------------------------------------------------------------------------------
+def _with_context(state_dict: Mapping[str, Any], prompt_context: np.ndarray | None, source: str,
+                  convert: Callable[[], Any]) -> tuple[Any, np.ndarray]:
+    """(`convert()`, the text context): the CLIP tower of `state_dict` runs first (`convert` may
+    consume its weights) unless `prompt_context` is given. What both find wrong with the source is
+    raised as one error, so that it lists everything at once."""
+    clip_error = None
+    if prompt_context is not None:
+        context = prompt_context
+    else:
+        try:
+            context = clip_context(state_dict, source=source)
+        except ConversionError as e:
+            clip_error, context = e, None
+    try:
+        result = convert()
+    except ConversionError as e:
+        raise (e if clip_error is None else e.merged(clip_error)) from None
+    if clip_error is not None:
+        raise clip_error
+    return result, context
+
+
 def convert_resnet(state_dict: Mapping[str, Any], source: str = "ResNet-50 state dict",
                    allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
                    allow_non_finite: bool = False):
@@ -159,19 +185,18 @@ def convert_diad(state_dict: Mapping[str, Any], config: ModelConfig, *, source: 
                  consume: bool = False) -> Converted:
     """A trained DiAD state dict -> params (+ the ResNet when the checkpoint carries it).
     `consume=True` empties `state_dict` as it converts (lower peak memory)."""
-    if prompt_context is not None:
-        context, note = prompt_context, "text context: from --prompt-context"
-    else:
-        context = clip_context(state_dict, source=source)  # before the weights are consumed
-        note = "text context: CLIP text tower (cond_stage_model) on the empty prompt"
+    note = ("text context: from --prompt-context" if prompt_context is not None else
+            "text context: CLIP text tower (cond_stage_model) on the empty prompt")
     abstract = DiAD(config).abstract_params()
     has_resnet = any(k.startswith("pretrained_model.") for k in state_dict)
     groups = ("unet", "sg", "vae") + (("resnet",) if has_resnet else ())
     if has_resnet:
         abstract = dict(abstract, resnet=resnet_abstract_params())
-    params, report = ldm_to_params(state_dict, abstract, groups=groups, source=source, consume=consume,
-                                   allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-                                   allow_non_finite=allow_non_finite)
+    (params, report), context = _with_context(
+        state_dict, prompt_context, source,
+        lambda: ldm_to_params(state_dict, abstract, groups=groups, source=source, consume=consume,
+                              allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+                              allow_non_finite=allow_non_finite))
     resnet = params.pop("resnet", None)
     context = _check_context(context, config, source, allow_non_finite)  # after the key report, which says more
     return Converted(config, params, context, resnet, {"diad": report}, [note])
@@ -186,11 +211,8 @@ def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: 
 
     The SG network copies the SD encoder, middle block and time embedding by name; its new layers
     get the reference's init (hint convs PyTorch-default, last hint conv, zero convs and SFF zero)."""
-    if prompt_context is not None:
-        context, ctx_note = prompt_context, "text context: from --prompt-context"
-    else:
-        context = clip_context(sd_state_dict, source=sd_source)
-        ctx_note = "text context: CLIP text tower of the SD checkpoint on the empty prompt"
+    ctx_note = ("text context: from --prompt-context" if prompt_context is not None else
+                "text context: CLIP text tower of the SD checkpoint on the empty prompt")
     boxed = DiAD(config).abstract_params(boxed=True)  # zero-initialised layers marked, for init_params
     abstract = meta.unbox(boxed)
     notes = []
@@ -201,9 +223,11 @@ def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: 
         notes.append(f"VAE: from {vae_source} (the SD checkpoint's first_stage_model.* is ignored)")
     else:
         notes.append(f"VAE: from {sd_source} (no fine-tuned autoencoder given)")
-    params, sd_report = ldm_to_params(sd_state_dict, abstract, groups=groups, source=sd_source, ignore=ignore,
-                                      allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-                                      allow_non_finite=allow_non_finite, consume=consume)
+    (params, sd_report), context = _with_context(
+        sd_state_dict, prompt_context, sd_source,
+        lambda: ldm_to_params(sd_state_dict, abstract, groups=groups, source=sd_source, ignore=ignore,
+                              allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+                              allow_non_finite=allow_non_finite, consume=consume))
     reports = {"sd": sd_report}
     if vae_state_dict is not None:
         prefixed = vae_state_dict if any(k.startswith("first_stage_model.") for k in vae_state_dict) else \
@@ -252,6 +276,9 @@ def summarize(conv: Converted) -> str:
         rows.append(f"  [{name}] consumed {len(rep.consumed)} keys, ignored {len(rep.ignored)} "
                     f"(schedule buffers, EMA, CLIP, ...), allowed-missing {len(rep.allowed_missing)}, "
                     f"allowed-unexpected {len(rep.allowed_unexpected)}")
+        if rep.cast:
+            rows.append(f"  [{name}] cast to {rep.dtype}: " + ", ".join(
+                f"{n} {d} tensor{'s' * (n != 1)}" for d, n in sorted(rep.cast.items())))
     rows += [f"  note: {n}" for n in conv.notes]
     return "\n".join(rows)
 

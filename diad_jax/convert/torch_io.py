@@ -1,9 +1,11 @@
 """Reading PyTorch checkpoints (.ckpt/.pt/.pth/.bin pickles, .safetensors) with clear errors.
 
-Pickles are read with `torch.load(weights_only=True)` (no arbitrary code) into a plain dict, so
-a conversion that consumes it (`ldm_to_params(consume=True)`) frees each tensor as it goes;
-.safetensors files are read tensor by tensor on access. A Lightning checkpoint's `state_dict`
-entry is unwrapped. torch is only needed here (the `convert` extra).
+The format is told by the file's first bytes, not its suffix. PyTorch checkpoints (torch.save's
+zip, or a legacy pickle) are read with `torch.load(weights_only=True)` (no arbitrary code) into a
+plain dict, so a conversion that consumes it (`ldm_to_params(consume=True)`) frees each tensor as
+it goes; .safetensors files are read tensor by tensor on access. A Lightning checkpoint's
+`state_dict` entry is unwrapped. Tensors keep the dtype they are stored in (the conversion checks
+and casts it). torch is only needed here (the `convert` extra).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from diad_jax.errors import UserError
@@ -26,7 +29,7 @@ class CheckpointReadError(UserError):
     """A file that cannot be read as a state dict; the message names the file."""
 
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "BOOL": np.bool_}
 
@@ -34,16 +37,14 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": n
 class LazySafetensors(Mapping):
     """Read-on-access view of a .safetensors file: one tensor in memory at a time, read with
     plain file reads (no memory map, so converted tensors do not keep file pages resident).
-    Values are numpy arrays; bf16 is widened to float32."""
+    Values are numpy arrays of the stored dtype (bf16 as ml_dtypes.bfloat16). `read_state_dict`
+    has checked that the file starts like one (an 8-byte header length, then '{')."""
 
     def __init__(self, path: Path):
         self.path = path
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointReadError(f"{path}: not a readable .safetensors file (truncated header)")
-            n = int(np.frombuffer(head, "<u8")[0])
+            n = int(np.frombuffer(f.read(8), "<u8")[0])
             if n <= 0 or 8 + n > size:
                 raise CheckpointReadError(f"{path}: not a readable .safetensors file (bad header length {n})")
             try:
@@ -65,10 +66,7 @@ class LazySafetensors(Mapping):
         with open(self.path, "rb") as f:
             f.seek(self._base + begin)
             buf = f.read(end - begin)
-        arr = np.frombuffer(buf, _ST_DTYPES[dtype]).reshape(shape)
-        if dtype == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr
+        return np.frombuffer(buf, _ST_DTYPES[dtype]).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -103,6 +101,22 @@ def unwrap_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
     return obj
 
 
+def _file_format(path: Path) -> str:
+    """'safetensors', 'zip' (torch.save's format) or 'pickle' (torch's legacy one), told by the
+    file's first bytes; CheckpointReadError for a file that is none of them."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{" and head[4:8] == bytes(4):  # a header length (under 4 GiB), then the JSON header
+        return "safetensors"
+    if head.startswith(b"PK"):
+        return "zip"
+    if head.startswith(b"\x80"):  # the PROTO opcode every pickle torch writes starts with
+        return "pickle"
+    size = path.stat().st_size
+    raise CheckpointReadError(f"{path}: not a PyTorch checkpoint (zip or pickle) nor a safetensors file: "
+                              + (f"{size} bytes, starting {head[:8].hex(' ')}" if size else "the file is empty"))
+
+
 def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> Mapping[str, Any]:
     """A checkpoint file -> mapping of parameter name to tensor."""
     path = Path(path)
@@ -111,11 +125,11 @@ def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> Mapping[st
     if path.is_dir():
         raise CheckpointReadError(f"{path}: is a directory; expected a .ckpt/.pt/.pth/.bin or .safetensors file")
     suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return LazySafetensors(path)
-    if suffix not in PICKLE_SUFFIXES:
+    if suffix not in PICKLE_SUFFIXES + SAFETENSORS_SUFFIXES:
         raise CheckpointReadError(f"{path}: unsupported file type {suffix!r}; expected one of "
                                   f"{', '.join(PICKLE_SUFFIXES + SAFETENSORS_SUFFIXES)}")
+    if _file_format(path) == "safetensors":
+        return LazySafetensors(path)
     try:
         import torch
     except ImportError as e:
