@@ -460,6 +460,13 @@ def test_two_processes_train_like_one(synth, jax_cache, init_checkpoint, referen
         assert two[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
+def test_the_module_runs_in_one_xdist_group(request):
+    """Under `make test` (xdist, --dist loadgroup) this module's tests share one worker, so its module
+    fixtures (compiled steps, the reference run) are built once; pytest-xdist 3.8 groups only under pytest < 9."""
+    if request.config.getoption("loadgroup", False):
+        assert request.node.nodeid.endswith("@train"), request.node.nodeid
+
+
 def test_train_t_max_limits_the_noise_levels_trained_on():
     """t ~ U{0..t_max-1} per example: every drawn level is below t_max and they spread over it."""
     seen = []
