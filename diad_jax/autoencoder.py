@@ -71,9 +71,9 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
 def check_config(cfg: TrainConfig) -> None:
     """Refuses a run the implemented loss does not cover (the discriminator's phase)."""
     if cfg.steps >= cfg.autoencoder.disc_start:
-        raise ConfigError(f"--steps {cfg.steps} reaches --disc-start {cfg.autoencoder.disc_start}: the patch "
+        raise ConfigError(f"{{0}} {cfg.steps} reaches {{1}} {cfg.autoencoder.disc_start}: the patch "
                           f"discriminator would engage, and it is not implemented (the reference's never does in its "
-                          f"~25k steps)")
+                          f"~25k steps)", fields=["steps", "autoencoder.disc_start"])
 
 
 def load_lpips_params(vgg16_path: str | Path, lin_path: str | Path) -> dict:
@@ -92,7 +92,7 @@ def autoencoder_task(cfg: TrainConfig, lpips_params: dict | None = None) -> Task
     check_config(cfg)
     ae = cfg.autoencoder
     if lpips_params is None:
-        log.warning("no LPIPS weights given (--lpips-vgg16 and --lpips-lin): fine-tuning with L1 + %g KL only "
+        log.warning("no LPIPS weights given (autoencoder.lpips_vgg16 and .lpips_lin): fine-tuning with L1 + %g KL only "
                     "(the reference adds LPIPS with weight %g)", ae.kl_weight, ae.perceptual_weight)
 
     def loss(model, trainable, frozen, context, batch, key):

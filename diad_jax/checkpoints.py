@@ -59,7 +59,7 @@ def save_model(path: str | Path, *, config: ModelConfig, params: dict, context, 
     path = Path(path).absolute()
     if path.exists():
         if not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         shutil.rmtree(path)
     context = np.asarray(context, np.float32)
     expected = (config.context_len, config.unet.context_dim)
@@ -108,7 +108,7 @@ def require_detector(meta: dict, path: str | Path) -> None:
     if kind != "detector":
         raise CheckpointError(f"{path} is {_NOT_A_DETECTOR.get(kind, f'a {kind!r} checkpoint')}, so it cannot "
                               f"score; train DiAD from it (diad-jax train --init-checkpoint {path}) and score that "
-                              f"run's checkpoint (its --workdir)")
+                              f"run's checkpoint (in its workdir)")
 
 
 def model_items(params: dict, context, resnet: dict | None, metadata: dict) -> dict:
@@ -129,16 +129,18 @@ def step_dirs(directory: Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name))
 
 
-def resolve(path: str | Path, flag: str | None = None) -> Path:
+def resolve(path: str | Path, field: str | None = None) -> Path:
     """A model checkpoint folder from what a user may pass: the checkpoint itself, a training
-    directory (scripts/train.py --workdir: its best checkpoint if it has one, else the newest), or
-    its checkpoints/ folder (the newest). Raises CheckpointError naming `flag` and the path."""
+    directory (a training run's workdir: its best checkpoint if it has one, else the newest), or
+    its checkpoints/ folder (the newest). Raises CheckpointError naming the path and the config
+    field or argument (`field`) it was given as."""
     path = Path(path).absolute()
-    where = f"{flag} {path}" if flag else str(path)
+    fields = [field] if field else []
+    where = f"{{0}} {path}" if field else str(path)
     if (path / "model_config").exists():
         return path
     if not path.exists():
-        raise CheckpointError(f"{where}: no such checkpoint folder")
+        raise CheckpointError(f"{where}: no such checkpoint folder", fields=fields)
     for candidates, which in ((step_dirs(path / "best"), "best"), (step_dirs(path / "checkpoints"), "newest"),
                               (step_dirs(path), "newest")):
         if candidates:
@@ -146,14 +148,14 @@ def resolve(path: str | Path, flag: str | None = None) -> Path:
             return candidates[-1]
     raise CheckpointError(f"{where}: not a diad_jax model checkpoint (no model_config item) nor a training "
                           f"directory (no checkpoints/<step>); create one with `diad-jax convert` "
-                          f"or `diad-jax train`")
+                          f"or `diad-jax train`", fields=fields)
 
 
-def read_metadata(path: str | Path, flag: str | None = None) -> dict:
+def read_metadata(path: str | Path, field: str | None = None) -> dict:
     """The model_config item of a model checkpoint (`path` as `resolve` accepts it), read as the
     plain JSON file it is: no JAX backend or orbax machinery is touched, so a multi-host command can
-    check its flags before `jax.distributed.initialize`."""
-    path = resolve(path, flag)
+    check its flags before `jax.distributed.initialize`. `field`: as `resolve` takes it."""
+    path = resolve(path, field)
     item = path / "model_config" / _JSON_ITEM_FILE
     try:
         meta = json.loads(item.read_text())

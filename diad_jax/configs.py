@@ -458,6 +458,9 @@ class EvalConfig(_Section):
     # i's noise is keyed by i), which metric definitions are reported, skipping guidance's identical
     # half (exact) and the attention kernel (the same maths)
     SCORE_NEUTRAL = ("batch_size", "variant", "dedupe_guidance", "attention")
+    # the allowed values of the fields that take one of a few
+    CHOICES = {"schedule": ("official", "consistent"), "comparator": COMPARATORS, "image_score": IMAGE_SCORES,
+               "variant": METRIC_VARIANTS, "dtype": ("float32", "bfloat16"), "attention": (None, "xla", "cudnn")}
 
     def scoring_differences(self, other: "EvalConfig") -> dict[str, tuple[Any, Any]]:
         """{field: (this value, the other's)} of the fields that change maps or scores."""
@@ -474,9 +477,7 @@ class EvalConfig(_Section):
                 raise ConfigError(f"EvalConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.seed < 0:
             raise ConfigError(f"EvalConfig.seed must be >= 0, got {self.seed}")
-        for name, allowed in (("image_score", IMAGE_SCORES), ("variant", METRIC_VARIANTS),
-                              ("dtype", ("float32", "bfloat16")), ("comparator", COMPARATORS),
-                              ("attention", (None, "xla", "cudnn"))):
+        for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"EvalConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

@@ -105,7 +105,8 @@ class Detector:
         self.accept_calibration_mismatch = accept_calibration_mismatch
         mismatch = self.calibration_mismatch()
         if mismatch and accept_calibration_mismatch:
-            self.notes.append(f"labels use thresholds calibrated with other scoring settings ({mismatch}); "
+            listed = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in mismatch.items())
+            self.notes.append(f"labels use thresholds calibrated with other scoring settings ({listed}); "
                               f"calibrate again with these for labels that mean what they say")
         n_dev = shd.batch_size_multiple(self.mesh, self.axes)
         step = math.lcm(n_dev, jax.process_count())
@@ -133,25 +134,24 @@ class Detector:
     def image_size(self) -> int:
         return self.config.image_size
 
-    def calibration_mismatch(self) -> str:
-        """'' when there are no thresholds or they were calibrated with this detector's scoring
-        settings (or do not say: files of older versions); else the fields that differ, as
-        "field: calibrated value -> this value, ..."."""
+    def calibration_mismatch(self) -> dict[str, tuple]:
+        """{} when there are no thresholds or they were calibrated with this detector's scoring
+        settings (or do not say: files of older versions); else {field: (calibrated value, this
+        value)} of the EvalConfig fields that differ."""
         calibrated = None if self.calibration is None else self.calibration.eval_config
-        if calibrated is None:
-            return ""
-        return ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in calibrated.scoring_differences(self.eval_config).items())
+        return {} if calibrated is None else calibrated.scoring_differences(self.eval_config)
 
     def _check_calibration(self) -> None:
         """Labels only under the scoring settings the thresholds were calibrated with (see the class)."""
         mismatch = self.calibration_mismatch()
         if mismatch and not self.accept_calibration_mismatch:
             where = f"{self.source}/{CALIBRATION_FILE}" if self.source else "the calibration"
+            listed = ", ".join(f"{{{i}}}: {a} -> {b}" for i, (a, b) in enumerate(mismatch.values()))
             raise ConfigError(f"{where}: its thresholds were calibrated with other scoring settings than this "
-                              f"detector's ({mismatch}), so its labels would be wrong; score with the calibration's "
-                              f"settings (diad_jax.load(path) without eval_config; no scoring flags), calibrate "
-                              f"again with these (diad-jax evaluate --calibrate), or accept the mismatch "
-                              f"(accept_calibration_mismatch=True, --accept-calibration-mismatch)")
+                              f"detector's ({listed}), so its labels would be wrong; score with the calibration's "
+                              f"settings (the checkpoint's own eval config), calibrate again with these "
+                              f"(diad-jax evaluate --calibrate), or accept the mismatch ({{{len(mismatch)}}})",
+                              fields=[*mismatch, "accept_calibration_mismatch"])
 
     # ---- scoring --------------------------------------------------------------------------------
     def score_batch(self, images: np.ndarray, index: np.ndarray, *, reconstructions: bool = False) -> dict:
@@ -471,10 +471,9 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
             raise CheckpointError(
                 f"{source} has no ResNet-50 weights, which the 'resnet' comparator (the reference's) uses to compare "
                 f"the input with its reconstruction: convert the reference's with `diad-jax convert "
-                f"--resnet resnet50.pth ...`, score with a comparator that needs no ImageNet weights "
-                f"(EvalConfig(comparator=\"{NO_WEIGHTS_COMPARATOR}\") / --comparator {NO_WEIGHTS_COMPARATOR}, the "
+                f"--resnet resnet50.pth ...`, score with a comparator that needs no ImageNet weights ({{0}}, the "
                 f"best one measured without them), or opt in to a randomly initialised ResNet-50 (maps then compare "
-                f"random features): diad_jax.load(path, resnet=\"random\") / --random-resnet")
+                f"random features): {{1}}", fields=[f"comparator={NO_WEIGHTS_COMPARATOR}", "resnet=random"])
         resnet_params = random_resnet(0)
         notes.append(RANDOM_RESNET_NOTE)
     bundle = place_bundle(make_bundle(params, resnet_params, context), mesh)  # restored leaves: already there

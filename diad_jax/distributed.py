@@ -39,10 +39,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     deadline = time.monotonic() + timeout
     if explicit and num_processes > 1:
         if not 0 <= process_id < num_processes:
-            raise DistributedStartError(f"--process-id {process_id} is not in 0..{num_processes - 1}")
+            raise DistributedStartError(f"{{0}} {process_id} is not in 0..{num_processes - 1}", fields=["process_id"])
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit():
-            raise DistributedStartError(f"--coordinator {coordinator!r}: expected HOST:PORT")
+            raise DistributedStartError(f"{{0}} {coordinator!r}: expected HOST:PORT", fields=["coordinator"])
         log.info("process %d of %d: meeting the others at %s (timeout %.0f s)", process_id, num_processes,
                  coordinator, timeout)
         if process_id == 0:
@@ -70,9 +70,9 @@ def _gather(port: int, n: int, deadline: float, timeout: float) -> None:
                     missing = [i for i in range(1, n) if i not in arrived]
                     _tell(arrived.values(), b"missing " + ",".join(map(str, missing)).encode())
                     raise DistributedStartError(
-                        f"--distributed: after {timeout:.0f} s, still waiting for process(es) "
-                        f"{', '.join(map(str, missing))} of {n} to start (--distributed-timeout); started: 0"
-                        + "".join(f", {i}" for i in sorted(arrived)))
+                        f"distributed start: after {timeout:.0f} s ({{0}}), still waiting for process(es) "
+                        f"{', '.join(map(str, missing))} of {n} to start; started: 0"
+                        + "".join(f", {i}" for i in sorted(arrived)), fields=["timeout"])
                 server.settimeout(min(remaining, 1.0))
                 try:
                     conn, _ = server.accept()
@@ -113,9 +113,9 @@ def _join(host: str, port: int, process_id: int, deadline: float, timeout: float
             break
         except OSError:
             if time.monotonic() >= deadline:
-                raise DistributedStartError(f"--distributed: after {timeout:.0f} s, the coordinator (process 0) at "
-                                            f"{host}:{port} never answered (--distributed-timeout); is it started, and "
-                                            f"is the address right?") from None
+                raise DistributedStartError(f"distributed start: after {timeout:.0f} s ({{0}}), the coordinator "
+                                            f"(process 0) at {host}:{port} never answered; is it started, and is the "
+                                            f"address right?", fields=["timeout"]) from None
             time.sleep(0.2)
     with conn:
         conn.sendall(_HELLO + str(process_id).encode() + b"\n")
@@ -127,9 +127,10 @@ def _join(host: str, port: int, process_id: int, deadline: float, timeout: float
     if answer == b"go":
         return
     if answer.startswith(b"missing "):
-        raise DistributedStartError(f"--distributed: after {timeout:.0f} s, still waiting for process(es) "
-                                    f"{answer[8:].decode().replace(',', ', ')} to start (--distributed-timeout)")
-    raise DistributedStartError(f"--distributed: the coordinator at {host}:{port} refused process {process_id}"
+        raise DistributedStartError(f"distributed start: after {timeout:.0f} s ({{0}}), still waiting for "
+                                    f"process(es) {answer[8:].decode().replace(',', ', ')} to start",
+                                    fields=["timeout"])
+    raise DistributedStartError(f"distributed start: the coordinator at {host}:{port} refused process {process_id}"
                                 + (f": {answer[6:].decode()}" if answer.startswith(b"error ") else ""))
 
 

@@ -214,8 +214,8 @@ class Scorer:
         if self.image_score == "pooled" and self.config.image_size <= IMAGE_SCORE_POOLS * (self.pool_window - 1):
             raise ConfigError(f"Scorer: {IMAGE_SCORE_POOLS} average pools of window {self.pool_window} need maps "
                               f"larger than {IMAGE_SCORE_POOLS * (self.pool_window - 1)} px, the model's are "
-                              f"{self.config.image_size}; scale the footprint to the image size (--scaled-footprint, "
-                              f"EvalConfig.scaled_footprint) or pass a smaller --pool-window")
+                              f"{self.config.image_size}; scale the footprint to the image size ({{1}}) or use a "
+                              f"smaller {{0}}", fields=["pool_window", "scaled_footprint"])
         if self.pool_window < 1 or not 0 < self.sigma < float("inf"):
             raise ValueError(f"Scorer: pool_window must be >= 1 and sigma > 0, got {self.pool_window}, {self.sigma}")
         out = None

@@ -87,7 +87,7 @@ def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int
     elif fixed != num_devices:
         raise MeshError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} = {fixed} devices, but "
                         f"{num_devices} are available; the product must equal the device count "
-                        f"(or set one axis to -1; --mesh-data / --mesh-fsdp)")
+                        f"(or set one axis, {{0}} or {{1}}, to -1)", fields=["data", "fsdp"])
     return sizes["data"], sizes["fsdp"]
 
 

@@ -524,6 +524,6 @@ def test_checkpoint_path_may_be_a_training_directory(tmp_path):
     assert checkpoints.resolve(run) == run / "checkpoints" / "200"
     assert checkpoints.resolve(run / "checkpoints") == run / "checkpoints" / "200"
     assert checkpoints.resolve(run / "checkpoints" / "100") == run / "checkpoints" / "100"
-    with pytest.raises(CheckpointError, match=r"--checkpoint .*empty: not a diad_jax model checkpoint"):
+    with pytest.raises(CheckpointError, match=r"^checkpoint .*empty: not a diad_jax model checkpoint"):
         (tmp_path / "empty").mkdir()
-        checkpoints.resolve(tmp_path / "empty", "--checkpoint")
+        checkpoints.resolve(tmp_path / "empty", "checkpoint")

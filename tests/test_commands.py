@@ -1,5 +1,6 @@
 """The `diad-jax` console command (pyproject's [project.scripts]) and the checkout shims: one
 implementation per program (diad_jax/commands/<name>.py), reached both ways."""
+import ast
 import re
 import subprocess
 
@@ -45,8 +46,6 @@ def test_every_command_has_a_checkout_script():
 def test_hints_and_messages_name_the_diad_jax_command():
     """Every string the library prints (messages, hints, --help; not docstrings) names `diad-jax <cmd>`,
     which works in a checkout and in a wheel install alike, never a checkout path (scripts/X.py)."""
-    import ast
-
     checkout_path = re.compile(r"\b(scripts|convert)/\w+\.py\b")
     found = []
     for path in sorted((ROOT / "diad_jax").rglob("*.py")):
@@ -59,4 +58,42 @@ def test_hints_and_messages_name_the_diad_jax_command():
             if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
                     and checkout_path.search(node.value)):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.strip()[:80]}")
+    assert not found, "\n".join(found)
+
+
+def _literal_text(node: ast.AST) -> str:
+    """The literal text of a string expression ({} for an f-string's values, '' for anything else)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(_literal_text(v) if isinstance(v, ast.Constant) else "{}" for v in node.values)
+    if isinstance(node, ast.BinOp):
+        return _literal_text(node.left) + _literal_text(node.right)
+    return ""
+
+
+def test_library_errors_and_log_lines_name_fields_never_flags():
+    """Outside diad_jax/cli and diad_jax/commands, what the library raises or logs names config
+    fields and argument names (the commands name them by their flags); a `--flag` may appear only
+    in a hint that names the program it belongs to (`diad-jax convert --resnet ...`)."""
+    hint = re.compile(r"diad-jax [a-z-]+[^`)\n;]*")
+    flag = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+    logging_calls = {"debug", "info", "warning", "error", "exception"}
+    found = []
+    for path in sorted((ROOT / "diad_jax").rglob("*.py")):
+        if path.parent.name in ("cli", "commands"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                call = node.exc
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in logging_calls):
+                call = node
+            else:
+                continue
+            for arg in [*call.args, *(k.value for k in call.keywords)]:
+                texts = {_literal_text(n) for n in ast.walk(arg)}
+                for text in {t for t in texts if not any(t != u and t in u for u in texts)}:  # outermost
+                    for bad in flag.findall(hint.sub("", text)):
+                        found.append(f"{path.relative_to(ROOT)}:{call.lineno}: {bad} in {text.strip()[:90]!r}")
     assert not found, "\n".join(found)

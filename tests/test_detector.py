@@ -253,7 +253,7 @@ def test_calibration_survives_save_and_load_and_labels_follow_it(tmp_path, weigh
     accepted = diad_jax.load(ckpt, eval_config=dataclasses.replace(EVAL, seed=4), accept_calibration_mismatch=True)
     assert any("calibrated with other scoring settings (seed: 3 -> 4)" in n for n in accepted.notes)
     assert diad_jax.load(ckpt, eval_config=dataclasses.replace(EVAL, batch_size=2, variant="reference")) \
-        .calibration_mismatch() == ""  # batching and metric definitions do not change scores
+        .calibration_mismatch() == {}  # batching and metric definitions do not change scores
     by_four.calibration = cal
     try:
         preds = by_four.predict(split_images(dataset)[:4], class_name=dataset.class_names[0])

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from diad_jax import cli
+from diad_jax.cli.flags import RUNTIME_FLAGS
 from diad_jax.configs import (FLAT_TRAIN_FIELDS, DataConfig, EvalConfig, OptimizerConfig, TrainConfig,
                               unflatten_train_dict)
 from diad_jax.errors import ConfigError
@@ -63,16 +64,15 @@ def test_every_flag_sets_one_existing_field(script):
     """The flags' dests are the fields' dotted paths (the one mapping); each flag given lands there."""
     ap = load_script(script).build_parser()
     fields = _paths(TrainConfig().to_dict())
-    field_flags = [a for a in ap._actions
-                   if a.option_strings and a.dest not in cli._RUNTIME | {"help", "dataset_option"}]
+    field_flags = {dest: flag for dest, (flag, _) in ap.flags.items() if dest not in RUNTIME_FLAGS | {"help"}}
     assert len(field_flags) > 20
-    for a in field_flags:
-        assert a.dest in fields, f"{a.option_strings[0]} -> {a.dest}: no such TrainConfig field"
+    for dest, flag in field_flags.items():
+        assert dest in fields, f"{flag} -> {dest}: no such TrainConfig field"
     argv = ["--lr", "0.5", "--mesh-fsdp", "2", "--keep", "4", "--steps", "9", "--dataset-option", "train_per_class=3",
             "--profile-steps", "2:4"]
     if script == "train":
         argv += ["--eval-sigma", "2", "--eval-every", "3", "--eval-split", "none"]
-    cfg = cli.config_from_args(TrainConfig.tiny(), ap.parse_args(argv), ap)
+    cfg = cli.config_from_args(TrainConfig.tiny(), ap.parse_args(argv))
     assert (cfg.optimizer.learning_rate, cfg.mesh.fsdp, cfg.checkpoint.keep, cfg.steps, cfg.profile_steps) == (
         0.5, 2, 4, 9, (2, 4))
     assert cfg.data.options == {"train_per_class": 3, "test_per_class": 8}

@@ -1,4 +1,5 @@
-"""The command-line programs, one module each (`build_parser()` and `main(argv) -> exit status`), and
+"""The command-line programs, one module each (`build_parser()` and `main(argv) -> exit status`, made by
+`cli.command`), and
 `diad-jax`, the console entry point that dispatches to them:
 
     diad-jax train ...               (= python scripts/train.py ...)

@@ -34,8 +34,8 @@ from diad_jax.errors import ConfigError
 log = logging.getLogger("diad_jax.convert")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(description=__doc__)
     src = ap.add_argument_group("sources (one of --diad-ckpt or --sd-ckpt)")
     src.add_argument("--diad-ckpt", type=Path, help="trained DiAD state dict (.ckpt/.pt/.pth/.safetensors)")
     src.add_argument("--sd-ckpt", type=Path, help="Stable Diffusion v1.5 checkpoint (start of training)")
@@ -61,10 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@cli.entry_point
-def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+@cli.command(build_parser)
+def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     cli.setup_logging()
     if args.list_ignored:
         print("\n".join(IGNORED_PATTERNS))

@@ -23,20 +23,23 @@ from diad_jax.errors import ConfigError
 log = logging.getLogger("diad_jax.convert")
 
 
-@cli.entry_point
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(description=__doc__)
     ap.add_argument("--checkpoint", type=Path, required=True, help="diad_jax model checkpoint directory")
     ap.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     ap.add_argument("--no-resnet", action="store_true", help="leave out pretrained_model.*")
     ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+@cli.command(build_parser)
+def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     cli.setup_logging()
     if args.out.exists() and not args.overwrite:
         raise ConfigError(f"--out {args.out} exists; pass --overwrite to replace it")
     if args.out.suffix != ".safetensors":
         raise ConfigError(f"--out {args.out}: the output must be a .safetensors file")
-    ckpt = load_model(resolve(args.checkpoint, "--checkpoint"))
+    ckpt = load_model(resolve(args.checkpoint, "checkpoint"))
     tree = dict(ckpt.params)
     if ckpt.resnet is not None and not args.no_resnet:
         tree["resnet"] = ckpt.resnet

@@ -37,8 +37,8 @@ from diad_jax.configs import NO_WEIGHTS_COMPARATOR, TrainConfig
 log = logging.getLogger("diad_jax.demo")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(description=__doc__)
     ap.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="checkpoints, logs, results")
     ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="where the generated dataset goes")
     ap.add_argument("--vae-steps", type=cli.positive_int, default=400,
@@ -64,9 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@cli.entry_point
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+@cli.command(build_parser)
+def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     if args.quick:
         args.vae_steps, args.diad_steps = 60, 200
     cli.setup_logging()

@@ -34,18 +34,18 @@ log = logging.getLogger("diad_jax.evaluate")
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__)
     cli.add_checkpoint_arg(ap)
     ap.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS),
                     help="dataset builder (default: the generated one)")
     ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="prepared-data directory")
     ap.add_argument("--manual-dir", type=Path, help="raw dataset folder (the layout of --dataset)")
-    ap.add_argument("--dataset-option", action="append", default=[], metavar="KEY=JSON",
+    ap.add_argument("--dataset-option", dest="options", action="append", default=[], metavar="KEY=JSON",
                     help="a data.prepare option, e.g. require_masks=true for the folder layout")
     ap.add_argument("--skip-bad", action="store_true",
                     help="skip unreadable images and anomalous images without a mask while preparing (each one "
                          "logged, and listed in results.json) instead of stopping at the first")
-    ap.add_argument("--overwrite-data", action="store_true",
+    ap.add_argument("--overwrite-data", dest="overwrite", action="store_true",
                     help="delete the prepared copy of the dataset and prepare it again from --manual-dir")
     ap.add_argument("--split", default="test",
                     help="the split to score (default test; e.g. train, a split of normal images, to calibrate on)")
@@ -71,20 +71,18 @@ def build_parser():
     return ap
 
 
-@cli.entry_point
-def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+@cli.command(build_parser)
+def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     cli.setup_logging()
     from diad_jax.detector import RANDOM_PREFIX
     # everything that can be wrong with the arguments is found before the model is loaded
-    if args.dataset != "synthetic" and args.manual_dir is None and args.overwrite_data:
+    if args.dataset != "synthetic" and args.manual_dir is None and args.overwrite:
         ap.error("--overwrite-data needs --manual-dir (the folder to prepare the dataset from again)")
     if args.calibrate and args.checkpoint.startswith(RANDOM_PREFIX):
         ap.error("--calibrate stores thresholds in --checkpoint: give a checkpoint folder, not random weights")
     if not 0 < args.percentile <= 100:
         ap.error(f"--percentile must be in (0, 100], got {args.percentile}")
-    options = cli.dataset_options(args.dataset_option)
+    options = cli.dataset_options(args.options)
     if args.dataset == "synthetic":
         options = dict(train_per_class=args.synthetic_train, test_per_class=args.synthetic_test) | options
     from diad_jax import data as dataio
@@ -103,7 +101,7 @@ def main(argv=None) -> int:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("data",))
     detector = cli.load_detector(args, checkpoint, eval_config, mesh)
     prepared = dataio.prepare(args.dataset, args.data_dir, manual_dir=args.manual_dir, classes=args.classes,
-                              image_size=detector.image_size, skip_bad=args.skip_bad, overwrite=args.overwrite_data,
+                              image_size=detector.image_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
                               **options)
     result = evaluate(detector, prepared, split=args.split, classes=args.classes,
                       heatmaps_per_class=args.heatmaps, limit_per_class=args.limit_per_class)

@@ -19,7 +19,7 @@ from diad_jax import cli
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__)
     cli.add_checkpoint_arg(ap)
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--platforms", nargs="+", default=["cpu", "cuda", "tpu"],
@@ -28,10 +28,8 @@ def build_parser():
     return ap
 
 
-@cli.entry_point
-def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+@cli.command(build_parser)
+def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     cli.setup_logging()
     from diad_jax.exported import PLATFORMS
 

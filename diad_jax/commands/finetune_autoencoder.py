@@ -26,9 +26,9 @@ import argparse
 from diad_jax import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(ap, presets=("tiny", "reference"))
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(description=__doc__)
+    cli.add_train_args(ap, presets=("tiny", "reference"))
     S = argparse.SUPPRESS
     g = ap.add_argument_group("autoencoder loss")
     g.add_argument("--kl-weight", dest="autoencoder.kl_weight", type=float, default=S,
@@ -46,15 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@cli.entry_point
-def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+@cli.command(build_parser)
+def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     cli.setup_logging()
     from diad_jax import autoencoder
 
     base = autoencoder.tiny_config() if args.preset == "tiny" else autoencoder.reference_config()
-    cfg = cli.config_from_args(base, args, ap)
+    cfg = cli.config_from_args(base, args)
     if args.print_config:
         print(cfg.to_json())
         return 0
@@ -67,7 +65,7 @@ def main(argv=None) -> int:
 
     lpips = autoencoder.load_lpips_params(ae.lpips_vgg16, ae.lpips_lin) if ae.lpips_vgg16 else None
     cli.write_config(cfg)
-    cli.run(Trainer(cfg, task=autoencoder.autoencoder_task(cfg, lpips), overwrite_data=args.overwrite_data),
+    cli.run(Trainer(cfg, task=autoencoder.autoencoder_task(cfg, lpips), overwrite_data=args.overwrite),
             args.no_progress)
     return 0
 

@@ -31,7 +31,7 @@ COLUMNS = ("file", "class", "score", "normalized_score", "threshold", "label", "
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__)
     cli.add_checkpoint_arg(ap)
     ap.add_argument("--input", nargs="+", required=True, help="image files and/or folders (recursive)")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
@@ -42,10 +42,8 @@ def build_parser():
     return ap
 
 
-@cli.entry_point
-def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+@cli.command(build_parser)
+def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     cli.setup_logging()
     from diad_jax.detector import collect_inputs
 

@@ -36,15 +36,15 @@ from __future__ import annotations
 import argparse
 
 from diad_jax import cli
-from diad_jax.configs import COMPARATORS, FUSIONS, TrainConfig
+from diad_jax.configs import FUSIONS, EvalConfig, TrainConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(ap, presets=("tiny", "reference"))
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(description=__doc__)
+    cli.add_train_args(ap, presets=("tiny", "reference"))
     S = argparse.SUPPRESS
     g = ap.add_argument_group("DiAD")
-    g.add_argument("--only-mid-control", type=cli._bool, default=S,
+    g.add_argument("--only-mid-control", type=cli.boolean, default=S,
                    help="override the model's only_mid_control (released train.py: true)")
     g.add_argument("--fusion", choices=FUSIONS, default=S,
                    help="override the model's fusion block: sff (the reference) or none (the paper's ablation); "
@@ -55,43 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("evaluation")
     g.add_argument("--eval-every", dest="validation.every", type=int, default=S,
                    help="evaluate every N steps (0: never during training)")
-    g.add_argument("--eval-at-end", dest="validation.at_end", type=cli._bool, default=S,
+    g.add_argument("--eval-at-end", dest="validation.at_end", type=cli.boolean, default=S,
                    help="evaluate after the last step")
     g.add_argument("--eval-split", dest="validation.split", default=S,
                    help="split that is evaluated and selects the best checkpoint (default 'test', as the "
                         "reference; 'none' disables evaluation)")
     g.add_argument("--eval-data-dir", dest="validation.data_dir", default=S,
                    help="a prepared dataset directory to evaluate on instead")
-    g.add_argument("--eval-batch-size", dest="eval.batch_size", type=int, default=S, help="global evaluation batch")
     g.add_argument("--best-metric", dest="validation.best_metric", default=S,
                    help="'+'-joined mean metrics (default p_auroc+i_auroc)")
-    g.add_argument("--metrics-variant", dest="eval.variant", choices=["standard", "reference"], default=S)
-    g.add_argument("--eval-schedule", dest="eval.schedule", choices=["official", "consistent"], default=S,
-                   help="DDIM schedule of the evaluation (default official = the reference's 801-step quirk)")
-    g.add_argument("--eval-sigma", dest="eval.sigma", type=float, default=S,
-                   help="anomaly-map blur sigma (reference 5 at 256 px)")
-    g.add_argument("--eval-pool-window", dest="eval.pool_window", type=int, default=S,
-                   help="image-score pool window (reference 8)")
     g.add_argument("--eval-resnet", dest="validation.resnet", choices=["checkpoint", "random"], default=S,
                    help="checkpoint (default): evaluate with --init-checkpoint's ResNet-50; random: opt in to a "
                         "randomly initialised one (maps compare random features; recorded in the checkpoints)")
-    g.add_argument("--eval-comparator", dest="eval.comparator", choices=COMPARATORS, default=S,
-                   help="what compares input and reconstruction (default resnet, the reference's; pixel_l1, ssim "
-                        "and vae need no ResNet-50 weights)")
-    g.add_argument("--eval-dtype", dest="eval.dtype", choices=["float32", "bfloat16"], default=S,
-                   help="compute dtype of the evaluations (default float32; maps and metrics stay float32)")
-    g.add_argument("--eval-seed", dest="eval.seed", type=cli.nonnegative_int, default=S,
-                   help="noise seed of the evaluations (default 0)")
+    g = ap.add_argument_group("how the evaluations score (the flags of diad-jax evaluate, prefixed --eval-)")
+    cli.add_eval_config_flags(g, prefix="eval-")
+    g.add_argument("--metrics-variant", dest="eval.variant", choices=EvalConfig.CHOICES["variant"], default=S,
+                   help="deprecated alias of --eval-variant")
     return ap
 
 
-@cli.entry_point
-def main(argv=None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
+@cli.command(build_parser)
+def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     cli.setup_logging()
     base = TrainConfig.tiny() if args.preset == "tiny" else TrainConfig.reference()
-    cfg = cli.config_from_args(base, args, ap)
+    cfg = cli.config_from_args(base, args)
     if args.print_config:
         print(cfg.to_json())
         return 0
@@ -99,6 +86,6 @@ def main(argv=None) -> int:
     from diad_jax.train import Trainer
 
     cli.write_config(cfg)
-    cli.run(Trainer(cfg, overwrite_data=args.overwrite_data), args.no_progress)
+    cli.run(Trainer(cfg, overwrite_data=args.overwrite), args.no_progress)
     return 0
 

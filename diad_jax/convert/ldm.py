@@ -63,10 +63,9 @@ class ConversionError(UserError):
         wrong = len(self.missing) + len(self.unexpected) + len(self.mismatched)
         if matched is not None and len(self.mismatched) >= 3 and wrong > matched:
             lines.append(f"  {wrong} keys disagree with the model and only {matched} match: the model config "
-                         f"(--config) most likely does not fit this checkpoint (e.g. tiny vs sd15)")
+                         f"({{0}}) most likely does not fit this checkpoint (e.g. tiny vs sd15)")
         if self.non_finite:
-            lines.append(f"  {len(self.non_finite)} tensor(s) hold NaN or inf (pass --allow-non-finite, "
-                         f"allow_non_finite=True in Python, to convert them anyway):")
+            lines.append(f"  {len(self.non_finite)} tensor(s) hold NaN or inf ({{1}} converts them anyway):")
             lines += _by_prefix((k, k) for k in self.non_finite)
         if self.not_float:
             lines.append(f"  {len(self.not_float)} tensor(s) are not {'/'.join(FLOAT_DTYPES)} (key: dtype): integer "
@@ -83,9 +82,8 @@ class ConversionError(UserError):
             lines.append(f"  {len(self.mismatched)} key(s) with the wrong shape (key: source vs expected):")
             lines += _by_prefix((k, f"{k}: {tuple(a)} vs {tuple(b)}") for k, a, b in self.mismatched)
         if wrong:
-            lines.append("  (pass --allow-missing / --allow-unexpected PATTERN, or allow_missing= / allow_unexpected= "
-                         "in Python, to accept known differences)")
-        super().__init__("\n".join(lines))
+            lines.append("  ({2} / {3} PATTERN accept known differences)")
+        super().__init__("\n".join(lines), fields=["config", "allow_non_finite=True", "allow_missing", "allow_unexpected"])
 
     def merged(self, other: ConversionError) -> ConversionError:
         """One error listing this one's findings and `other`'s, which another reader found in the same

@@ -65,7 +65,7 @@ def clip_context(state_dict: Mapping[str, Any], prefix: str = CLIP_PREFIX, sourc
     except ImportError as e:
         raise CheckpointReadError(f"{source}: computing the text context with its CLIP text tower needs torch and "
                                   f"transformers: pip install 'diad-jax[convert]' (or pass a precomputed (1, 77, 768) "
-                                  f"context with --prompt-context)") from e
+                                  f"context: {{0}})", fields=["prompt_context"]) from e
 
     # ldm checkpoints carry transformers-4 names (`text_model.embeddings...`); normalise to that.
     sd, not_float = {}, []
@@ -77,7 +77,7 @@ def clip_context(state_dict: Mapping[str, Any], prefix: str = CLIP_PREFIX, sourc
                 not_float.append((k, dtype))
     if not sd:
         raise ConversionError(source, missing=[f"{prefix}* (the whole CLIP text tower, which computes the text "
-                                               f"context; or pass a precomputed context with --prompt-context)"])
+                                               f"context; or pass a precomputed context: prompt_context)"])
     need = ["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
             "text_model.encoder.layers.0.mlp.fc1.weight"]
     missing = [prefix + k for k in need if k not in sd]
@@ -112,9 +112,9 @@ def load_prompt_context(path, config: ModelConfig, allow_non_finite: bool = Fals
     try:
         ctx = np.load(path)
     except (OSError, ValueError) as e:
-        raise CheckpointReadError(f"--prompt-context {path}: not a readable .npy file ({e})") from e
+        raise CheckpointReadError(f"{{0}} {path}: not a readable .npy file ({e})", fields=["prompt_context"]) from e
     ctx = ctx[None] if ctx.ndim == 2 else ctx
-    return _check_context(ctx.astype(np.float32), config, f"--prompt-context {path}", allow_non_finite)
+    return _check_context(ctx.astype(np.float32), config, f"the prompt context {path}", allow_non_finite)
 
 
 def _check_context(ctx: np.ndarray, config: ModelConfig, source: str, allow_non_finite: bool) -> np.ndarray:
@@ -185,7 +185,7 @@ def convert_diad(state_dict: Mapping[str, Any], config: ModelConfig, *, source: 
                  consume: bool = False) -> Converted:
     """A trained DiAD state dict -> params (+ the ResNet when the checkpoint carries it).
     `consume=True` empties `state_dict` as it converts (lower peak memory)."""
-    note = ("text context: from --prompt-context" if prompt_context is not None else
+    note = ("text context: the given prompt_context" if prompt_context is not None else
             "text context: CLIP text tower (cond_stage_model) on the empty prompt")
     abstract = DiAD(config).abstract_params()
     has_resnet = any(k.startswith("pretrained_model.") for k in state_dict)
@@ -211,7 +211,7 @@ def convert_start_of_training(sd_state_dict: Mapping[str, Any], vae_state_dict: 
 
     The SG network copies the SD encoder, middle block and time embedding by name; its new layers
     get the reference's init (hint convs PyTorch-default, last hint conv, zero convs and SFF zero)."""
-    ctx_note = ("text context: from --prompt-context" if prompt_context is not None else
+    ctx_note = ("text context: the given prompt_context" if prompt_context is not None else
                 "text context: CLIP text tower of the SD checkpoint on the empty prompt")
     boxed = DiAD(config).abstract_params(boxed=True)  # zero-initialised layers marked, for init_params
     abstract = meta.unbox(boxed)

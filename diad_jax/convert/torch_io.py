@@ -141,7 +141,8 @@ def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> Mapping[st
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = ""
         if "weights_only" in str(e) or "Weights only load failed" in str(e):
-            hint = (" The file holds Python objects besides tensors; if you trust its origin, pass "
-                    "--unsafe-pickle to load it with full unpickling.")
-        raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint ({msg}).{hint}") from e
+            hint = (" The file holds Python objects besides tensors; if you trust its origin, load it with full "
+                    "unpickling ({0}).")
+        raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint ({msg}).{hint}",
+                                  fields=["unsafe_pickle=True"] if hint else []) from e
     return unwrap_state_dict(obj, path)

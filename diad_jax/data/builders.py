@@ -53,7 +53,7 @@ class _DiadBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     VERSION = tfds.core.Version(VERSION)
     source: dict | None = None  # `source_fingerprint` of the manual_dir, set by `prepare`
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the dataset's root folder: --manual-dir (manual_dir= in Python)."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the dataset's root folder (manual_dir)."
 
     # tfds locates a builder's source through importlib resources, which needs the separate
     # `importlib_resources` package for an editable install; the file path is all it needs.

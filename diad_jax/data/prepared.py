@@ -132,11 +132,11 @@ class PreparedDataset:
 def check_options(dataset: str, options: Mapping[str, Any]) -> None:
     """Raises DataError unless `dataset` is known and takes every option in `options`."""
     if dataset not in _OPTIONS:
-        raise DataError(f"unknown dataset {dataset!r} (--dataset); choose from {DATASETS}")
+        raise DataError(f"unknown {{0}} {dataset!r}; choose from {DATASETS}", fields=["dataset"])
     unknown = sorted(set(options) - set(_OPTIONS[dataset]))
     if unknown:
-        raise DataError(f"unknown option(s) {unknown} for dataset {dataset!r} (--dataset-option; dataset_options in "
-                        f"a config file); it takes {sorted(_OPTIONS[dataset])}")
+        raise DataError(f"unknown option(s) {unknown} for dataset {dataset!r} ({{0}}); it takes "
+                        f"{sorted(_OPTIONS[dataset])}", fields=["options"])
 
 
 def source_fingerprint(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> dict:
@@ -206,10 +206,10 @@ def _source_dir(dataset: str, manual_dir) -> str | None:
     if dataset == "synthetic":
         if manual_dir is not None:
             raise DataError(f"{manual_dir}: the generated 'synthetic' dataset takes no source folder "
-                            f"(--manual-dir); pick the dataset it holds with --dataset")
+                            f"({{0}}); pick the dataset it holds with {{1}}", fields=["manual_dir", "dataset"])
         return None
     if manual_dir is not None and not os.path.isdir(manual_dir):
-        raise DataError(f"{manual_dir}: dataset root folder not found (--manual-dir)")
+        raise DataError(f"{manual_dir}: dataset root folder not found ({{0}})", fields=["manual_dir"])
     return None if manual_dir is None else os.fspath(manual_dir)
 
 
@@ -303,9 +303,10 @@ def load(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.Path
     if source is None and dataset != "synthetic":
         builder, config = _single_copy(dataset, data_dir, config)
     if not builder.is_prepared():
-        how = ("preparing it needs the dataset's root folder (--manual-dir; manual_dir= in Python)"
+        how = ("preparing it needs the dataset's root folder ({0})"
                if dataset != "synthetic" and not source else "prepare it first (diad_jax.data.prepare)")
-        raise DataError(f"{builder.data_dir}: dataset {dataset!r} ({config.description}) is not prepared; {how}")
+        raise DataError(f"{builder.data_dir}: dataset {dataset!r} ({config.description}) is not prepared; {how}",
+                        fields=["manual_dir"])
     ds = _open(dataset, os.fspath(builder.data_dir), builder.as_data_source(), config.image_size)
     if source is not None:
         now = source_fingerprint(source, exclude=data_dir)
@@ -313,8 +314,8 @@ def load(dataset: str, data_dir: str | os.PathLike, *, manual_dir: str | os.Path
             was = ds.source or {"files": "?", "bytes": "?"}
             raise DataError(f"{ds.path}: this prepared copy was made from {now['path']} when it held {was['files']} "
                             f"files ({was['bytes']} bytes); the folder has changed since ({now['files']} files, "
-                            f"{now['bytes']} bytes). Prepare it again with --overwrite-data (overwrite=True), or "
-                            f"use another --data-dir")
+                            f"{now['bytes']} bytes). Prepare it again ({{0}}), or use another {{1}}",
+                            fields=["overwrite=True", "data_dir"])
     if ds.skipped:
         log.warning("%s: %d file(s) were skipped when this copy was prepared (skip_bad), e.g. %s", ds.path,
                     len(ds.skipped), ds.skipped[0])
@@ -337,7 +338,7 @@ def _single_copy(dataset: str, data_dir, config: DiadConfig):
             except (OSError, ValueError, KeyError):
                 made_from.append(f"? ({n})")
         raise DataError(f"{root}: {len(names)} copies of this dataset were prepared, from {made_from}; pass the "
-                        f"source folder you mean with --manual-dir (manual_dir=)")
+                        f"source folder you mean ({{0}})", fields=["manual_dir"])
     if names:
         config = dataclasses.replace(config, name=names[0])
     return BUILDERS[dataset](data_dir=os.fspath(data_dir), config=config, file_format="array_record"), config

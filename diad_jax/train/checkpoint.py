@@ -170,30 +170,32 @@ class Checkpointer:
             self.best.close()
 
 
-def _state_layout(tc: dict) -> dict:
-    """The TrainConfig fields (as a nested dict) that shape the train state: a checkpoint restores
-    only into a run that agrees."""
+def _state_layout(tc: dict) -> dict[tuple[str, str], Any]:
+    """{(field path, what of it counts): value} of the TrainConfig fields (as a nested dict) that
+    shape the train state: a checkpoint restores only into a run that agrees."""
     opt = tc.get("optimizer", {})
-    return {"--ema-decay (on/off)": opt.get("ema_decay") is not None,
-            "--grad-accum (1 or more)": (opt.get("grad_accum") or 1) > 1,
-            "--trainable": tc.get("trainable", "reference")}
+    return {("optimizer.ema_decay", "on/off"): opt.get("ema_decay") is not None,
+            ("optimizer.grad_accum", "1 or more"): (opt.get("grad_accum") or 1) > 1,
+            ("trainable", "value"): tc.get("trainable", "reference")}
 
 
 def check_resume_compatible(saved: dict, cfg: TrainConfig, where: str) -> None:
     """Refuses to resume from a checkpoint whose train state has another layout than this run's
     (EMA added or removed, gradient accumulation switched on or off, another trainable subset)
-    and says which flag; a changed value that keeps the layout (e.g. another EMA decay) is logged.
+    and names the fields; a changed value that keeps the layout (e.g. another EMA decay) is logged.
     `saved` is the checkpoint's TrainConfig dict (older checkpoints: flat names)."""
     if not saved:
         return
     saved, _ = unflatten_train_dict(saved)
     new = cfg.to_dict()
     old_layout, new_layout = _state_layout(saved), _state_layout(new)
-    diff = [f"{k}: checkpoint {old_layout[k]}, this run {new_layout[k]}" for k in old_layout
-            if old_layout[k] != new_layout[k]]
-    if diff:
-        raise ConfigError(f"{where} was saved by a run with another train-state layout ({'; '.join(diff)}); "
-                          f"resume with the checkpoint's settings (see its train_config item) or use a new --workdir")
+    differ = [k for k in old_layout if old_layout[k] != new_layout[k]]
+    if differ:
+        diff = "; ".join(f"{{{i}}} ({what}): checkpoint {old_layout[k]}, this run {new_layout[k]}"
+                         for i, k in enumerate(differ) for what in [k[1]])
+        raise ConfigError(f"{where} was saved by a run with another train-state layout ({diff}); resume with the "
+                          f"checkpoint's settings (see its train_config item) or use a new {{{len(differ)}}}",
+                          fields=[path for path, _ in differ] + ["workdir"])
     for section, key in (("optimizer", "ema_decay"), ("optimizer", "learning_rate"), ("optimizer", "grad_accum"),
                          ("data", "batch_size"), ("optimizer", "weight_decay")):
         old, now = saved.get(section, {}), new[section]
@@ -221,7 +223,7 @@ def restore_latest(checkpointer: Checkpointer, factory: StepFactory, cfg: TrainC
     steps = sorted(checkpointer.all_steps(), reverse=True)
     if steps and not cfg.checkpoint.resume:
         raise CheckpointError(f"{checkpointer.directory} holds checkpoints (latest step {steps[0]}) but "
-                              f"--no-resume was given; use another --workdir")
+                              f"resuming is off ({{0}}); use another {{1}}", fields=["checkpoint.resume", "workdir"])
     failed: list[tuple[int, CheckpointError]] = []
     restored = None
     for step in steps:  # newest first
@@ -247,7 +249,8 @@ def _restore(checkpointer: Checkpointer, step: int, factory: StepFactory, cfg: T
     saved_cfg = ModelConfig.from_dict(meta["model_config"])
     if saved_cfg != model_config:
         raise ConfigError(f"{where}: the checkpoint's model config differs from this run's ({saved_cfg} vs "
-                          f"{model_config}); use its --model/--init-checkpoint or a new --workdir")
+                          f"{model_config}); use its {{0}}/{{1}} or a new {{2}}",
+                          fields=["model", "init_checkpoint", "workdir"])
     check_resume_compatible(tmeta.get("train_config", {}), cfg, where)
     state, model = checkpointer.restore(
         step, abstract_state=factory.abstract_state_with_shardings(),

@@ -91,7 +91,8 @@ def check_finite(steps: Sequence[int], metrics: Sequence[dict], checkpointer: Ch
             last = (f"the last good checkpoint is {checkpointer.directory}/{max(saved)} (kept; a rerun resumes "
                     f"from it)") if saved else "no checkpoint was saved before it"
             raise NonFiniteError(f"training stopped at step {s}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; "
-                                 f"{last}. Lower --lr, check the data, or start from another checkpoint")
+                                 f"{last}. Lower {{0}}, check the data, or start from another checkpoint",
+                                 fields=["optimizer.learning_rate"])
 
 
 def _millions(tree) -> float:

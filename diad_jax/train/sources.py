@@ -35,33 +35,36 @@ def validates(cfg: TrainConfig, task: Task) -> bool:
 
 def check_eval_resnet(cfg: TrainConfig, has_resnet: bool) -> None:
     """An evaluating run that compares with ResNet-50 features needs its weights (from
-    --init-checkpoint) or the explicit opt-in to a random one; nothing random is substituted silently."""
+    the init checkpoint) or the explicit opt-in to a random one; nothing random is substituted silently."""
     if (cfg.validation.active and cfg.eval.comparator == "resnet" and not has_resnet
             and cfg.validation.resnet != "random"):
-        where = (f"--init-checkpoint {cfg.init_checkpoint} has" if cfg.init_checkpoint
-                 else "a run without --init-checkpoint has")
+        where = f"{{0}} {cfg.init_checkpoint} has" if cfg.init_checkpoint else "a run without {0} has"
         raise ConfigError(f"{where} no ResNet-50 weights for the evaluation: convert them into the checkpoint "
                           f"(diad-jax convert --resnet), opt in to a randomly initialised ResNet-50 "
-                          f"with --eval-resnet random (maps then compare random features), compare without it "
-                          f"(--eval-comparator {NO_WEIGHTS_COMPARATOR}), or --eval-split none")
+                          f"with {{1}} (maps then compare random features), compare without it ({{2}}), or "
+                          f"evaluate nothing ({{3}})",
+                          fields=["init_checkpoint", "validation.resnet=random",
+                                  f"eval.comparator={NO_WEIGHTS_COMPARATOR}", "validation.split=none"])
 
 
 def check_batch(cfg: TrainConfig, mesh: Mesh, evaluates: bool) -> None:
     """The global batch sizes split evenly over the mesh's devices and the processes."""
     n_dev, n_proc = shd.batch_size_multiple(mesh), jax.process_count()
     if cfg.data.batch_size % n_dev:
-        raise ConfigError(f"--batch-size {cfg.data.batch_size} must be a multiple of the {n_dev} devices of the "
-                          f"mesh ({shd.describe_mesh(mesh)})")
+        raise ConfigError(f"{{0}} {cfg.data.batch_size} must be a multiple of the {n_dev} devices of the "
+                          f"mesh ({shd.describe_mesh(mesh)})", fields=["data.batch_size"])
     if cfg.data.batch_size % n_proc:
-        raise ConfigError(f"--batch-size {cfg.data.batch_size} must be a multiple of the {n_proc} processes")
+        raise ConfigError(f"{{0}} {cfg.data.batch_size} must be a multiple of the {n_proc} processes",
+                          fields=["data.batch_size"])
     if evaluates and cfg.eval.batch_size % n_dev:
-        raise ConfigError(f"--eval-batch-size {cfg.eval.batch_size} must be a multiple of the {n_dev} devices")
+        raise ConfigError(f"{{0}} {cfg.eval.batch_size} must be a multiple of the {n_dev} devices",
+                          fields=["eval.batch_size"])
 
 
 @dataclasses.dataclass
 class ModelSource:
     """The model a run starts from: its config (the run's overrides applied) and where its weights
-    come from: `checkpoint` (the --init-checkpoint, resolved; None: initialise fresh), which may
+    come from: `checkpoint` (the init checkpoint, resolved; None: initialise fresh), which may
     hold a ResNet-50 (`has_resnet`). Building one reads only the checkpoint's JSON metadata;
     `load` reads the weights, straight onto the run's mesh."""
 
@@ -72,13 +75,13 @@ class ModelSource:
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "ModelSource":
         if cfg.init_checkpoint:
-            path = resolve(cfg.init_checkpoint, "--init-checkpoint")
+            path = resolve(cfg.init_checkpoint, "init_checkpoint")
             meta = read_metadata(path)
             source = cls(ModelConfig.from_dict(meta["model_config"], f"{path}: model_config"), str(path),
                          bool(meta.get("has_resnet")))
         else:
             source = cls(ModelConfig.from_spec(cfg.model), None, False)
-            log.warning("no --init-checkpoint: %s model with the reference's random initialisation (SG network "
+            log.warning("no init_checkpoint: %s model with the reference's random initialisation (SG network "
                         "copied from the UNet encoder) and a zero context in place of CLIP(\"\")", cfg.model)
         overrides = {k: getattr(cfg, k) for k in ("only_mid_control", "fusion") if getattr(cfg, k) is not None}
         source.config = dataclasses.replace(source.config, **overrides)

@@ -46,7 +46,7 @@ class Validator:
         self.comparator_resnet = None  # other comparators need none
         if cfg.eval.comparator == "resnet":
             if resnet is None:
-                log.warning("evaluation uses a RANDOM ResNet-50 (--eval-resnet random): anomaly maps compare "
+                log.warning("evaluation uses a RANDOM ResNet-50 (validation.resnet = 'random'): anomaly maps compare "
                             "random features")
                 host = random_resnet(0)
                 resnet = shd.place(host, jax.tree.map(lambda _: shd.replicated(mesh), host))
@@ -54,8 +54,8 @@ class Validator:
         self.dataset = data_lib.load_from_directory(v.data_dir) if v.data_dir else train_dataset
         if v.split == "test" and not v.data_dir:
             log.warning("evaluation and best-checkpoint selection use the TEST split (as the reference does); "
-                        "numbers of the selected checkpoint are optimistic. Use --eval-split/--eval-data-dir for a "
-                        "separate validation set or --eval-split none")
+                        "numbers of the selected checkpoint are optimistic. Use validation.split / validation.data_dir for "
+                        "a separate validation set, or validation.split = None")
         log.info("evaluating on split %r of %s; best checkpoint by %s", v.split, v.data_dir or "the training dataset",
                  v.best_metric)
         self.detector: Detector | None = None  # built on the first evaluation; later ones reuse its programs

@@ -38,7 +38,8 @@ class WorkdirLock:
             holder = _describe(os.pread(self._fd, 4096, 0))
             os.close(self._fd)
             raise WorkdirLockedError(f"{Path(workdir)} is in use by another training run ({holder}; lock "
-                                     f"{self.path}); wait for it to end, stop it, or use another --workdir") from None
+                                     f"{self.path}); wait for it to end, stop it, or use another {{0}}",
+                                     fields=["workdir"]) from None
         previous = os.pread(self._fd, 4096, 0)
         if previous:
             log.info("%s: taking over the lock of a run that is no longer running (%s)", workdir, _describe(previous))
