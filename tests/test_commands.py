@@ -1,12 +1,15 @@
 """The `diad-jax` console command (pyproject's [project.scripts]) and the checkout shims: one
 implementation per program (diad_jax/commands/<name>.py), reached both ways."""
 import ast
+import dataclasses
 import re
 import subprocess
 
 import pytest
 
+from diad_jax import cli
 from diad_jax.commands import COMMANDS
+from diad_jax.configs import EvalConfig, TrainConfig
 from tests.scripts import ENTRY_POINT, ROOT
 
 SHIMS = sorted([*ROOT.glob("scripts/*.py"), *ROOT.glob("convert/*.py")])
@@ -97,3 +100,48 @@ def test_library_errors_and_log_lines_name_fields_never_flags():
                     for bad in flag.findall(hint.sub("", text)):
                         found.append(f"{path.relative_to(ROOT)}:{call.lineno}: {bad} in {text.strip()[:90]!r}")
     assert not found, "\n".join(found)
+
+
+# a valid EvalConfig in which every field differs from the default
+OTHER_EVAL = EvalConfig(schedule="consistent", ddim_steps=1, eta=0.5, guidance_scale=3.0, start_t=500, one_step=True,
+                        comparator="ssim", sigma=2.0, pool_window=4, image_score="max", variant="reference",
+                        batch_size=4, seed=3, dtype="bfloat16", dedupe_guidance=False, attention="xla")
+
+
+def _eval_argv(prefix: str) -> list[str]:
+    return [arg for f in dataclasses.fields(EvalConfig)
+            for arg in (f"--{prefix}{f.name.replace('_', '-')}", str(getattr(OTHER_EVAL, f.name)).lower()
+                        if isinstance(getattr(OTHER_EVAL, f.name), bool) else str(getattr(OTHER_EVAL, f.name)))]
+
+
+def test_every_eval_config_field_is_a_flag_of_evaluate_and_of_train():
+    """One rule: `--<field>` in the scoring programs, `--eval-<field>` in training, for every field."""
+    assert all(getattr(OTHER_EVAL, f.name) != f.default for f in dataclasses.fields(EvalConfig)), \
+        "OTHER_EVAL must change every field (a new EvalConfig field: give it a value here)"
+    from diad_jax.commands import evaluate, train
+
+    args = evaluate.build_parser().parse_args(["--checkpoint", "random:tiny", *_eval_argv("")])
+    assert cli.scoring_checkpoint(args)[1] == OTHER_EVAL
+    args = train.build_parser().parse_args(_eval_argv("eval-"))
+    assert cli.config_from_args(TrainConfig.tiny(), args).eval == OTHER_EVAL
+    # the old names still work
+    args = evaluate.build_parser().parse_args(["--checkpoint", "random:tiny", "--bf16", "--no-dedupe"])
+    assert (cli.scoring_checkpoint(args)[1].dtype, cli.scoring_checkpoint(args)[1].dedupe_guidance) == ("bfloat16",
+                                                                                                       False)
+    args = train.build_parser().parse_args(["--metrics-variant", "reference"])
+    assert cli.config_from_args(TrainConfig.tiny(), args).eval.variant == "reference"
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["train", "--eval-sigma", "-1", "--print-config"], "error: --eval-sigma must be > 0"),
+    (["train", "--lr", "nan", "--print-config"], "error: --lr must be a finite number"),
+    (["evaluate", "--checkpoint", "random:tiny", "--sigma", "-1"], "error: --sigma must be > 0"),
+    (["train", "--eval-comparator", "resnet", "--eval-resnet", "checkpoint", "--workdir", "{tmp}"],
+     "with --eval-resnet random (maps then compare random features), compare without it (--eval-comparator pixel_l1), or evaluate nothing (--eval-split none)"),
+])
+def test_a_library_error_names_the_flag_on_the_command_line(argv, shown, tmp_path, capsys):
+    """What the library says of a field, the command says of the flag that set it."""
+    from diad_jax import commands
+
+    assert commands.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert shown in capsys.readouterr().err

@@ -48,7 +48,7 @@ def test_sff_params_keep_the_reference_names_and_none_has_none(name):
 
 
 def test_fusion_config_is_validated_and_old_configs_load_as_sff():
-    with pytest.raises(ConfigError, match=r"ModelConfig.fusion must be one of \('sff', 'none'\), got 'SFF'"):
+    with pytest.raises(ConfigError, match=r"^fusion must be one of \('sff', 'none'\), got 'SFF'"):
         ModelConfig.tiny(fusion="SFF")
     old = ModelConfig.tiny().to_dict()
     del old["fusion"]  # a model_config.json written before the field existed

@@ -15,7 +15,7 @@ from diad_jax.configs import (FLAT_TRAIN_FIELDS, DataConfig, EvalConfig, Optimiz
                               unflatten_train_dict)
 from diad_jax.errors import ConfigError
 from diad_jax.train import tune_orbax_array_handler
-from diad_jax.train.checkpoint import REPLICA_PARALLEL_MIN_BYTES
+from diad_jax.train.checkpoint import REPLICA_PARALLEL_MIN_BYTES, check_resume_compatible
 from tests.scripts import load_script
 
 
@@ -38,25 +38,57 @@ def test_sections_round_trip_and_replace_by_dotted_path():
     with pytest.raises(ConfigError, match=r"TrainConfig: unknown keys \['bogus'\].*; TrainConfig.optimizer: unknown "
                                           r"keys \['lr'\].*; TrainConfig.data: unknown keys \['batch'\]"):
         TrainConfig.from_dict({"bogus": 1, "optimizer": {"lr": 1.0}, "data": {"batch": 2}})  # every one named
-    with pytest.raises(ConfigError, match=r"OptimizerConfig.b1 must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"^optimizer.b1 must be in \[0, 1\)") as e:
         cfg.replace(**{"optimizer.b1": 1.5})
+    assert e.value.fields == ("optimizer.b1",)
+
+
+def test_errors_name_fields_by_their_path_in_the_config_that_holds_them():
+    with pytest.raises(ConfigError) as e:
+        EvalConfig(sigma=-1)
+    assert (str(e.value), e.value.fields) == ("sigma must be > 0, got -1", ("sigma",))
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({"eval": {"sigma": -1}})
+    assert (str(e.value), e.value.fields) == ("eval.sigma must be > 0, got -1", ("eval.sigma",))
+    with pytest.raises(ConfigError) as e:  # the sampler's check, named by EvalConfig's field
+        TrainConfig.from_dict({"eval": {"eta": -0.5}})
+    assert e.value.fields == ("eval.eta",)
+    with pytest.raises(ConfigError) as e:  # a cross-section check names every field involved
+        TrainConfig.from_dict({"train_t_max": 2000, "diffusion": {"num_train_timesteps": 1000}})
+    assert e.value.fields == ("train_t_max", "diffusion.num_train_timesteps")
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.tiny(**{"data.batch_size": 0})
+    assert str(e.value).startswith("data.batch_size must be >= 1") and e.value.fields == ("data.batch_size",)
 
 
 def test_flat_names_of_older_versions_are_read_and_named(caplog):
     """Every flat name maps onto a field that exists; a flat config (an older checkpoint's
-    train_config, an older --config file) gives the same config as its nested form."""
+    train_config, an older --config file) is read where old files are read, with a warning naming
+    where each name lives now; TrainConfig.from_dict reads the nested form only."""
     fields = _paths(TrainConfig().to_dict())
     assert set(FLAT_TRAIN_FIELDS.values()) <= fields
     flat = {"learning_rate": 2e-4, "eval_every": 5, "dataset_options": {"train_per_class": 3}, "eval_sigma": 1.5,
             "async_checkpoint": False, "kl_weight": 0.5, "steps": 7}
     with caplog.at_level(logging.WARNING):
-        cfg = TrainConfig.from_dict(flat)
-    assert "learning_rate -> optimizer.learning_rate" in caplog.text
-    nested, moved = unflatten_train_dict(flat)
-    assert moved["eval_sigma"] == "eval.sigma" and TrainConfig.from_dict(nested) == cfg
+        nested, moved = unflatten_train_dict(flat, "old.json")
+    assert "old.json uses the flat TrainConfig names" in caplog.text
+    assert "learning_rate -> optimizer.learning_rate" in caplog.text and moved["eval_sigma"] == "eval.sigma"
+    cfg = TrainConfig.from_dict(nested)
     assert (cfg.optimizer.learning_rate, cfg.validation.every, cfg.data.options, cfg.eval.sigma,
             cfg.checkpoint.async_save, cfg.autoencoder.kl_weight, cfg.steps) == (2e-4, 5, {"train_per_class": 3},
                                                                                 1.5, False, 0.5, 7)
+    with pytest.raises(ConfigError, match=r"TrainConfig: unknown keys \['async_checkpoint', 'dataset_options'"):
+        TrainConfig.from_dict(flat)
+
+
+def test_a_checkpoint_train_config_with_flat_names_is_read_when_resuming(caplog):
+    """The resume check reads an older checkpoint's flat train_config item (and says so)."""
+    run = TrainConfig.tiny()
+    with caplog.at_level(logging.WARNING):
+        check_resume_compatible({"learning_rate": 2e-4, "grad_accum": 1, "trainable": "reference"}, run, "ckpt/5")
+    assert "ckpt/5: train_config uses the flat TrainConfig names" in caplog.text
+    assert ("resuming ckpt/5 with optimizer.learning_rate = 0.0001 (the checkpoint's run used 0.0002)"
+            in caplog.text)
 
 
 @pytest.mark.parametrize("script", ["train", "finetune_autoencoder"])

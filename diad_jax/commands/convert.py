@@ -74,7 +74,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     if args.out.exists() and not args.overwrite:
         raise ConfigError(f"--out {args.out} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    config = ModelConfig.from_spec(args.config, "--config")
+    config = ModelConfig.from_spec(args.config, "config")
     if args.only_mid_control is not None:
         config = dataclasses.replace(config, only_mid_control=args.only_mid_control == "true")
     allow = dict(allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,

@@ -186,7 +186,7 @@ def check_resume_compatible(saved: dict, cfg: TrainConfig, where: str) -> None:
     `saved` is the checkpoint's TrainConfig dict (older checkpoints: flat names)."""
     if not saved:
         return
-    saved, _ = unflatten_train_dict(saved)
+    saved, _ = unflatten_train_dict(saved, f"{where}: train_config")
     new = cfg.to_dict()
     old_layout, new_layout = _state_layout(saved), _state_layout(new)
     differ = [k for k in old_layout if old_layout[k] != new_layout[k]]

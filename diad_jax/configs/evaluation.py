@@ -1,0 +1,94 @@
+"""How a detector is scored (EvalConfig) and the choices of its fields; for `diad-jax evaluate`,
+`predict`, the Trainer's evaluations, the demo and diad_jax.load. A checkpoint may record one
+(its "eval_config" metadata)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from diad_jax.configs.checks import require_choice, require_finite, require_ints
+from diad_jax.configs.constants import (COMPARATORS, COMPUTE_DTYPES, REFERENCE_MAP_SIZE, REFERENCE_POOL_WINDOW,
+                                        REFERENCE_SIGMA)
+from diad_jax.configs.sampler import FAST_SAMPLER, SCHEDULES, DiffusionConfig
+from diad_jax.configs.serialization import Section
+from diad_jax.errors import ConfigError
+
+IMAGE_SCORES = ("pooled", "max")
+METRIC_VARIANTS = ("standard", "reference")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention's (None: XLA's choice)
+
+# EvalConfig's names of the DiffusionConfig fields it sets (the others have the same names)
+_SAMPLER_FIELDS = {"ddim_eta": "eta"}
+
+
+@dataclass(frozen=True)
+class EvalConfig(Section):
+    """Everything that decides an image's anomaly map and score, plus how a split is batched and
+    which metric definitions are reported. The defaults are the reference's test path."""
+
+    schedule: str = "official"          # DiffusionConfig.schedule ("official" | "consistent")
+    ddim_steps: int = 10
+    eta: float = 0.0                    # DDIM eta (the reference: 0)
+    guidance_scale: float = 9.0
+    start_t: int | None = None          # DiffusionConfig.start_t: noise level = first step (None: the schedule's)
+    one_step: bool = False              # DiffusionConfig.one_step: reconstruct from one eps evaluation
+    # "resnet": 1 - cos of ResNet-50 layer1-3 features (the reference; needs ImageNet weights);
+    # "pixel_l1": |x - x_hat| averaged over channels (normalised space); "ssim": 1 - SSIM (11-tap
+    # Gaussian window, sigma 1.5, on [0, 1] images), averaged over channels; "vae": 1 - cos of the
+    # model's own VAE-encoder activations at its first three levels. The map is then blurred (sigma).
+    comparator: str = "resnet"
+    sigma: float = REFERENCE_SIGMA      # anomaly-map Gaussian blur (the reference's 5 is for 256 px maps)
+    pool_window: int = REFERENCE_POOL_WINDOW  # image score: eight window x window average pools, then the max
+    image_score: str = "pooled"         # "pooled" (the reference) or "max"
+    variant: str = "standard"           # metric definitions (diad_jax.metrics): "standard" or "reference"
+    batch_size: int = 8                 # global batch (over all devices and processes)
+    seed: int = 0                       # image i's noise: fold_in(key(seed), i), the same at any batch size
+    dtype: str = "float32"              # compute dtype (one of COMPUTE_DTYPES); maps are float32
+    dedupe_guidance: bool = True        # skip guidance's duplicate half when both contexts are equal (exact)
+    # jax.nn.dot_product_attention's implementation: None (XLA's choice, any device), "xla", or "cudnn"
+    # (fused attention on NVIDIA GPUs, with dtype "bfloat16")
+    attention: str | None = None
+
+    # the fields that leave every image's map and score as they are: how a split is batched (image
+    # i's noise is keyed by i), which metric definitions are reported, skipping guidance's identical
+    # half (exact) and the attention kernel (the same maths)
+    SCORE_NEUTRAL = ("batch_size", "variant", "dedupe_guidance", "attention")
+    # the allowed values of the fields that take one of a few (the commands' flags offer them as choices)
+    CHOICES = {"schedule": SCHEDULES, "comparator": COMPARATORS, "image_score": IMAGE_SCORES,
+               "variant": METRIC_VARIANTS, "dtype": COMPUTE_DTYPES, "attention": ATTENTION_IMPLEMENTATIONS}
+
+    def scoring_differences(self, other: "EvalConfig") -> dict[str, tuple[Any, Any]]:
+        """{field: (this value, the other's)} of the fields that change maps or scores."""
+        return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if f.name not in self.SCORE_NEUTRAL and getattr(self, f.name) != getattr(other, f.name)}
+
+    def __post_init__(self):
+        try:
+            self.diffusion()  # validates schedule, ddim_steps, eta, guidance_scale, start_t, one_step
+        except ConfigError as e:  # named by this config's fields
+            raise ConfigError(e.template, fields=[_SAMPLER_FIELDS.get(f, f) for f in e.fields]) from e.__cause__
+        require_finite(self, "sigma")
+        if self.sigma <= 0:
+            raise ConfigError(f"{{0}} must be > 0, got {self.sigma}", fields=["sigma"])
+        require_ints(self, "pool_window", "batch_size")
+        require_ints(self, "seed", minimum=0)
+        for name, allowed in self.CHOICES.items():
+            require_choice(self, name, allowed)
+
+    def fast(self) -> "EvalConfig":
+        """This config with the fast sampler (`FAST_SAMPLER`: ONE network pass per image instead of 10;
+        measured on the demo models only, benchmarks/RESULTS.md "Scoring frontier": re-check it on
+        your data, e.g. `scripts/evaluate.py --preset fast` against the default)."""
+        return dataclasses.replace(self, **FAST_SAMPLER)
+
+    def diffusion(self) -> DiffusionConfig:
+        return DiffusionConfig(ddim_steps=self.ddim_steps, ddim_eta=self.eta, schedule=self.schedule,
+                               guidance_scale=self.guidance_scale, start_t=self.start_t, one_step=self.one_step)
+
+    def scaled_footprint(self, image_size: int) -> "EvalConfig":
+        """The blur sigma and pool window scaled from the reference's 256 px to `image_size`, so they
+        cover the same fraction of the image (64 px: sigma 1.25, window 2; 256 px: the reference)."""
+        scale = image_size / REFERENCE_MAP_SIZE
+        return dataclasses.replace(self, sigma=REFERENCE_SIGMA * scale,
+                                   pool_window=max(1, round(REFERENCE_POOL_WINDOW * scale)))
