@@ -438,7 +438,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
         preset = path[len(RANDOM_PREFIX):]
         if preset not in ("tiny", "demo", "sd15"):
             raise ConfigError(f"{path!r}: expected random:tiny, random:demo or random:sd15")
-        config = ModelConfig.from_spec(preset)
+        config = ModelConfig.from_spec(preset, field="path")
         params, context, resnet_params, recorded = DiAD(config).init(0), default_context(config), None, {}
         notes.append(f"{path}: RANDOM weights (the scores are meaningless; train a model with diad-jax train or "
                      f"convert one with diad-jax convert)")

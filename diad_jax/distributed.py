@@ -70,8 +70,8 @@ def _gather(port: int, n: int, deadline: float, timeout: float) -> None:
                     missing = [i for i in range(1, n) if i not in arrived]
                     _tell(arrived.values(), b"missing " + ",".join(map(str, missing)).encode())
                     raise DistributedStartError(
-                        f"distributed start: after {timeout:.0f} s ({{0}}), still waiting for process(es) "
-                        f"{', '.join(map(str, missing))} of {n} to start; started: 0"
+                        f"distributed start: after {timeout:.0f} s, still waiting for process(es) "
+                        f"{', '.join(map(str, missing))} of {n} to start ({{0}}); started: 0"
                         + "".join(f", {i}" for i in sorted(arrived)), fields=["timeout"])
                 server.settimeout(min(remaining, 1.0))
                 try:
@@ -113,8 +113,8 @@ def _join(host: str, port: int, process_id: int, deadline: float, timeout: float
             break
         except OSError:
             if time.monotonic() >= deadline:
-                raise DistributedStartError(f"distributed start: after {timeout:.0f} s ({{0}}), the coordinator "
-                                            f"(process 0) at {host}:{port} never answered; is it started, and is the "
+                raise DistributedStartError(f"distributed start: after {timeout:.0f} s, the coordinator (process 0) "
+                                            f"at {host}:{port} never answered ({{0}}); is it started, and is the "
                                             f"address right?", fields=["timeout"]) from None
             time.sleep(0.2)
     with conn:
@@ -127,8 +127,8 @@ def _join(host: str, port: int, process_id: int, deadline: float, timeout: float
     if answer == b"go":
         return
     if answer.startswith(b"missing "):
-        raise DistributedStartError(f"distributed start: after {timeout:.0f} s ({{0}}), still waiting for "
-                                    f"process(es) {answer[8:].decode().replace(',', ', ')} to start",
+        raise DistributedStartError(f"distributed start: after {timeout:.0f} s, still waiting for process(es) "
+                                    f"{answer[8:].decode().replace(',', ', ')} to start ({{0}})",
                                     fields=["timeout"])
     raise DistributedStartError(f"distributed start: the coordinator at {host}:{port} refused process {process_id}"
                                 + (f": {answer[6:].decode()}" if answer.startswith(b"error ") else ""))

@@ -33,11 +33,15 @@ class UserError(ValueError):
             text = text.replace(f"{{{i}}}", name(field))
         return text
 
-    def under(self, section: str) -> UserError:
-        """The same error raised by the part of a config at `section` (its fields prefixed `section.`)."""
-        error = type(self)(self.template, fields=[f"{section}.{f}" for f in self.fields])
+    def renamed(self, rename: Callable[[str], str]) -> UserError:
+        """The same error with each field `f` named `rename(f)` (e.g. as the caller calls it)."""
+        error = type(self)(self.template, fields=[rename(f) for f in self.fields])
         error.__cause__ = self.__cause__
         return error
+
+    def under(self, section: str) -> UserError:
+        """The same error raised by the part of a config at `section` (its fields prefixed `section.`)."""
+        return self.renamed(lambda field: f"{section}.{field}")
 
 
 class ConfigError(UserError):

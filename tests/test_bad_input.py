@@ -94,15 +94,15 @@ def test_train_argument_errors(tmp_path, a_file, capsys):
     bad_json.write_text('{"steps": 3,}')
     base = ["--data-dir", str(tmp_path / "data"), "--workdir", str(tmp_path / "run")]
     cases = [
-        (["--batch-size", "0"], ["--batch-size 0", "must be >= 1"]),
-        (["--steps", "-3"], ["--steps -3"]),
-        (["--lr", "nan"], ["--lr nan", "finite"]),
-        (["--lr", "-1"], ["--lr -1.0", "learning_rate must be > 0"]),
-        (["--ema-decay", "1.5"], ["--ema-decay 1.5"]),
+        (["--batch-size", "0"], ["--batch-size must be >= 1", "got 0"]),
+        (["--steps", "-3"], ["--steps must be >= 1", "got -3"]),
+        (["--lr", "nan"], ["--lr must be a finite number, got nan"]),
+        (["--lr", "-1"], ["--lr must be > 0, got -1.0"]),
+        (["--ema-decay", "1.5"], ["--ema-decay must be in (0, 1)", "got 1.5"]),
         (["--config", str(tmp_path / "missing.json")], ["--config", "missing.json"]),
         (["--config", str(bad_json)], ["bad.json", "not valid JSON (line 1, column 13"]),
         (["--init-checkpoint", str(tmp_path / "nope")], ["--init-checkpoint", "no such checkpoint folder"]),
-        (["--dataset", "nope"], ["--dataset nope", "synthetic"]),
+        (["--dataset", "nope"], ["--dataset must be one of", "synthetic", "got 'nope'"]),
         (["--dataset-option", "foo=1"], ["['foo']", "--dataset-option"]),
         (["--model", "nope"], ["--model nope"]),
         (["--dataset", "mvtec_ad", "--manual-dir", str(tmp_path / "no_such_dir")], ["--manual-dir", "no such folder"]),
@@ -127,11 +127,11 @@ def test_other_scripts_argument_errors(tmp_path, a_file, capsys):
     assert not (tmp_path / "d").exists() and not (tmp_path / "demo").exists()
     rc, err = cli("demo", ["--workdir", a_file / "demo", "--data-dir", tmp_path / "d"], capsys)
     assert_user_error(rc, err, "--workdir", "not a writable folder")
-    for argv, needle in [(["--ddim-steps", "0"], "--ddim-steps: must be > 0, got 0"),
-                         (["--ddim-steps", "1001"], "ddim_steps must be in 1..1000, got 1001"),
-                         (["--ddim-steps", "3"], "ddim_steps=3"),
-                         (["--batch-size", "0"], "--batch-size: must be > 0"),
-                         (["--sigma", "nan"], "--sigma: must be > 0.0, got nan"),
+    for argv, needle in [(["--ddim-steps", "0"], "--ddim-steps must be in 1..1000, got 0"),
+                         (["--ddim-steps", "1001"], "--ddim-steps must be in 1..1000, got 1001"),
+                         (["--ddim-steps", "3"], "--ddim-steps=3"),
+                         (["--batch-size", "0"], "--batch-size must be >= 1 (an integer), got 0"),
+                         (["--sigma", "nan"], "--sigma must be a finite number, got nan"),
                          (["--dataset", "mvtec_ad", "--overwrite-data"], "--overwrite-data needs --manual-dir")]:
         rc, err = cli("evaluate", ["--checkpoint", "random:tiny", "--out", tmp_path / "o", *argv], capsys)
         assert rc == 2 and needle in err and "Traceback" not in err, (argv, err[-2000:])
@@ -153,7 +153,7 @@ def test_user_errors_in_a_real_process_have_no_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--batch-size", "0"],
                           capture_output=True, text=True, env=env, timeout=120)
-    assert_user_error(proc.returncode, proc.stderr, "--batch-size 0")
+    assert_user_error(proc.returncode, proc.stderr, "--batch-size must be >= 1", "got 0")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--checkpoint",
                            str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=120)
     assert_user_error(proc.returncode, proc.stderr, "--checkpoint")

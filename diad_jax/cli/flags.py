@@ -232,7 +232,9 @@ def config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig
     flag) without options starts from none. An invalid value that came from the file is reported
     with the file and its key; one from a flag, by the flag (the command's Parser names it)."""
     d = base.to_dict()
-    from_file = unflatten_train_dict(read_config_file(args.config))[0] if args.config else {}
+    from_file = {}
+    if args.config:
+        from_file = unflatten_train_dict(read_config_file(args.config), f"--config {args.config}")[0]
     for key, value in from_file.items():
         d[key] = {**d[key], **value} if isinstance(d.get(key), dict) and isinstance(value, dict) else value
     flags = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}

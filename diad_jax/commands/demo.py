@@ -33,6 +33,7 @@ from pathlib import Path
 
 from diad_jax import cli
 from diad_jax.configs import NO_WEIGHTS_COMPARATOR, TrainConfig
+from diad_jax.errors import ConfigError
 
 log = logging.getLogger("diad_jax.demo")
 
@@ -99,12 +100,15 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
                                 **{"data.batch_size": args.batch_size, "optimizer.learning_rate": args.lr,
                                    "optimizer.ema_decay": args.ema_decay,
                                    "checkpoint.save_every": max(1, args.diad_steps // 4)})
-    for cfg in (vae_cfg, diad_cfg):
-        check_batch(cfg, shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp), evaluates=False)
+    for cfg, batch_flag in ((vae_cfg, "vae_batch_size"), (diad_cfg, "batch_size")):
+        try:
+            check_batch(cfg, shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp), evaluates=False)
+        except ConfigError as e:  # named by the flag that sets the stage's batch
+            raise e.renamed(lambda field: batch_flag if field == "data.batch_size" else field) from e
     if args.fresh and args.workdir.exists():
         shutil.rmtree(args.workdir)
-    cli.check_writable(args.workdir, "--workdir")
-    cli.check_writable(args.data_dir, "--data-dir")
+    cli.check_writable(args.workdir, "workdir")
+    cli.check_writable(args.data_dir, "data_dir")
     times = {}
     config = ModelConfig.demo()
     log.info("backend %s, %d device(s); demo model: 64x64 images -> 16x16x4 latents", jax.default_backend(),

@@ -88,7 +88,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     from diad_jax import data as dataio
     dataio.check_options(args.dataset, options)
     checkpoint, eval_config = cli.scoring_checkpoint(args)
-    cli.check_writable(args.out, "--out")
+    cli.check_writable(args.out, "out")
 
     import jax
     import numpy as np

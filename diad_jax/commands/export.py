@@ -37,7 +37,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
         ap.error(f"--platforms: choose from {', '.join(PLATFORMS)}, got {' '.join(args.platforms)}")
 
     checkpoint, eval_config = cli.scoring_checkpoint(args)
-    cli.check_writable(args.out, "--out")
+    cli.check_writable(args.out, "out")
     detector = cli.load_detector(args, checkpoint, eval_config)
     path = detector.export(args.out, platforms=args.platforms)
     print(f"exported {checkpoint} (batch {eval_config.batch_size}, {', '.join(args.platforms)}"

@@ -49,7 +49,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
 
     checkpoint, eval_config = cli.scoring_checkpoint(args)
     items = list(collect_inputs(args.input))  # a missing input or an empty folder fails here, before --out is made
-    cli.check_writable(args.out, "--out")
+    cli.check_writable(args.out, "out")
     detector = cli.load_detector(args, checkpoint, eval_config)
     cal = detector.calibration
     if cal is None:

@@ -67,7 +67,7 @@ class EvalConfig(Section):
         try:
             self.diffusion()  # validates schedule, ddim_steps, eta, guidance_scale, start_t, one_step
         except ConfigError as e:  # named by this config's fields
-            raise ConfigError(e.template, fields=[_SAMPLER_FIELDS.get(f, f) for f in e.fields]) from e.__cause__
+            raise e.renamed(lambda field: _SAMPLER_FIELDS.get(field, field)) from e.__cause__
         require_finite(self, "sigma")
         if self.sigma <= 0:
             raise ConfigError(f"{{0}} must be > 0, got {self.sigma}", fields=["sigma"])

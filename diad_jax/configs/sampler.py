@@ -74,8 +74,8 @@ class DiffusionConfig(Section):
                                   fields=["start_t"])
             if self.schedule != "consistent":
                 raise ConfigError(f"{{0}}={self.start_t} noises the latent to the first step's timestep, which is "
-                                  f"the 'consistent' schedule; set {{1}}='consistent' ('official' noises to {T - 1} "
-                                  f"and starts at ldm's first timestep, {{0}}=None)", fields=["start_t", "schedule"])
+                                  f"the 'consistent' schedule; set {{1}} ('official' noises to {T - 1} and starts at "
+                                  f"ldm's first timestep, with no {{0}})", fields=["start_t", "schedule=consistent"])
             if S > self.start_t:
                 raise ConfigError(f"{{0}}={S} is more than the {self.start_t} timesteps from {{1}}={self.start_t} "
                                   f"down to 1", fields=["ddim_steps", "start_t"])
@@ -86,8 +86,8 @@ class DiffusionConfig(Section):
                     if len(uniform_timesteps(T, d)) == d and uniform_timesteps(T, d)[-1] < T]
             raise ConfigError(f"{{0}}={S}: ldm's uniform spacing (every {T // S} of {T} timesteps, from 1) gives "
                               f"{len(spaced)} steps ending at timestep {spaced[-1]} (valid: 0..{T - 1}); nearby "
-                              f"valid values: {good}; any step count works with {{1}} (and {{2}}='consistent')",
-                              fields=["ddim_steps", "start_t", "schedule"])
+                              f"valid values: {good}; any step count works with {{1}} (and {{2}})",
+                              fields=["ddim_steps", "start_t", "schedule=consistent"])
 
     def timesteps(self) -> list[int]:
         """The timesteps the sampler visits, in order (descending)."""
