@@ -10,10 +10,12 @@ ImageNet normalisation). Batches are padded to a few fixed sizes (`Detector.buck
 compiles once per bucket, never per batch. Image i of a call gets the noise of fold_in(key(seed), i):
 its map and score are the same at any batch size, device count or number of processes, and equal
 to what `diad_jax.evaluation.evaluate` reports for the i-th image of a split.
+
+The inputs are collected and read by diad_jax.data.inputs; `Detector.export` lowers the scoring
+program and hands it, with the weights, to diad_jax.exported, which writes (and loads) the folder.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -24,12 +26,16 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
+from diad_jax import exported
 from diad_jax import sharding as shd
 from diad_jax.calibration import FILE_NAME as CALIBRATION_FILE, Calibration
 from diad_jax.checkpoints import default_context, load_model, read_metadata, require_detector, resolve
-from diad_jax.configs import (IMAGENET_MEAN, IMAGENET_STD, NO_WEIGHTS_COMPARATOR, RESNET_CHOICES, EvalConfig,
-                              ModelConfig)
+from diad_jax.configs import NO_WEIGHTS_COMPARATOR, RESNET_CHOICES, EvalConfig, ModelConfig
+from diad_jax.data.imageio import resize_map
+from diad_jax.data.inputs import collect_inputs, read_chunks
+from diad_jax.data.pipeline import normalize
 from diad_jax.errors import CheckpointError, ConfigError, UserError
 from diad_jax.models.diad import DiAD
 from diad_jax.scoring import Scorer, distinct_uncond_context, make_bundle, random_resnet
@@ -188,7 +194,6 @@ class Detector:
         for a fixed batch of `batch_size` images (default: the eval config's) and lowered for each of
         `platforms`, its weights and a manifest. `diad_jax.exported.load(path)` scores with it
         without the model code (see diad_jax/exported.py). The detector must be on one device."""
-        from diad_jax import exported
         if self.mesh.size != 1 or jax.process_count() != 1:
             raise ConfigError(f"export needs a detector on one device in one process (diad_jax.load(path) without a "
                               f"mesh); this one spans {self.mesh.size} device(s) in {jax.process_count()} process(es)")
@@ -208,18 +213,10 @@ class Detector:
         program = self.scorer.export(self.bundle, g["image"], self._key, g["index"], platforms=tuple(platforms))
         weights = {shd.path_str(p): np.asarray(v)
                    for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(self.bundle))}
-        manifest = {
-            "jax_version": jax.__version__, "source": self.source, "notes": self.notes,
-            "model_config": self.config.to_dict(), "eval_config": self.eval_config.to_dict(),
-            "image_size": size, "batch_size": batch, "platforms": list(platforms),
-            "input": {"images": f"uint8 (N, {size}, {size}, 3) RGB at the model's size, normalised by the loader",
-                      "program": f"weights, float32 ({batch}, 3, {size}, {size}) NCHW (x / 255 - mean) / std, key, "
-                                 f"int32 ({batch},) image ids (noise of image i: fold_in(key, id); padding: -1)"},
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "seed": self.eval_config.seed, "key": np.asarray(jax.device_get(self._key)).tolist(),
-            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
-        }
-        return exported.save(path, program.serialize(), weights, manifest)
+        return exported.save(path, program.serialize(), weights, model_config=self.config,
+                             eval_config=self.eval_config, batch_size=batch, platforms=platforms,
+                             key=np.asarray(jax.device_get(self._key)), calibration=self.calibration,
+                             source=self.source, notes=self.notes)
 
     # ---- prediction -----------------------------------------------------------------------------
     def predict(self, inputs, *, class_name: str | None = None, original_size: bool = False,
@@ -242,9 +239,8 @@ class Detector:
     def iter_predict_items(self, items: Sequence[tuple[str, Any]], *, class_name: str | None = None,
                            original_size: bool = False, batch_size: int | None = None,
                            progress: bool = False) -> Iterator[Prediction]:
-        """`iter_predict` of what `collect_inputs` gave (folders are not walked again): the predict
-        CLI checks its inputs before it loads the model."""
-        from diad_jax.data.pipeline import normalize
+        """`iter_predict` of what `diad_jax.data.inputs.collect_inputs` gave (folders are not walked
+        again): the predict CLI checks its inputs before it loads the model."""
         if jax.process_count() > 1:
             raise UserError("Detector.predict runs in one process; evaluate datasets on several hosts with "
                             "diad_jax.evaluation.evaluate")
@@ -258,37 +254,28 @@ class Detector:
                             f"calibrate it first (diad-jax evaluate --calibrate)")
         bar = None
         if progress:
-            from tqdm import tqdm
             bar = tqdm(total=len(items), desc="predict", unit="img", dynamic_ncols=True)
         batch = batch_size or self.eval_config.batch_size
         if not 1 <= batch <= self.eval_config.batch_size:
             raise UserError(f"batch_size {batch_size} must be in 1..{self.eval_config.batch_size} (the eval config's)")
-        size = self.image_size
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            def read(item):
-                return _read_item(item, size)
-
-            chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
-            pending = pool.map(read, chunks[0]) if chunks else None
-            start = 0
-            for k, chunk in enumerate(chunks):
-                loaded = list(pending)
-                if k + 1 < len(chunks):  # read the next chunk while this one is scored
-                    pending = pool.map(read, chunks[k + 1])
-                ok = [j for j, r in enumerate(loaded) if r.error is None]
-                if ok:
-                    images = normalize(np.stack([loaded[j].image for j in ok]))
-                    out = self.score_batch(images, np.asarray([start + j for j in ok]))
-                    for row, j in enumerate(ok):
-                        _finish(loaded[j], out["maps"][row], float(out["scores"][row]), threshold, pixel,
-                                class_name, original_size)
-                start += len(chunk)
-                for p in loaded:
-                    if p.error is not None:
-                        log.warning("%s", p.error)
-                    yield p
-                if bar is not None:
-                    bar.update(len(chunk))
+        start = 0
+        for loaded in read_chunks(items, self.image_size, batch):  # the next chunk is read while this one is scored
+            predictions = [Prediction(r.name, image=r.image, original_size=r.original_size, error=r.error)
+                           for r in loaded]
+            ok = [j for j, p in enumerate(predictions) if p.error is None]
+            if ok:
+                images = normalize(np.stack([predictions[j].image for j in ok]))
+                out = self.score_batch(images, np.asarray([start + j for j in ok]))
+                for row, j in enumerate(ok):
+                    _finish(predictions[j], out["maps"][row], float(out["scores"][row]), threshold, pixel,
+                            class_name, original_size)
+            start += len(predictions)
+            for p in predictions:
+                if p.error is not None:
+                    log.warning("%s", p.error)
+                yield p
+            if bar is not None:
+                bar.update(len(predictions))
         if bar is not None:
             bar.close()
 
@@ -304,106 +291,6 @@ def _finish(p: Prediction, amap: np.ndarray, score: float, threshold, pixel, cla
         p.class_name = class_name
     if pixel is not None:
         p.mask = (p.original_map if p.original_map is not None else amap) >= pixel.value
-
-
-def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A float map resized to (height, width) with PIL's bilinear filter (as the images are)."""
-    from PIL import Image
-    return np.asarray(Image.fromarray(np.asarray(amap, np.float32), "F").resize((size[1], size[0]),
-                                                                                 Image.BILINEAR))
-
-
-def collect_inputs(inputs) -> Iterator[tuple[str, Any]]:
-    """(name, path or array) for every image of `inputs` (see `Detector.predict`). A folder is
-    walked recursively (see `_walk`); an entry there that cannot be followed comes as (its path,
-    UserError), reported like an unreadable file. Arrays are checked here, so a wrong one fails
-    before any scoring; so does a path that does not exist."""
-    if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
-        inputs = list(inputs)
-    elif isinstance(inputs, (str, os.PathLike, np.ndarray)):
-        inputs = [inputs]
-    for i, x in enumerate(inputs):
-        if isinstance(x, np.ndarray):
-            yield f"array[{i}]", _check_array(x, f"array[{i}]")
-        elif isinstance(x, (str, os.PathLike)):
-            path = Path(x)
-            if path.is_dir():
-                yield from _walk(path)
-            elif path.exists():
-                yield str(path), str(path)
-            else:
-                raise UserError(f"{path}: no such file or folder")
-        else:
-            raise UserError(f"input {i}: expected a path or a uint8 array, got {type(x).__name__}")
-
-
-def _walk(folder: Path) -> list[tuple[str, str | UserError]]:
-    """(path, path) for every image file below `folder`: a folder's files (sorted), then its
-    sub-folders' in turn; hidden entries are skipped, linked folders followed. A folder that cannot
-    be listed, or a link back to a folder above it (a loop, not followed), comes as (its path,
-    UserError); a broken link as a file (the reader names it). Files without an image extension
-    are listed in a warning, not scored."""
-    from diad_jax.data.imageio import is_image_file
-    items, others = [], []
-
-    def visit(path: str, above: frozenset[str]) -> None:
-        try:
-            with os.scandir(path) as it:
-                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-        except OSError as e:
-            items.append((path, UserError(f"{path}: cannot list this folder ({e.strerror or e})")))
-            return
-        folders = []
-        for e in entries:
-            try:
-                is_dir = e.is_dir()  # follows links
-            except OSError:  # a link that cannot be resolved (e.g. to itself): the reader names it
-                is_dir = False
-            if is_dir:
-                folders.append(e.path)
-            elif is_image_file(e.name):
-                items.append((e.path, e.path))
-            else:
-                others.append(e.path)
-        for sub in folders:
-            real = os.path.realpath(sub)
-            if real in above:
-                items.append((sub, UserError(f"{sub}: a link back to {real}, a folder above it (a loop); not "
-                                             f"followed")))
-            else:
-                visit(sub, above | {real})
-
-    visit(str(folder), frozenset({os.path.realpath(folder)}))
-    if others:
-        log.warning("%s: %d file(s) without an image extension not scored: %s%s", folder, len(others),
-                    ", ".join(others[:5]), " ..." if len(others) > 5 else "")
-    if not items:
-        raise UserError(f"{folder}: no image files in this folder or below it")
-    return items
-
-
-def _check_array(x: np.ndarray, name: str) -> np.ndarray:
-    if x.dtype != np.uint8:
-        raise UserError(f"{name}: dtype {x.dtype}; pass uint8 RGB images (H, W, 3) or grayscale (H, W)")
-    if x.ndim == 3 and x.shape[2] == 1:
-        x = x[..., 0]
-    if x.ndim == 2:
-        x = np.repeat(x[..., None], 3, -1)
-    if x.ndim != 3 or x.shape[2] != 3 or min(x.shape[:2]) < 1:
-        raise UserError(f"{name}: shape {x.shape}; pass uint8 RGB images (H, W, 3) or grayscale (H, W)")
-    return x
-
-
-def _read_item(item: tuple[str, Any], size: int) -> Prediction:
-    from diad_jax.data.imageio import read_image, resize_image
-    name, x = item
-    if isinstance(x, UserError):  # a folder entry the walk could not follow
-        return Prediction(name, error=str(x))
-    try:
-        image = read_image(x) if isinstance(x, str) else x
-    except UserError as e:  # unreadable: reported for this file, the others go on
-        return Prediction(name, error=str(e))
-    return Prediction(name, image=resize_image(image, size), original_size=tuple(image.shape[:2]))
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -489,4 +376,4 @@ def scoring_settings(meta: dict, calibration: Calibration | None) -> dict:
     return meta.get("eval_config") or {}
 
 
-__all__ = ["Detector", "Prediction", "collect_inputs", "load", "place_bundle", "resize_map"]
+__all__ = ["Detector", "Prediction", "load", "place_bundle"]

@@ -1,6 +1,7 @@
 """A detector exported for deployment: the compiled scoring program, its weights and a manifest,
 scored without the model code (this module imports no flax and no diad_jax.models, diffusion or
-scoring).
+scoring). The folder's format is defined here, once: `save` writes it (`Detector.export` hands it the
+program and the weights), `load` reads it, and both check the manifest with the same field table.
 
     det = diad_jax.load("checkpoints/diad_mvtec")     # where the library's model code is
     det.export("deploy/diad_mvtec")                    # or: diad-jax export --checkpoint ... --out ...
@@ -39,12 +40,15 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
+from safetensors.numpy import load_file, save as to_bytes
 
 from diad_jax import __version__
 from diad_jax.calibration import Calibration
+from diad_jax.configs import IMAGENET_MEAN, IMAGENET_STD, EvalConfig, ModelConfig
 from diad_jax.errors import UserError
 
 FORMAT_VERSION = 2  # 2: manifest.sha256 added, every manifest field checked
@@ -142,20 +146,37 @@ class ExportedDetector:
         return images
 
 
-def save(path: str | Path, program: bytes, weights: dict[str, np.ndarray], manifest: dict) -> Path:
-    """Writes an exported folder (`Detector.export` calls this): `program` (Exported.serialize()),
-    `weights` (flat, in the program's argument order) and `manifest`, completed with the format
-    version, the weight keys and the files' sizes and checksums, and the manifest's own checksum
-    (DIGEST). The manifest is written last, so a folder that has one is complete."""
-    from safetensors.numpy import save as to_bytes
+def save(path: str | Path, program: bytes, weights: dict[str, np.ndarray], *, model_config: ModelConfig,
+         eval_config: EvalConfig, batch_size: int, platforms: Sequence[str], key: np.ndarray,
+         calibration: Calibration | None, source: str | None, notes: Sequence[str]) -> Path:
+    """Writes an exported folder (`Detector.export` calls this): `program` (Exported.serialize() of
+    the scoring program for `batch_size` images, lowered for `platforms`), `weights` (flat, in the
+    program's argument order) and the manifest: the format version, versions, both configs, the
+    input size and normalisation, the seed and `key` (the raw PRNG key the program takes), the
+    thresholds, `source` and `notes`, the weight keys and the files' sizes and checksums, checked
+    as `read_manifest` checks it, then its own checksum (DIGEST). The manifest is written last, so
+    a folder that has one is complete."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / MANIFEST).unlink(missing_ok=True)
     (path / PROGRAM).write_bytes(program)
     # written as bytes so the file gets the umask's permissions like the others (save_file makes it 0600)
     (path / WEIGHTS).write_bytes(to_bytes({k: np.ascontiguousarray(v) for k, v in weights.items()}))
-    manifest = {"format_version": FORMAT_VERSION, "diad_jax_version": __version__, **manifest,
-                "weights": list(weights), "files": {name: _fingerprint(path / name) for name in (PROGRAM, WEIGHTS)}}
+    size = model_config.image_size
+    manifest = {
+        "format_version": FORMAT_VERSION, "diad_jax_version": __version__, "jax_version": jax.__version__,
+        "source": source, "notes": list(notes),
+        "model_config": model_config.to_dict(), "eval_config": eval_config.to_dict(),
+        "image_size": size, "batch_size": batch_size, "platforms": list(platforms),
+        "input": {"images": f"uint8 (N, {size}, {size}, 3) RGB at the model's size, normalised by the loader",
+                  "program": f"weights, float32 ({batch_size}, 3, {size}, {size}) NCHW (x / 255 - mean) / std, "
+                             f"key, int32 ({batch_size},) image ids (noise of image i: fold_in(key, id); padding: -1)"},
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "seed": eval_config.seed, "key": np.asarray(key).tolist(),
+        "calibration": calibration.to_dict() if calibration is not None else None,
+        "weights": list(weights), "files": {name: _fingerprint(path / name) for name in (PROGRAM, WEIGHTS)},
+    }
+    _check_fields(path / MANIFEST, manifest)
     text = json.dumps(manifest, indent=1).encode()
     (path / DIGEST).write_text(f"{hashlib.sha256(text).hexdigest()}  {MANIFEST}\n")  # sha256sum's format
     (path / MANIFEST).write_bytes(text)
@@ -167,7 +188,6 @@ def load(path: str | Path) -> ExportedDetector:
     format version, a file that is missing, truncated or changed since the export (the manifest
     included), a manifest field of the wrong type or range or that disagrees with the program, or a
     program this jax cannot read is refused with an ExportError naming the file and field."""
-    from safetensors.numpy import load_file
     path = Path(path)
     manifest = read_manifest(path)
     for name in (PROGRAM, WEIGHTS):
@@ -207,6 +227,12 @@ def read_manifest(path: Path) -> dict:
         raise ExportError(f"{file}: format version {version!r} (written by diad_jax "
                           f"{manifest.get('diad_jax_version')}); this diad_jax ({__version__}) reads version "
                           f"{FORMAT_VERSION}: export the model again, or load it with the version that wrote it")
+    _check_fields(file, manifest)
+    return manifest
+
+
+def _check_fields(file: Path, manifest: dict) -> None:
+    """Every field of `manifest` (the one `file` holds) present, of its type and in its range."""
     missing = [k for k in (*_FIELDS, "calibration") if k not in manifest]
     if missing:
         raise ExportError(f"{file}: missing {', '.join(missing)}")
@@ -215,7 +241,6 @@ def read_manifest(path: Path) -> dict:
             text = json.dumps(manifest[key])
             raise ExportError(f"{file}: {key} is {text if len(text) <= 80 else text[:77] + '...'}; expected {expected}")
     _calibration(file, manifest["calibration"])
-    return manifest
 
 
 def _is_int(v, low: int, high: int | None = None) -> bool:

@@ -19,7 +19,8 @@ from diad_jax import checkpoints, cli, data
 from diad_jax import sharding as shd
 from diad_jax.calibration import Calibration, calibrate, threshold
 from diad_jax.configs import EvalConfig, TrainConfig
-from diad_jax.detector import Detector, _read_item, collect_inputs, place_bundle
+from diad_jax.data.inputs import collect_inputs, read_input
+from diad_jax.detector import Detector, place_bundle
 from diad_jax.errors import CheckpointError, ConfigError, UserError
 from diad_jax.evaluation import evaluate
 from diad_jax.metrics import f1_optimal_threshold
@@ -172,7 +173,7 @@ def test_a_folder_walk_follows_links_and_lists_what_it_cannot_read(tmp_path, mon
     items = list(collect_inputs(folder))
     assert [name.split("/in/")[1] for name, _ in items] == ["a.png", "dangling.png", "linked/c.png", "locked",
                                                              "sub/b.png", "sub/up"]
-    errors = [_read_item(item, 8).error for item in items]
+    errors = [read_input(item, 8).error for item in items]
     assert [e is None for e in errors] == [True, False, True, False, True, False]
     assert errors[1] == f"{folder}/dangling.png: broken symbolic link (to {tmp_path}/gone.png, which does not exist)"
     assert errors[3] == f"{folder}/locked: cannot list this folder (Permission denied)"

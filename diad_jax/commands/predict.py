@@ -45,7 +45,7 @@ def build_parser():
 @cli.command(build_parser)
 def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     cli.setup_logging()
-    from diad_jax.detector import collect_inputs
+    from diad_jax.data.inputs import collect_inputs
 
     checkpoint, eval_config = cli.scoring_checkpoint(args)
     items = list(collect_inputs(args.input))  # a missing input or an empty folder fails here, before --out is made
@@ -87,7 +87,7 @@ def _write_images(args, n: int, p) -> None:
     import numpy as np
     from PIL import Image
 
-    from diad_jax.detector import resize_map
+    from diad_jax.data.imageio import resize_map
     from diad_jax.visualize import prediction_panel
 
     stem = f"{n:05d}_{Path(p.name).stem}"

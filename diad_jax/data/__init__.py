@@ -11,7 +11,7 @@ Prepare once (decoded uint8 arrays in array_record files, no TensorFlow), then r
 Modules: records (Record, DataError), imageio (read + the reference's PIL-bilinear resize), layouts
 (MVTec-AD / MVTec AD 2 / VisA / Real-IAD / folder scanning), synthetic (the generated dataset), prepared
 (prepare / load), builders (the tfds builders; imported on first use, as it imports tensorflow_datasets),
-pipeline (grain pipelines).
+pipeline (grain pipelines), inputs (what `Detector.predict` reads: folders walked, files and arrays read).
 """
 from diad_jax.data.prepared import (DATASETS, PreparedDataset, check_options, load, load_from_directory, prepare,
                                     source_fingerprint)

@@ -1,4 +1,4 @@
-"""Reading images and masks from disk, and the one resize used everywhere.
+"""Reading images and masks from disk, and the one resize used everywhere (images, masks, anomaly maps).
 
 The reference (mvtecad_dataloader.py / visa_dataloader.py) reads with cv2, converts BGR->RGB,
 wraps the array in a PIL image and applies torchvision ``transforms.Resize((256, 256))`` to image
@@ -99,6 +99,12 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     if mask.shape[0] != size or mask.shape[1] != size:
         mask = np.asarray(Image.fromarray(mask, "L").resize((size, size), Image.BILINEAR))
     return np.where(mask > 0, 255, 0).astype(np.uint8)
+
+
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float map resized to (height, width) with PIL's bilinear filter (as the images are)."""
+    return np.asarray(Image.fromarray(np.asarray(amap, np.float32), "F").resize((size[1], size[0]),
+                                                                                 Image.BILINEAR))
 
 
 def read_image(path: str, size: int | None = None) -> np.ndarray:
