@@ -279,12 +279,12 @@ def test_prepared_copies_are_keyed_by_source_and_refuse_a_changed_one(tmp_path):
     assert ds_a.path != ds_b.path
     assert ds_a.source["path"] == str(a) and ds_b.source["path"] == str(b)
     assert not np.array_equal(ds_a["test"][0]["image"], ds_b["test"][0]["image"])
-    with pytest.raises(data.DataError, match=r"2 copies .* --manual-dir"):
+    with pytest.raises(data.DataError, match=r"2 copies .* \(manual_dir\)"):
         data.load("mvtec_ad", cache, classes=CLASSES, image_size=16)
     # a changed source folder is refused, never reused; --overwrite-data prepares it again
     first = a / "bottle" / "test" / "good" / "000.png"
     new_image = _write_rgb(str(first), (40, 40))
-    with pytest.raises(data.DataError, match=r"folder has changed since .* --overwrite-data"):
+    with pytest.raises(data.DataError, match=r"folder has changed since .* \(overwrite=True\)"):
         data.prepare("mvtec_ad", cache, manual_dir=a, classes=CLASSES, image_size=16)
     ds_a2 = data.prepare("mvtec_ad", cache, manual_dir=a, classes=CLASSES, image_size=16, overwrite=True)
     i = [data.as_text(ex["filename"]) for ex in (ds_a2["test"][j] for j in range(len(ds_a2["test"])))].index(
@@ -449,11 +449,16 @@ def test_converter_lists_every_missing_key_by_prefix(tiny_safetensors, tmp_path,
     assert {f"      {k}" for k in sg} <= set(err.splitlines()) and "cond_stage_model" not in err
 
 
-def test_conversion_error_hints_name_the_cli_flags():
+def test_conversion_error_hints_name_the_arguments_and_on_the_command_line_the_flags():
+    from diad_jax.commands import convert
+
     e = ConversionError("x.ckpt", missing=["a"], mismatched=[("b", (1,), (2,)), ("c", (1,), (2,)), ("d", (1,), (2,))],
                         matched=1)
-    assert "--allow-missing / --allow-unexpected" in str(e)
-    assert "the model config (--config) most likely does not fit" in str(e).splitlines()[1]
+    assert "allow_missing / allow_unexpected" in str(e) and "--" not in str(e)
+    assert "the model config (config) most likely does not fit" in str(e).splitlines()[1]
+    shown = e.message(convert.build_parser().flag_of)
+    assert "--allow-missing / --allow-unexpected" in shown
+    assert "the model config (--config) most likely does not fit" in shown.splitlines()[1]
 
 
 # ---- 6: scoring names the images whose maps are not finite -----------------------------------------
