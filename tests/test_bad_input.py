@@ -256,7 +256,7 @@ def test_interrupt_saves_nothing_non_finite_then_damaged_checkpoint_falls_back(t
     assert_user_error(rc, err, f"{tmp_path / 'run'} is in use by another training run (pid {os.getpid()} on ")
 
     # 10: EMA switched on for a run whose checkpoints have none
-    with pytest.raises(ConfigError, match=r"--ema-decay \(on/off\): checkpoint False, this run True"):
+    with pytest.raises(ConfigError, match=r"optimizer.ema_decay \(on/off\): checkpoint False, this run True"):
         Trainer(cfg.replace(**{"optimizer.ema_decay": 0.99}), mesh=mesh)
 
     # 8: a model checkpoint with a missing file: one line naming the checkpoint, item and array

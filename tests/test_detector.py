@@ -280,7 +280,7 @@ def test_a_checkpoint_without_resnet_needs_an_opt_in(tmp_path, weights):
     ckpt = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params, context=ctx, kind="detector",
                                   metadata=meta)
     with pytest.raises(CheckpointError,
-                       match=r"no ResNet-50 weights.*--resnet resnet50.pth.*--comparator pixel_l1.*resnet=\"random\""):
+                       match=r"no ResNet-50 weights.*diad-jax convert --resnet resnet50.pth.*comparator=pixel_l1.*resnet=random"):
         diad_jax.load(ckpt)
     det = diad_jax.load(ckpt, resnet="random")
     assert any("randomly initialised" in n for n in det.notes)

@@ -495,7 +495,7 @@ def test_train_t_max_limits_the_noise_levels_trained_on():
 
 def test_evaluating_without_resnet_weights_needs_an_opt_in_or_a_weight_free_comparator():
     cfg = TrainConfig().replace(**{"validation.at_end": True})  # evaluates; no --init-checkpoint: no ResNet-50
-    with pytest.raises(ConfigError, match=r"no ResNet-50 weights.*--eval-resnet random.*--eval-comparator pixel_l1"):
+    with pytest.raises(ConfigError, match=r"no ResNet-50 weights.*validation.resnet=random.*eval.comparator=pixel_l1"):
         check_eval_resnet(cfg, has_resnet=False)
     check_eval_resnet(cfg.replace(**{"eval.comparator": "pixel_l1"}), has_resnet=False)
     check_eval_resnet(cfg.replace(**{"validation.resnet": "random"}), has_resnet=False)
