@@ -70,18 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
 def worker(args) -> None:
     """Runs in a subprocess with the forced device count already in XLA_FLAGS."""
     import jax
-    import jax.numpy as jnp
 
     from diad_jax import sharding as shd
     from diad_jax.configs import ModelConfig, TrainConfig
-    from diad_jax.models.diad import DiAD
+    from diad_jax.models.diad import DTYPES, DiAD
     from diad_jax.train import StepFactory
 
     from diad_jax.models import layers
     layers.CONV_IMPL = args.conv_impl
     cases = [parse_case(c) for c in args._worker.split(",")]
     config = ModelConfig.from_spec(args.model)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     rows = []
     for devices, data, fsdp, batch in cases:
         tcfg = TrainConfig(model=args.model, compute_dtype=args.dtype, remat=not args.no_remat).replace(**{

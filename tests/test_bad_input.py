@@ -30,7 +30,7 @@ from diad_jax.data.imageio import read_image, read_mask, read_pair
 from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from diad_jax.evaluation import EvalResult
 from diad_jax.models.diad import DiAD
-from diad_jax.scoring import check_finite
+from diad_jax.scoring import check_finite_maps
 from diad_jax.train import Hook, Trainer
 from diad_jax.train.workdir_lock import WorkdirLock
 
@@ -463,8 +463,8 @@ def test_non_finite_maps_name_the_images():
     scores = np.array([0.1, np.inf, 0.2, 0.3], np.float32)
     names = ["a.png", "b.png", "c.png", "d.png"]
     with pytest.raises(NonFiniteError, match=r"2 of 4 images .*: b\.png, c\.png$"):
-        check_finite(maps, scores, names.__getitem__)
-    check_finite(np.zeros((2, 8, 8)), np.zeros(2), names.__getitem__)  # finite: no error
+        check_finite_maps(maps, scores, names.__getitem__)
+    check_finite_maps(np.zeros((2, 8, 8)), np.zeros(2), names.__getitem__)  # finite: no error
 
 
 # ---- 9: 16-bit grayscale and transparent images ------------------------------------------------------

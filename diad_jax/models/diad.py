@@ -30,6 +30,11 @@ from diad_jax.models.sg_network import SemanticGuidedNetwork
 
 Params = dict[str, Any]
 
+# The compute dtypes by their config names (TrainConfig.compute_dtype, EvalConfig.dtype): the
+# `dtype` a DiAD computes in (its params stay float32).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def to_nhwc(x):
     return jnp.transpose(x, (0, 2, 3, 1))
 
