@@ -4,13 +4,16 @@ and one `error:` line naming the flag, file or key at fault, no traceback, and n
 wrong. Numbers refer to the cases of the sweep (README, "Troubleshooting")."""
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -267,6 +270,29 @@ def test_interrupt_saves_nothing_non_finite_then_damaged_checkpoint_falls_back(t
     with pytest.raises(CheckpointError, match=r"broken: cannot restore the model weights \(state item\): "
                                               r"array \".*\" is unreadable"):
         checkpoints.load_model(broken)
+
+
+def test_a_failed_restore_silences_its_aborted_reads_only_while_it_runs(tmp_path, monkeypatch, caplog):
+    """A damaged model checkpoint fails with one CheckpointError; the echoes of the reads the
+    failure aborted ('Event loop is closed', 'never retrieved') are dropped while the restore runs,
+    and sys.unraisablehook, asyncio's log filters and the warning filters are as before after it."""
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), DiAD(MICRO).abstract_params())
+    path = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params,
+                                  context=checkpoints.default_context(MICRO), kind="detector")
+    for f in (path / "state").rglob("d/*"):
+        f.unlink()
+    unraisable = []
+    hook = unraisable.append
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    warning_filters, asyncio_filters = list(warnings.filters), list(logging.getLogger("asyncio").filters)
+    for _ in range(2):  # the second restore starts from what the first left behind
+        with pytest.raises(CheckpointError, match=r"ckpt: cannot restore the model weights \(state item\): "
+                                                  r"array \".*\" is unreadable"):
+            checkpoints.load_model(path)
+        assert sys.unraisablehook is hook and warnings.filters == warning_filters
+        assert logging.getLogger("asyncio").filters == asyncio_filters
+    gc.collect()
+    assert unraisable == [] and "never retrieved" not in caplog.text
 
 
 # ---- 2: the prepared-data cache knows its source --------------------------------------------------
