@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--devices", nargs="+", type=int, default=None,
                     help="only the default cases with these device counts")
     ap.add_argument("--conv-impl", default="lax", choices=["lax", "auto", "im2col"],
-                    help="convolution kernel (models/layers.CONV_IMPL): 'lax' (default) is what GPU/TPU run; "
+                    help="convolution kernel (DiAD's conv_impl): 'lax' (default) is what GPU/TPU run; "
                          "'auto' is the CPU backend's im2col for small maps")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per device count")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -70,18 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 def worker(args) -> None:
     """Runs in a subprocess with the forced device count already in XLA_FLAGS."""
     import jax
-    import jax.numpy as jnp
 
     from diad_jax import sharding as shd
     from diad_jax.configs import ModelConfig, TrainConfig
-    from diad_jax.models.diad import DiAD
+    from diad_jax.models.diad import DTYPES, DiAD
     from diad_jax.train import StepFactory
 
-    from diad_jax.models import layers
-    layers.CONV_IMPL = args.conv_impl
     cases = [parse_case(c) for c in args._worker.split(",")]
     config = ModelConfig.from_spec(args.model)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     rows = []
     for devices, data, fsdp, batch in cases:
         tcfg = TrainConfig(model=args.model, compute_dtype=args.dtype, remat=not args.no_remat).replace(**{
@@ -89,7 +86,7 @@ def worker(args) -> None:
             "optimizer.ema_decay": 0.999 if args.ema else None})
         mesh = shd.make_mesh(data, fsdp, jax.devices()[:devices])
         t0 = time.perf_counter()
-        factory = StepFactory(DiAD(config, dtype=dtype, remat=tcfg.remat), tcfg, mesh)
+        factory = StepFactory(DiAD(config, dtype=dtype, remat=tcfg.remat, conv_impl=args.conv_impl), tcfg, mesh)
         lowered = factory.lower(batch)
         t1 = time.perf_counter()
         compiled = lowered.compile()

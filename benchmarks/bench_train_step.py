@@ -53,12 +53,11 @@ def main(argv=None):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from diad_jax import sharding as shd
     from diad_jax.configs import ModelConfig, TrainConfig
-    from diad_jax.models.diad import DiAD
+    from diad_jax.models.diad import DTYPES, DiAD
     from diad_jax.checkpoints import default_context
     from diad_jax.train import StepFactory
 
@@ -72,7 +71,7 @@ def main(argv=None):
             cfg = base.replace(model=args.model, compute_dtype=dt, remat=args.remat, **{
                 "data.batch_size": batch_size, "optimizer.grad_accum": args.grad_accum, "mesh.data": args.mesh_data,
                 "mesh.fsdp": args.mesh_fsdp})
-            model = DiAD(config, dtype=jnp.bfloat16 if dt == "bfloat16" else jnp.float32, remat=args.remat)
+            model = DiAD(config, dtype=DTYPES[dt], remat=args.remat)
             f = StepFactory(model, cfg, mesh)
             if params_host is None:
                 t0 = time.perf_counter()

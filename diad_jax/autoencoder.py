@@ -31,6 +31,7 @@ from diad_jax import data as data_lib
 from diad_jax.configs import (AutoencoderConfig, CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig,
                               ValidationConfig)
 from diad_jax.convert.torch_io import read_state_dict
+from diad_jax.diffusion import example_keys
 from diad_jax.errors import ConfigError
 from diad_jax.models.diad import combine, to_nchw, to_nhwc
 from diad_jax.models.lpips import LPIPS, lpips_abstract_params, lpips_params_from_state_dicts
@@ -47,10 +48,8 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
     del context
     params = combine(trainable, {k: v for k, v in frozen.items() if k != "lpips"})
     x = batch["image"]
-    index = batch["index"]
     mean, logvar = model.encode_moments(params, x)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index.astype(jnp.uint32))
-    noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
+    noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(example_keys(key, batch["index"]))
     z = mean + jnp.exp(0.5 * logvar) * noise
     x_hat = to_nchw(model.vae.apply({"params": params["vae"]}, to_nhwc(z), method=AutoencoderKL.decode))
     x_hat = x_hat.astype(jnp.float32)

@@ -11,12 +11,15 @@ beside their train state, so a converted checkpoint initialises training and a t
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import logging
 import re
 import shutil
 import sys
+import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,12 +174,14 @@ def read_metadata(path: str | Path, field: str | None = None) -> dict:
 def restoring(path: str | Path, what: str):
     """Turns any failure of the orbax restore inside into one CheckpointError naming the checkpoint,
     the item and, where the storage layer says so, the array and the cause (a missing or damaged
-    file). A failed read aborts orbax's other pending reads; their echoes are silenced."""
-    try:
-        yield
-    except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, FileNotFoundError, Exception
-        _silence_aborted_reads()
-        raise CheckpointError(f"{path}: cannot restore {what}: {_storage_reason(e)}") from e
+    file). The echoes of the reads a failure aborts are silenced while the restore runs
+    (`_aborted_reads_silenced`)."""
+    with _aborted_reads_silenced() as settle:
+        try:
+            yield
+        except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, FileNotFoundError, Exception
+            settle(e)
+            raise CheckpointError(f"{path}: cannot restore {what}: {_storage_reason(e)}") from e
 
 
 def _storage_reason(e: BaseException) -> str:
@@ -193,32 +198,57 @@ def _storage_reason(e: BaseException) -> str:
     return messages[-1].strip().splitlines()[0][:300]
 
 
-_SILENCED = False
-
-
-def _silence_aborted_reads() -> None:
+@contextlib.contextmanager
+def _aborted_reads_silenced(quiet_s: float = 0.25, limit_s: float = 5.0):
     """When one read of an orbax restore fails, orbax closes its event loop while tensorstore still
     completes the other reads: each one then reports 'Event loop is closed' or, when its orbax
     coroutine is collected, its own read error (both through sys.unraisablehook), 'exception was
     never retrieved' (asyncio's logger) or 'coroutine was never awaited' (a warning) -- hundreds of
-    tracebacks after the one error that matters. Drop exactly those; everything else passes
-    through. Installed once, on the first failed restore."""
-    global _SILENCED
-    if _SILENCED:
-        return
+    tracebacks after the one error that matters. Inside this context exactly those are dropped;
+    everything else passes through. It yields `settle(error)`, which a failed restore calls to let
+    the aborted reads report before the context ends: it clears the local variables of the frames
+    `error` passed through (they hold the reads' futures; the traceback itself is kept) and collects
+    garbage until no echo came for `quiet_s` (at most `limit_s`). On exit, sys.unraisablehook,
+    asyncio's log filters and the warning filters are what they were."""
     previous_hook = sys.unraisablehook
+    dropped = [0.0]  # time.monotonic() of the last echo dropped
 
     def hook(unraisable):
         closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
             unraisable.exc_value)
         orbax_read = inspect.iscoroutine(unraisable.object) and "orbax" in unraisable.object.cr_code.co_filename
-        if not (closed_loop or orbax_read):
+        if closed_loop or orbax_read:
+            dropped[0] = time.monotonic()
+        else:
             previous_hook(unraisable)
 
+    def never_retrieved(record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" in record.getMessage():
+            dropped[0] = time.monotonic()
+            return False
+        return True
+
+    def settle(error: BaseException):
+        seen = set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            traceback.clear_frames(error.__traceback__)
+            error = error.__cause__ or error.__context__
+        began = dropped[0] = time.monotonic()
+        while time.monotonic() - dropped[0] < quiet_s and time.monotonic() - began < limit_s:
+            gc.collect()  # the aborted coroutines report now, not at some later collection
+            time.sleep(0.05)
+
+    asyncio_log = logging.getLogger("asyncio")
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
-    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
-    _SILENCED = True
+    asyncio_log.addFilter(never_retrieved)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+            yield settle
+    finally:
+        asyncio_log.removeFilter(never_retrieved)
+        sys.unraisablehook = previous_hook
 
 
 def load_model(path: str | Path, mesh: Mesh | None = None, *,

@@ -54,6 +54,13 @@ def ddim_plan(cfg: DiffusionConfig) -> DDIMPlan:
     return DDIMPlan(cfg.noise_t, ts, alphas, alphas_prev, sigmas)
 
 
+def example_keys(key, index):
+    """One independent key per example: fold_in(key, index[i]) for the (B,) int dataset or image
+    indices `index`, so an example's noise does not depend on its batch, mesh or host. Training,
+    scoring and the autoencoder fine-tuning draw their per-example noise from these keys."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index.astype(jnp.uint32))
+
+
 def q_sample(cfg: DiffusionConfig, z0, t, noise):
     """x_t = sqrt(acp_t) z0 + sqrt(1 - acp_t) noise, with ldm's float32 coefficient buffers.
     `t` is an int array of shape (B,) (or a scalar)."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from diad_jax import sharding as shd
 from diad_jax.metrics import compute_metrics, format_table
-from diad_jax.scoring import check_finite
+from diad_jax.scoring import check_finite_maps
 from diad_jax.visualize import evaluation_panel
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | st
     maps, scores, index = np.concatenate(maps), np.concatenate(scores), np.concatenate(index)
     # other processes' rows (several hosts only) are looked up in the prepared copy
     files = [local_names.get(int(i)) or dataio.as_text(data[split][int(i)]["filename"]) for i in index]
-    check_finite(maps, scores, files.__getitem__)
+    check_finite_maps(maps, scores, files.__getitem__)
     has_mask = has_mask_split[index] if has_mask_split is not None else np.ones(len(index), bool)
     labels, masks = np.concatenate(labels), np.concatenate(masks)
     cls_names = [data.class_names[int(c)] for c in np.concatenate(cls_index)]

@@ -25,9 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from diad_jax import sharding as shd
 from diad_jax.configs import (COMPARATORS, IMAGENET_MEAN, IMAGENET_STD, REFERENCE_POOL_WINDOW, REFERENCE_SIGMA,
                               DiffusionConfig, EvalConfig, ModelConfig)
-from diad_jax.diffusion import ddim_sample, guided_eps, q_sample
+from diad_jax.diffusion import ddim_sample, example_keys, guided_eps, q_sample
 from diad_jax.errors import ConfigError, NonFiniteError
-from diad_jax.models.diad import DiAD, to_nhwc
+from diad_jax.models.diad import DTYPES, DiAD, to_nhwc
 from diad_jax.models.init import init_params
 from diad_jax.models.resnet import ResNet50Features, resnet_abstract_params
 
@@ -200,9 +200,8 @@ class Scorer:
 
     @classmethod
     def from_eval_config(cls, config: ModelConfig, ec: EvalConfig, mesh=None, data_axis="data") -> "Scorer":
-        return cls(config, ec.diffusion(), image_score=ec.image_score,
-                   dtype=jnp.bfloat16 if ec.dtype == "bfloat16" else jnp.float32, mesh=mesh, data_axis=data_axis,
-                   sigma=ec.sigma, dedupe_guidance=ec.dedupe_guidance, pool_window=ec.pool_window,
+        return cls(config, ec.diffusion(), image_score=ec.image_score, dtype=DTYPES[ec.dtype], mesh=mesh,
+                   data_axis=data_axis, sigma=ec.sigma, dedupe_guidance=ec.dedupe_guidance, pool_window=ec.pool_window,
                    comparator=ec.comparator, attention=ec.attention)
 
     def __post_init__(self):
@@ -225,9 +224,11 @@ class Scorer:
         # the weights keep the shardings they were placed with (replicated, or fsdp-sharded)
         self._jit = jax.jit(partial(self._score, uncond=None), out_shardings=out)
         self._jit2 = jax.jit(self._score, out_shardings=out)
+        self._traces = 0
 
     def _score(self, bundle, images, rng, index, uncond):
-        keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(rng, i), 3))(index.astype(jnp.uint32))
+        self._traces += 1  # Python runs this only while jax traces a program: once per new input shape
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(rng, index))
         c = self.config
         shape = (c.latent_channels, c.latent_size, c.latent_size)
         draw = jax.vmap(lambda k: jax.random.normal(k, shape))
@@ -307,11 +308,14 @@ class Scorer:
         return jax.export.export(jax.jit(program), platforms=platforms)(*args)
 
     def compiled_programs(self) -> int:
-        """How many programs this scorer has compiled (one per input shape and sharding)."""
-        return self._jit._cache_size() + self._jit2._cache_size()
+        """How many scoring programs this scorer has built: jax traces the program once per new
+        input shape (batch size, guidance on or off) and compiles each trace a call runs once; a
+        call with shapes seen before reuses its program. (`lower` and `export` of new shapes trace
+        too, and count.)"""
+        return self._traces
 
 
-def check_finite(maps: np.ndarray, scores: np.ndarray, name_of: Callable[[int], str]) -> None:
+def check_finite_maps(maps: np.ndarray, scores: np.ndarray, name_of: Callable[[int], str]) -> None:
     """Raises NonFiniteError naming the images (`name_of(i)`, the first ten) whose anomaly map or
     score holds NaN or inf -- usually weights that are not finite, or a diverged model."""
     bad = np.flatnonzero(~(np.isfinite(scores) & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)))

@@ -4,13 +4,16 @@ and one `error:` line naming the flag, file or key at fault, no traceback, and n
 wrong. Numbers refer to the cases of the sweep (README, "Troubleshooting")."""
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -30,7 +33,7 @@ from diad_jax.data.imageio import read_image, read_mask, read_pair
 from diad_jax.errors import CheckpointError, ConfigError, NonFiniteError
 from diad_jax.evaluation import EvalResult
 from diad_jax.models.diad import DiAD
-from diad_jax.scoring import check_finite
+from diad_jax.scoring import check_finite_maps
 from diad_jax.train import Hook, Trainer
 from diad_jax.train.workdir_lock import WorkdirLock
 
@@ -269,6 +272,29 @@ def test_interrupt_saves_nothing_non_finite_then_damaged_checkpoint_falls_back(t
         checkpoints.load_model(broken)
 
 
+def test_a_failed_restore_silences_its_aborted_reads_only_while_it_runs(tmp_path, monkeypatch, caplog):
+    """A damaged model checkpoint fails with one CheckpointError; the echoes of the reads the
+    failure aborted ('Event loop is closed', 'never retrieved') are dropped while the restore runs,
+    and sys.unraisablehook, asyncio's log filters and the warning filters are as before after it."""
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), DiAD(MICRO).abstract_params())
+    path = checkpoints.save_model(tmp_path / "ckpt", config=MICRO, params=params,
+                                  context=checkpoints.default_context(MICRO), kind="detector")
+    for f in (path / "state").rglob("d/*"):
+        f.unlink()
+    unraisable = []
+    hook = unraisable.append
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    warning_filters, asyncio_filters = list(warnings.filters), list(logging.getLogger("asyncio").filters)
+    for _ in range(2):  # the second restore starts from what the first left behind
+        with pytest.raises(CheckpointError, match=r"ckpt: cannot restore the model weights \(state item\): "
+                                                  r"array \".*\" is unreadable"):
+            checkpoints.load_model(path)
+        assert sys.unraisablehook is hook and warnings.filters == warning_filters
+        assert logging.getLogger("asyncio").filters == asyncio_filters
+    gc.collect()
+    assert unraisable == [] and "never retrieved" not in caplog.text
+
+
 # ---- 2: the prepared-data cache knows its source --------------------------------------------------
 def test_prepared_copies_are_keyed_by_source_and_refuse_a_changed_one(tmp_path):
     a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
@@ -468,8 +494,8 @@ def test_non_finite_maps_name_the_images():
     scores = np.array([0.1, np.inf, 0.2, 0.3], np.float32)
     names = ["a.png", "b.png", "c.png", "d.png"]
     with pytest.raises(NonFiniteError, match=r"2 of 4 images .*: b\.png, c\.png$"):
-        check_finite(maps, scores, names.__getitem__)
-    check_finite(np.zeros((2, 8, 8)), np.zeros(2), names.__getitem__)  # finite: no error
+        check_finite_maps(maps, scores, names.__getitem__)
+    check_finite_maps(np.zeros((2, 8, 8)), np.zeros(2), names.__getitem__)  # finite: no error
 
 
 # ---- 9: 16-bit grayscale and transparent images ------------------------------------------------------

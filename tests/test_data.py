@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from diad_jax import data
+from diad_jax.configs import IMAGENET_MEAN, IMAGENET_STD
 from diad_jax.data import synthetic
 
 RNG = np.random.default_rng(1234)
@@ -347,7 +348,7 @@ def test_preprocess_matches_reference_transforms(synth):
     batch = next(iter(data.eval_dataset(synth, 4, shard_index=0, shard_count=1, image_size=20)))
     ex = synth["test"][0]
     resized = np.asarray(Image.fromarray(ex["image"]).resize((20, 20), Image.BILINEAR))
-    expected = (resized / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD
+    expected = (resized / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     assert batch["image"].shape == (4, 3, 20, 20) and batch["image"].dtype == np.float32
     np.testing.assert_allclose(batch["image"][0], expected.transpose(2, 0, 1), atol=1e-6)
     np.testing.assert_array_equal(data.denormalize(batch["image"][0]), resized)
@@ -358,6 +359,16 @@ def test_preprocess_matches_reference_transforms(synth):
     # training on a subset of classes
     hexnut = next(iter(data.train_dataset(synth, 8, classes=["hexnut"], shard_index=0, shard_count=1)))
     assert set(hexnut["class_name"]) == {"hexnut"} and sorted(hexnut["index"]) == synth.indices("train", "hexnut").tolist()
+
+
+def test_the_pipelines_run_with_absl_flags_unparsed_and_leave_them_so(synth):
+    """grain reads its absl flags with their defaults when nobody parsed them (a program that is no
+    absl app), so the pipelines neither need nor touch absl's process-wide flag state."""
+    from absl import flags
+    flags.FLAGS.unparse_flags()  # as in a plain Python program, whatever ran before in this process
+    next(iter(data.train_dataset(synth, 4, shard_index=0, shard_count=1)))
+    next(iter(data.eval_dataset(synth, 4, shard_index=0, shard_count=1)))
+    assert not flags.FLAGS.is_parsed()
 
 
 def test_two_process_sharding_covers_each_example_once(synth):

@@ -201,13 +201,40 @@ def test_config_validation():
                                                     ((1, 7, 5, 8), 3, 2, ((1, 1), (1, 1))),
                                                     ((1, 8, 8, 4), 3, 2, ((0, 1), (0, 1))),
                                                     ((1, 9, 9, 3), 7, 2, ((3, 3), (3, 3)))])
-def test_im2col_conv_equals_lax_conv(shape, k, stride, pad, monkeypatch):
+def test_im2col_conv_equals_lax_conv(shape, k, stride, pad):
     from diad_jax.models import layers
     x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), (k, k, shape[-1], 5))
-    monkeypatch.setattr(layers, "CONV_IMPL", "lax")
-    ref = layers.conv2d(x, w, stride, pad)
-    monkeypatch.setattr(layers, "CONV_IMPL", "im2col")
-    ours = layers.conv2d(x, w, stride, pad)
+    ref = layers.conv2d(x, w, stride, pad, impl="lax")
+    ours = layers.conv2d(x, w, stride, pad, impl="im2col")
     assert ours.shape == ref.shape
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def _conv_kernels(jaxpr) -> list[tuple[int, int]]:
+    """The (h, w) kernel of every lax.conv in a jaxpr, nested jaxprs (remat, jit) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append(tuple(eqn.invars[1].aval.shape[:2]))  # HWIO
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                    found += _conv_kernels(getattr(sub, "jaxpr", sub))
+    return found
+
+
+def test_conv_impl_reaches_every_conv_of_the_model():
+    """DiAD's `conv_impl` chooses the kernel of every conv of the UNet, the SG network (its hint
+    encoder and fusion block) and the VAE: with "im2col" only 1x1 convs are left to lax.conv."""
+    cfg = ModelConfig.tiny()
+    b = batch(cfg)
+    for impl, larger_than_1x1 in (("lax", True), ("im2col", False)):
+        model = DiAD(cfg, conv_impl=impl)
+        params = model.abstract_params()
+        for fn, args in ((model.eps, (b["x"], b["t"], b["ctx"], b["hint"])), (model.encode_moments, (b["hint"],)),
+                         (model.decode, (b["x"],))):
+            kernels = _conv_kernels(jax.make_jaxpr(fn)(params, *args).jaxpr)
+            assert kernels and any(k != (1, 1) for k in kernels) == larger_than_1x1, (impl, fn.__name__)
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        jax.eval_shape(DiAD(cfg, conv_impl="winograd").decode, params, b["x"])

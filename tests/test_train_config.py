@@ -133,10 +133,27 @@ def test_profile_steps_flag_is_checked():
 
 def test_orbax_tuning_is_still_needed_and_applied():
     """Orbax's default jax.Array handler still writes every replicated array replica-parallel (no
-    size threshold): the reason for tune_orbax_array_handler. When this fails, orbax changed its
-    default: check whether the tuning can go."""
-    default = ocp.type_handlers.ArrayHandler()
+    size threshold): the reason for tune_orbax_array_handler, whose handler is orbax's default one
+    (built with orbax's private ArrayMetadata store) plus a threshold, for the orbax versions that
+    pyproject.toml allows. When this fails, orbax changed: check whether the tuning can go, or what
+    it must build now (and the pin)."""
+    from pathlib import Path
+
+    from orbax.checkpoint._src.serialization import type_handler_registry
+
+    from diad_jax.train.checkpoint import ORBAX_VERSIONS, _version
+
+    low, high = ORBAX_VERSIONS
+    assert f'"orbax-checkpoint>={low},<{high}"' in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert _version(low) <= _version(ocp.__version__) < _version(high)
+
+    def settings(handler):  # every attribute: plain values as they are, objects by their class
+        plain = (type(None), bool, int, str, dict)
+        return {k: v if isinstance(v, plain) else type(v) for k, v in vars(handler).items()}
+
+    default = dict(type_handler_registry._DEFAULT_TYPE_HANDLERS)[jax.Array]
     assert default._use_replica_parallel and default._min_slice_bytes_for_replica_parallel is None
     tune_orbax_array_handler()
     tuned = ocp.type_handlers.get_type_handler(jax.Array)
-    assert tuned._min_slice_bytes_for_replica_parallel == REPLICA_PARALLEL_MIN_BYTES
+    assert type(tuned) is type(default)
+    assert settings(tuned) == {**settings(default), "_min_slice_bytes_for_replica_parallel": REPLICA_PARALLEL_MIN_BYTES}

@@ -18,18 +18,17 @@ from diad_jax.data.prepared import (DATASETS, PreparedDataset, check_options, lo
 from diad_jax.data.imageio import read_image, read_mask, resize_image, resize_mask
 from diad_jax.data.layouts import (MVTEC_AD2_CLASSES, MVTEC_CLASSES, MVTEC_REFERENCE_EXCLUDE, REALIAD_CLASSES,
                                    VISA_CLASSES, scan_folder, scan_mvtec, scan_mvtec_ad2, scan_realiad, scan_visa)
-from diad_jax.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, denormalize, ensure_absl_flags_parsed, eval_dataset,
-                                    normalize, preprocess, steps_per_epoch, train_dataset)
+from diad_jax.data.pipeline import denormalize, eval_dataset, normalize, preprocess, steps_per_epoch, train_dataset
 from diad_jax.data.records import GOOD, DataError, Record, as_text
 from diad_jax.data.synthetic import SYNTHETIC_CLASSES, SyntheticExample, defect_types, render
 
 __all__ = [
-    "DATASETS", "GOOD", "IMAGENET_MEAN", "IMAGENET_STD", "MVTEC_AD2_CLASSES", "MVTEC_CLASSES",
-    "MVTEC_REFERENCE_EXCLUDE", "REALIAD_CLASSES", "SYNTHETIC_CLASSES", "VISA_CLASSES", "DataError", "DiadConfig",
-    "PreparedDataset", "Record", "SyntheticExample", "as_text", "check_options", "defect_types", "denormalize",
-    "ensure_absl_flags_parsed", "eval_dataset", "load", "load_from_directory", "normalize", "prepare", "preprocess",
-    "read_image", "read_mask", "render", "resize_image", "resize_mask", "scan_folder", "scan_mvtec",
-    "scan_mvtec_ad2", "scan_realiad", "scan_visa", "source_fingerprint", "steps_per_epoch", "train_dataset",
+    "DATASETS", "GOOD", "MVTEC_AD2_CLASSES", "MVTEC_CLASSES", "MVTEC_REFERENCE_EXCLUDE", "REALIAD_CLASSES",
+    "SYNTHETIC_CLASSES", "VISA_CLASSES", "DataError", "DiadConfig", "PreparedDataset", "Record", "SyntheticExample",
+    "as_text", "check_options", "defect_types", "denormalize", "eval_dataset", "load", "load_from_directory",
+    "normalize", "prepare", "preprocess", "read_image", "read_mask", "render", "resize_image", "resize_mask",
+    "scan_folder", "scan_mvtec", "scan_mvtec_ad2", "scan_realiad", "scan_visa", "source_fingerprint",
+    "steps_per_epoch", "train_dataset",
 ]
 
 

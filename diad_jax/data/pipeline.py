@@ -35,48 +35,29 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterable, Sequence
 
 import grain
 import numpy as np
 
-from diad_jax import configs
+from diad_jax.configs import IMAGENET_MEAN, IMAGENET_STD
 from diad_jax.data.prepared import PreparedDataset
 from diad_jax.data.imageio import resize_image, resize_mask
 from diad_jax.data.records import DataError, as_text
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = np.array(configs.IMAGENET_MEAN, np.float32)
-IMAGENET_STD = np.array(configs.IMAGENET_STD, np.float32)
-
-
-_flags_lock = threading.Lock()
-
-
-def ensure_absl_flags_parsed() -> None:
-    """grain reads absl flags; outside an absl app they are unparsed and reading them raises.
-
-    Marks them parsed (with their defaults) only if nobody has parsed them yet, so inside an absl
-    app (`absl.app.run`) the user's command-line values are left alone.
-    """
-    from absl import flags
-
-    with _flags_lock:
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-
-
 def normalize(image_uint8: np.ndarray) -> np.ndarray:
     """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in the reference's normalised space."""
-    x = (image_uint8.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    x = (image_uint8.astype(np.float32) / 255.0 - mean) / std
     return np.moveaxis(x, -1, -3)
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
     """Inverse of `normalize`: float32 [..., 3, H, W] -> uint8 [..., H, W, 3] (rounded, clipped)."""
-    x = np.moveaxis(np.asarray(image, np.float32), -3, -1) * IMAGENET_STD + IMAGENET_MEAN
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    x = np.moveaxis(np.asarray(image, np.float32), -3, -1) * std + mean
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -178,7 +159,6 @@ def train_dataset(data: PreparedDataset, batch_size: int, *, split: str = "train
     Returns:
       A `grain.IterDataset` of batches.
     """
-    ensure_absl_flags_parsed()
     shard_index, shard_count = _shard(shard_index, shard_count)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -233,7 +213,6 @@ def eval_dataset(data: PreparedDataset, batch_size: int, *, split: str = "test",
     Returns:
       A `grain.IterDataset` of batches (see the module docstring); use ``batch["valid"]`` to drop padding.
     """
-    ensure_absl_flags_parsed()
     shard_index, shard_count = _shard(shard_index, shard_count)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -30,6 +30,11 @@ from diad_jax.models.sg_network import SemanticGuidedNetwork
 
 Params = dict[str, Any]
 
+# The compute dtypes by their config names (TrainConfig.compute_dtype, EvalConfig.dtype): the
+# `dtype` a DiAD computes in (its params stay float32).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def to_nhwc(x):
     return jnp.transpose(x, (0, 2, 3, 1))
 
@@ -52,19 +57,21 @@ class DiAD:
     """The DiAD model as pure functions of its params. NCHW at every method.
 
     `attention`: jax.nn.dot_product_attention's implementation (None: XLA's choice; "cudnn").
+    `conv_impl`: the convolution kernel of every conv (`layers.CONV_IMPLS`; "auto": im2col for small
+    maps with many channels on the CPU backend, lax.conv elsewhere).
     `sg_network`: the Flax module whose params are the "sg" group, called NHWC as
     `(x_t, hint, timesteps, context) -> tuple of residuals` (one per UNet encoder skip, then the
     middle one, shaped as the skips); None: `SemanticGuidedNetwork(config, ...)`, the reference's.
     """
 
     def __init__(self, config: ModelConfig, dtype=jnp.float32, remat: bool = False, attention: str | None = None,
-                 sg_network: nn.Module | None = None):
+                 conv_impl: str = "auto", sg_network: nn.Module | None = None):
         self.config = config
         self.dtype = dtype
-        self.unet = UNet(config.unet, dtype=dtype, remat=remat, attention=attention)
+        self.unet = UNet(config.unet, dtype=dtype, remat=remat, attention=attention, conv_impl=conv_impl)
         self.sg = sg_network if sg_network is not None else SemanticGuidedNetwork(
-            config, dtype=dtype, remat=remat, attention=attention)
-        self.vae = AutoencoderKL(config.vae, dtype=dtype)
+            config, dtype=dtype, remat=remat, attention=attention, conv_impl=conv_impl)
+        self.vae = AutoencoderKL(config.vae, dtype=dtype, conv_impl=conv_impl)
 
     # ---- parameters ---------------------------------------------------------------------------
     def _dummy(self, batch: int = 1):

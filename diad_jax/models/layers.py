@@ -62,32 +62,35 @@ def zero_init(key, shape, dtype=jnp.float32):
     return ZeroInit(jnp.zeros(shape, dtype))
 
 
-# Convolution kernel choice. XLA:CPU's convolution is 2-3x slower than its matrix multiply on
-# small feature maps with many channels (the UNet's 8x8 and 4x4 levels at 1280 channels), so on the
-# CPU backend such convs run as im2col + one matmul; larger maps, few channels (there im2col's
-# copies, and in training its backward, cost more than they save: the tiny models' train steps
-# are ~1.5x slower with it) and every other backend (cuDNN, TPU) use lax.conv. "lax" or "im2col"
-# force one implementation.
-CONV_IMPL = "auto"
+# Convolution kernels (`conv_impl` of the modules, `impl` of `conv2d`). XLA:CPU's convolution is
+# 2-3x slower than its matrix multiply on small feature maps with many channels (the UNet's 8x8 and
+# 4x4 levels at 1280 channels), so with "auto" such convs run as im2col + one matmul on the CPU
+# backend; larger maps, few channels (there im2col's copies, and in training its backward, cost more
+# than they save: the tiny models' train steps are ~1.5x slower with it) and every other backend
+# (cuDNN, TPU) use lax.conv. "lax" or "im2col" force one implementation (a 1x1 conv is always lax's).
+CONV_IMPLS = ("auto", "lax", "im2col")
 IM2COL_MAX_PIXELS = 256
 IM2COL_MIN_CHANNELS = 256
 
 
-def _use_im2col(h: int, w: int, k: int, c: int) -> bool:
-    if CONV_IMPL == "im2col":
-        return k > 1
-    if CONV_IMPL == "lax" or k == 1:
+def _use_im2col(impl: str, h: int, w: int, k: int, c: int) -> bool:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "lax" or k == 1:
         return False
+    if impl == "im2col":
+        return True
     return jax.default_backend() == "cpu" and h * w <= IM2COL_MAX_PIXELS and c >= IM2COL_MIN_CHANNELS
 
 
-def conv2d(x, kernel, stride: int, pad) -> jax.Array:
-    """NHWC x HWIO convolution with explicit ((top, bottom), (left, right)) padding."""
+def conv2d(x, kernel, stride: int, pad, impl: str = "auto") -> jax.Array:
+    """NHWC x HWIO convolution with explicit ((top, bottom), (left, right)) padding, computed by
+    `impl` (one of `CONV_IMPLS`)."""
     kh, kw = kernel.shape[:2]
     n, h, w, c = x.shape
     ho = (h + pad[0][0] + pad[0][1] - kh) // stride + 1
     wo = (w + pad[1][0] + pad[1][1] - kw) // stride + 1
-    if not _use_im2col(ho, wo, kh * kw, c):
+    if not _use_im2col(impl, ho, wo, kh * kw, c):
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
     xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
@@ -98,7 +101,8 @@ def conv2d(x, kernel, stride: int, pad) -> jax.Array:
 
 
 class Conv(nn.Module):
-    """2-D convolution with explicit symmetric padding (PyTorch semantics), NHWC / HWIO."""
+    """2-D convolution with explicit symmetric padding (PyTorch semantics), NHWC / HWIO.
+    `conv_impl`: the kernel (`CONV_IMPLS`, see `conv2d`)."""
 
     features: int
     kernel_size: int = 3
@@ -107,6 +111,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     zero: bool = False
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -117,7 +122,7 @@ class Conv(nn.Module):
             pad = ((pad, pad), (pad, pad))
         kernel = self.param("kernel", zero_init if self.zero else torch_kernel_init,
                             (k, k, x.shape[-1], self.features), jnp.float32)
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad, self.conv_impl)
         if self.use_bias:
             bias = self.param("bias", zero_init if self.zero else _torch_bias_init(fan_in),
                               (self.features,), jnp.float32)
@@ -215,15 +220,17 @@ class ResBlock(nn.Module):
     out_channels: int
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, emb):
         h = GroupNorm(self.norm_groups, 1e-5, name="in_layers_0")(x)
-        h = Conv(self.out_channels, 3, dtype=self.dtype, name="in_layers_2")(nn.silu(h))
+        h = Conv(self.out_channels, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="in_layers_2")(nn.silu(h))
         e = Dense(self.out_channels, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
         h = h + e[:, None, None, :].astype(h.dtype)
         h = GroupNorm(self.norm_groups, 1e-5, name="out_layers_0")(h)
-        h = Conv(self.out_channels, 3, zero=True, dtype=self.dtype, name="out_layers_3")(nn.silu(h))
+        h = Conv(self.out_channels, 3, zero=True, dtype=self.dtype, conv_impl=self.conv_impl,
+                 name="out_layers_3")(nn.silu(h))
         if x.shape[-1] != self.out_channels:
             x = Conv(self.out_channels, 1, dtype=self.dtype, name="skip_connection")(x)
         return x.astype(h.dtype) + h
@@ -318,17 +325,19 @@ class Downsample(nn.Module):
     """UNet downsample: 3x3 conv, stride 2, padding 1 (named `op` as in ldm)."""
 
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        return Conv(x.shape[-1], 3, stride=2, padding=1, dtype=self.dtype, name="op")(x)
+        return Conv(x.shape[-1], 3, stride=2, padding=1, dtype=self.dtype, conv_impl=self.conv_impl, name="op")(x)
 
 
 class Upsample(nn.Module):
     """UNet upsample: nearest x2 then a 3x3 conv (named `conv` as in ldm)."""
 
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        return Conv(x.shape[-1], 3, dtype=self.dtype, name="conv")(upsample_nearest2x(x))
+        return Conv(x.shape[-1], 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(upsample_nearest2x(x))

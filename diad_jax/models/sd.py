@@ -39,13 +39,13 @@ def _attention_heads(cfg: UNetConfig) -> int:
 
 
 def unet_encoder(cfg: UNetConfig, x, emb, context, dtype, hint=None, remat: bool = False,
-                 attention: str | None = None):
+                 attention: str | None = None, conv_impl: str = "auto"):
     """The input blocks. Returns the final activation and every block's output (the skips).
 
     `hint`, when given, is added to the output of the first conv (ControlNet / SG network)."""
     res_block = nn.remat(ResBlock) if remat else ResBlock
     transformer = nn.remat(SpatialTransformer) if remat else SpatialTransformer
-    h = Conv(cfg.model_channels, 3, dtype=dtype, name="input_blocks_0_0")(x)
+    h = Conv(cfg.model_channels, 3, dtype=dtype, conv_impl=conv_impl, name="input_blocks_0_0")(x)
     if hint is not None:
         h = h + hint.astype(h.dtype)
     skips = [h]
@@ -53,27 +53,28 @@ def unet_encoder(cfg: UNetConfig, x, emb, context, dtype, hint=None, remat: bool
     for level in range(cfg.num_levels):
         ch = cfg.level_channels(level)
         for _ in range(cfg.num_res_blocks):
-            h = res_block(ch, cfg.norm_groups, dtype=dtype, name=f"input_blocks_{idx}_0")(h, emb)
+            h = res_block(ch, cfg.norm_groups, dtype=dtype, conv_impl=conv_impl, name=f"input_blocks_{idx}_0")(h, emb)
             if cfg.has_attention(level):
                 h = transformer(_attention_heads(cfg), cfg.transformer_depth, cfg.norm_groups,
                                 dtype=dtype, attention=attention, name=f"input_blocks_{idx}_1")(h, context)
             skips.append(h)
             idx += 1
         if level != cfg.num_levels - 1:
-            h = Downsample(dtype=dtype, name=f"input_blocks_{idx}_0")(h)
+            h = Downsample(dtype=dtype, conv_impl=conv_impl, name=f"input_blocks_{idx}_0")(h)
             skips.append(h)
             idx += 1
     return h, skips
 
 
-def unet_middle(cfg: UNetConfig, h, emb, context, dtype, remat: bool = False, attention: str | None = None):
+def unet_middle(cfg: UNetConfig, h, emb, context, dtype, remat: bool = False, attention: str | None = None,
+                conv_impl: str = "auto"):
     res_block = nn.remat(ResBlock) if remat else ResBlock
     transformer = nn.remat(SpatialTransformer) if remat else SpatialTransformer
     ch = h.shape[-1]
-    h = res_block(ch, cfg.norm_groups, dtype=dtype, name="middle_block_0")(h, emb)
+    h = res_block(ch, cfg.norm_groups, dtype=dtype, conv_impl=conv_impl, name="middle_block_0")(h, emb)
     h = transformer(_attention_heads(cfg), cfg.transformer_depth, cfg.norm_groups, dtype=dtype,
                     attention=attention, name="middle_block_1")(h, context)
-    return res_block(ch, cfg.norm_groups, dtype=dtype, name="middle_block_2")(h, emb)
+    return res_block(ch, cfg.norm_groups, dtype=dtype, conv_impl=conv_impl, name="middle_block_2")(h, emb)
 
 
 def controlled_skip_indices(cfg: UNetConfig, only_mid_control: bool) -> tuple[int, ...]:
@@ -98,6 +99,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     attention: str | None = None  # jax.nn.dot_product_attention's implementation (layers.CrossAttention)
+    conv_impl: str = "auto"       # the convolution kernel (layers.CONV_IMPLS)
 
     @nn.compact
     def __call__(self, x, timesteps, context, control: Sequence[jax.Array] | None = None,
@@ -108,8 +110,9 @@ class UNet(nn.Module):
         emb = time_embedding(cfg, timesteps, dtype)
         context = context.astype(dtype)
         h, skips = unet_encoder(cfg, x.astype(dtype), emb, context, dtype, remat=self.remat,
-                                attention=self.attention)
-        h = unet_middle(cfg, h, emb, context, dtype, remat=self.remat, attention=self.attention)
+                                attention=self.attention, conv_impl=self.conv_impl)
+        h = unet_middle(cfg, h, emb, context, dtype, remat=self.remat, attention=self.attention,
+                        conv_impl=self.conv_impl)
         controlled = set()
         if control is not None:
             if len(control) != len(skips) + 1:
@@ -127,17 +130,18 @@ class UNet(nn.Module):
                 if k in controlled:
                     skip = skip + control[k].astype(skip.dtype)
                 h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-                h = res_block(ch, cfg.norm_groups, dtype=dtype, name=f"output_blocks_{idx}_0")(h, emb)
+                h = res_block(ch, cfg.norm_groups, dtype=dtype, conv_impl=self.conv_impl,
+                              name=f"output_blocks_{idx}_0")(h, emb)
                 n_layers = 1
                 if cfg.has_attention(level):
                     h = transformer(_attention_heads(cfg), cfg.transformer_depth, cfg.norm_groups,
                                     dtype=dtype, attention=self.attention, name=f"output_blocks_{idx}_1")(h, context)
                     n_layers = 2
                 if level and i == cfg.num_res_blocks:
-                    h = Upsample(dtype=dtype, name=f"output_blocks_{idx}_{n_layers}")(h)
+                    h = Upsample(dtype=dtype, conv_impl=self.conv_impl, name=f"output_blocks_{idx}_{n_layers}")(h)
                 idx += 1
         h = nn.silu(GroupNorm(cfg.norm_groups, 1e-5, name="out_0")(h))
-        return Conv(cfg.out_channels, 3, zero=True, dtype=dtype, name="out_2")(h)
+        return Conv(cfg.out_channels, 3, zero=True, dtype=dtype, conv_impl=self.conv_impl, name="out_2")(h)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,13 +151,14 @@ class VAEResnetBlock(nn.Module):
     out_channels: int
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         h = nn.silu(GroupNorm(self.norm_groups, 1e-6, name="norm1")(x))
-        h = Conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
+        h = Conv(self.out_channels, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(h)
         h = nn.silu(GroupNorm(self.norm_groups, 1e-6, name="norm2")(h))
-        h = Conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
+        h = Conv(self.out_channels, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = Conv(self.out_channels, 1, dtype=self.dtype, name="nin_shortcut")(x)
         return x.astype(h.dtype) + h
@@ -178,13 +183,14 @@ class VAEAttnBlock(nn.Module):
 class VAEMid(nn.Module):
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         ch = x.shape[-1]
-        x = VAEResnetBlock(ch, self.norm_groups, self.dtype, name="block_1")(x)
+        x = VAEResnetBlock(ch, self.norm_groups, self.dtype, self.conv_impl, name="block_1")(x)
         x = VAEAttnBlock(self.norm_groups, self.dtype, name="attn_1")(x)
-        return VAEResnetBlock(ch, self.norm_groups, self.dtype, name="block_2")(x)
+        return VAEResnetBlock(ch, self.norm_groups, self.dtype, self.conv_impl, name="block_2")(x)
 
 
 class VAEDownLevel(nn.Module):
@@ -193,13 +199,14 @@ class VAEDownLevel(nn.Module):
     downsample: bool
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         for j in range(self.num_res_blocks):
-            x = VAEResnetBlock(self.out_channels, self.norm_groups, self.dtype, name=f"block_{j}")(x)
+            x = VAEResnetBlock(self.out_channels, self.norm_groups, self.dtype, self.conv_impl, name=f"block_{j}")(x)
         if self.downsample:
-            x = _VAEDownsample(self.dtype, name="downsample")(x)
+            x = _VAEDownsample(self.dtype, self.conv_impl, name="downsample")(x)
         return x
 
 
@@ -207,10 +214,11 @@ class _VAEDownsample(nn.Module):
     """ldm autoencoder downsample: pad right/bottom by one, 3x3 conv stride 2, no padding."""
 
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        return Conv(x.shape[-1], 3, stride=2, padding=((0, 1), (0, 1)), dtype=self.dtype,
+        return Conv(x.shape[-1], 3, stride=2, padding=((0, 1), (0, 1)), dtype=self.dtype, conv_impl=self.conv_impl,
                     name="conv")(x)
 
 
@@ -220,53 +228,57 @@ class VAEUpLevel(nn.Module):
     upsample: bool
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         for j in range(self.num_blocks):
-            x = VAEResnetBlock(self.out_channels, self.norm_groups, self.dtype, name=f"block_{j}")(x)
+            x = VAEResnetBlock(self.out_channels, self.norm_groups, self.dtype, self.conv_impl, name=f"block_{j}")(x)
         if self.upsample:
-            x = Upsample(dtype=self.dtype, name="upsample")(x)
+            x = Upsample(dtype=self.dtype, conv_impl=self.conv_impl, name="upsample")(x)
         return x
 
 
 class VAEEncoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, features: bool = False):
         """The posterior moments' features, or with `features=True` the output of each down level."""
-        cfg = self.config
-        h = Conv(cfg.ch, 3, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        cfg, conv_impl = self.config, self.conv_impl
+        h = Conv(cfg.ch, 3, dtype=self.dtype, conv_impl=conv_impl, name="conv_in")(x.astype(self.dtype))
         n = len(cfg.ch_mult)
         levels = []
         for i, mult in enumerate(cfg.ch_mult):
             h = VAEDownLevel(cfg.ch * mult, cfg.num_res_blocks, i != n - 1, cfg.norm_groups,
-                             self.dtype, name=f"down_{i}")(h)
+                             self.dtype, conv_impl, name=f"down_{i}")(h)
             levels.append(h)
         if features:
             return levels
-        h = VAEMid(cfg.norm_groups, self.dtype, name="mid")(h)
+        h = VAEMid(cfg.norm_groups, self.dtype, conv_impl, name="mid")(h)
         h = nn.silu(GroupNorm(cfg.norm_groups, 1e-6, name="norm_out")(h))
-        return Conv(2 * cfg.z_channels, 3, dtype=self.dtype, name="conv_out")(h)
+        return Conv(2 * cfg.z_channels, 3, dtype=self.dtype, conv_impl=conv_impl, name="conv_out")(h)
 
 
 class VAEDecoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, z):
-        cfg = self.config
+        cfg, conv_impl = self.config, self.conv_impl
         n = len(cfg.ch_mult)
-        h = Conv(cfg.ch * cfg.ch_mult[-1], 3, dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
-        h = VAEMid(cfg.norm_groups, self.dtype, name="mid")(h)
+        h = Conv(cfg.ch * cfg.ch_mult[-1], 3, dtype=self.dtype, conv_impl=conv_impl, name="conv_in")(
+            z.astype(self.dtype))
+        h = VAEMid(cfg.norm_groups, self.dtype, conv_impl, name="mid")(h)
         for i in reversed(range(n)):
             h = VAEUpLevel(cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, i != 0, cfg.norm_groups,
-                           self.dtype, name=f"up_{i}")(h)
+                           self.dtype, conv_impl, name=f"up_{i}")(h)
         h = nn.silu(GroupNorm(cfg.norm_groups, 1e-6, name="norm_out")(h))
-        return Conv(cfg.out_channels, 3, dtype=self.dtype, name="conv_out")(h)
+        return Conv(cfg.out_channels, 3, dtype=self.dtype, conv_impl=conv_impl, name="conv_out")(h)
 
 
 class AutoencoderKL(nn.Module):
@@ -277,11 +289,12 @@ class AutoencoderKL(nn.Module):
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"  # the convolution kernel (layers.CONV_IMPLS)
 
     def setup(self):
         cfg = self.config
-        self.encoder = VAEEncoder(cfg, self.dtype)
-        self.decoder = VAEDecoder(cfg, self.dtype)
+        self.encoder = VAEEncoder(cfg, self.dtype, self.conv_impl)
+        self.decoder = VAEDecoder(cfg, self.dtype, self.conv_impl)
         self.quant_conv = Conv(2 * cfg.embed_dim, 1, dtype=self.dtype)
         self.post_quant_conv = Conv(cfg.z_channels, 1, dtype=self.dtype)
 

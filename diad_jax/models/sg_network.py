@@ -36,6 +36,7 @@ class SpatialFeatureFusion(nn.Module):
     sources: tuple[int, ...]
     targets: tuple[int, ...]
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, outs):
@@ -44,7 +45,7 @@ class SpatialFeatureFusion(nn.Module):
             acc = outs[t]
             for i, s in enumerate(self.sources):
                 y = Conv(outs[t].shape[-1], 3, stride=2, padding=1, use_bias=False, zero=True,
-                         dtype=self.dtype, name=f"down{i + 1}{j + 1}_0")(outs[s])
+                         dtype=self.dtype, conv_impl=self.conv_impl, name=f"down{i + 1}{j + 1}_0")(outs[s])
                 acc = acc + nn.silu(instance_norm(y))
             fused[t] = nn.silu(acc)
         return fused
@@ -57,6 +58,7 @@ class SemanticGuidedNetwork(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     attention: str | None = None  # jax.nn.dot_product_attention's implementation (layers.CrossAttention)
+    conv_impl: str = "auto"       # the convolution kernel (layers.CONV_IMPLS)
 
     @nn.compact
     def __call__(self, x, hint, timesteps, context):
@@ -66,14 +68,15 @@ class SemanticGuidedNetwork(nn.Module):
         context = context.astype(dtype)
         guided_hint = self._hint(hint)
         h, skips = unet_encoder(cfg, x.astype(dtype), emb, context, dtype, hint=guided_hint,
-                                remat=self.remat, attention=self.attention)
+                                remat=self.remat, attention=self.attention, conv_impl=self.conv_impl)
         outs = [Conv(s.shape[-1], 1, zero=True, dtype=dtype, name=f"zero_convs_{k}_0")(s)
                 for k, s in enumerate(skips)]
         if mc.fusion == "sff":
-            sff = SpatialFeatureFusion(mc.sff_sources(), mc.sff_targets(), dtype=dtype)
+            sff = SpatialFeatureFusion(mc.sff_sources(), mc.sff_targets(), dtype=dtype, conv_impl=self.conv_impl)
             nn.share_scope(sff, self)  # its convs keep the reference's top-level names
             outs = sff(outs)
-        h = unet_middle(cfg, h, emb, context, dtype, remat=self.remat, attention=self.attention)
+        h = unet_middle(cfg, h, emb, context, dtype, remat=self.remat, attention=self.attention,
+                        conv_impl=self.conv_impl)
         outs.append(Conv(h.shape[-1], 1, zero=True, dtype=dtype, name="middle_block_out_0")(h))
         return tuple(outs)
 
@@ -86,7 +89,7 @@ class SemanticGuidedNetwork(nn.Module):
         for a, b in zip(widths[:-1], widths[1:]):
             specs += [(a, 1), (b, 2)]
         for n, (features, stride) in enumerate(specs):
-            h = nn.silu(Conv(features, 3, stride=stride, padding=1, dtype=self.dtype,
+            h = nn.silu(Conv(features, 3, stride=stride, padding=1, dtype=self.dtype, conv_impl=self.conv_impl,
                              name=f"input_hint_block_{2 * n}")(h))
         return Conv(self.config.unet.model_channels, 3, padding=1, zero=True, dtype=self.dtype,
-                    name=f"input_hint_block_{2 * len(specs)}")(h)
+                    conv_impl=self.conv_impl, name=f"input_hint_block_{2 * len(specs)}")(h)

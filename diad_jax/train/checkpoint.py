@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from orbax.checkpoint._src.metadata import array_metadata_store
 
 from diad_jax.checkpoints import model_items, restoring, state_target
 from diad_jax.configs import ModelConfig, TrainConfig, unflatten_train_dict
@@ -26,20 +26,39 @@ log = logging.getLogger(__name__)
 Params = dict[str, Any]
 
 # Orbax's default handler writes every replicated array replica-parallel; `tune_orbax_array_handler`
-# keeps that only for big arrays. tests/test_train_config.py checks that orbax's default still does so.
+# keeps that only for big arrays. It builds orbax's default handler with a size threshold, which takes
+# orbax's ArrayMetadata store, a class orbax names only in its private `_src` package: so the tuning
+# is applied only for the orbax versions in ORBAX_VERSIONS (what pyproject.toml allows), and
+# tests/test_train_config.py checks what it relies on.
 REPLICA_PARALLEL_MIN_BYTES = 4 * 2**20
+ORBAX_VERSIONS = ("0.12.8", "0.13")  # from (inclusive), to (exclusive)
 
-_ORBAX_TUNED = False
+_ORBAX_TUNING_DONE = False
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
 def tune_orbax_array_handler(min_slice_bytes: int = REPLICA_PARALLEL_MIN_BYTES) -> None:
     """Orbax saves a replicated array "replica-parallel": every replica writes a slice, which costs
     one small jitted slice per array and replica -- 14 s for the tiny model's 1,700 arrays on 8
     devices. Keep that for arrays whose per-replica slice is at least `min_slice_bytes` (SD's big
-    kernels) and write smaller ones from one replica. Same on-disk format; set once per process."""
-    global _ORBAX_TUNED
-    if _ORBAX_TUNED:
+    kernels) and write smaller ones from one replica. Same on-disk format; registered once per
+    process, with orbax's versions in ORBAX_VERSIONS (with any other, orbax's default handler stays
+    and a warning says so)."""
+    global _ORBAX_TUNING_DONE
+    if _ORBAX_TUNING_DONE:
         return
+    _ORBAX_TUNING_DONE = True
+    low, high = ORBAX_VERSIONS
+    if not _version(low) <= _version(ocp.__version__) < _version(high):
+        log.warning("orbax-checkpoint %s is not a version this tuning was checked on (>=%s, <%s): saving with "
+                    "orbax's default array handler, which writes each replicated array from every replica",
+                    ocp.__version__, low, high)
+        return
+    from orbax.checkpoint._src.metadata import array_metadata_store  # no public name (see above)
+
     handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
                                              min_slice_bytes_for_replica_parallel=min_slice_bytes)
     absl_log = logging.getLogger("absl")
@@ -49,7 +68,6 @@ def tune_orbax_array_handler(min_slice_bytes: int = REPLICA_PARALLEL_MIN_BYTES) 
         ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
     finally:
         absl_log.setLevel(level)
-    _ORBAX_TUNED = True
 
 
 class Checkpointer:

@@ -11,14 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from diad_jax import sharding as shd
 from diad_jax.configs import TrainConfig
 from diad_jax.errors import NonFiniteError
-from diad_jax.models.diad import DiAD, combine
+from diad_jax.models.diad import DTYPES, DiAD, combine
 from diad_jax.train.checkpoint import Checkpointer, restore_latest
 from diad_jax.train.metrics_log import MetricWriter
 from diad_jax.train.preemption import StopSignal
@@ -30,9 +29,6 @@ from diad_jax.train.validation import Validator
 from diad_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 @dataclasses.dataclass
 class StepInfo:
@@ -80,7 +76,7 @@ class ProfileHook(Hook):
             log.info("profile of steps %d..%d written to %s", self.first, self.last - 1, self.logdir)
 
 
-def check_finite(steps: Sequence[int], metrics: Sequence[dict], checkpointer: Checkpointer) -> None:
+def check_finite_metrics(steps: Sequence[int], metrics: Sequence[dict], checkpointer: Checkpointer) -> None:
     """Stops the run (NonFiniteError) at the first step whose loss or gradient norm is not finite,
     naming the last good checkpoint; called before anything of that step is saved."""
     for s, m in zip(steps, metrics):
@@ -240,7 +236,7 @@ class Trainer:
             self.writer.write(s, {k: float(v) for k, v in h.items()})
         self.writer.write(steps[-1], {"images_per_s": images_per_s}, kind="perf")
         self.writer.flush()
-        check_finite(steps, host, self.checkpointer)
+        check_finite_metrics(steps, host, self.checkpointer)
         mean = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
         return StepInfo(steps[-1], mean, images_per_s, [(s, float(h["loss"])) for s, h in zip(steps, host)])
 

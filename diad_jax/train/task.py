@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from diad_jax.configs import DiffusionConfig, OptimizerConfig, TrainConfig
-from diad_jax.diffusion import q_sample
+from diad_jax.diffusion import example_keys, q_sample
 from diad_jax.models.diad import TRAINABLE_MASKS, DiAD, combine
 
 Params = dict[str, Any]
@@ -25,11 +25,6 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     if cfg.grad_accum > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum).gradient_transformation()
     return opt
-
-
-def example_keys(key, index):
-    """One independent key per example, from the step key and the example's dataset index."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index.astype(jnp.uint32))
 
 
 def diffusion_loss(model: DiAD, diffusion: DiffusionConfig, trainable: Params, frozen: Params, context,
