@@ -26,7 +26,7 @@ $(BASE): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 demo: $(BASE)
 	$(PY) scripts/demo.py $(DEMO_ARGS)
