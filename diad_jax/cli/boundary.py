@@ -47,11 +47,13 @@ class Parser(argparse.ArgumentParser):
 
     def flag_of(self, field: str) -> str:
         """How to set `field` on this command line: `field` is a dotted config path or a library
-        argument name (matched to the one destination ending in it), optionally with a value
+        argument name (else matched by its last part to the one destination ending in it, e.g.
+        "data.options" -> the dest "options" of --dataset-option), optionally with a value
         ("validation.resnet=random" -> "--eval-resnet random"; a flag that stores that value by
         itself stands alone: "resnet=random" -> "--random-resnet"). The field itself if no flag sets it."""
         name, has_value, value = field.partition("=")
-        dests = [name] if name in self.flags else [d for d in self.flags if d.rpartition(".")[2] == name]
+        last = name.rpartition(".")[2]
+        dests = [name] if name in self.flags else [d for d in self.flags if d.rpartition(".")[2] == last]
         if len(dests) != 1:
             return field
         flag, const = self.flags[dests[0]]

@@ -15,11 +15,13 @@ from jax.sharding import Mesh
 from diad_jax import data as data_lib
 from diad_jax import sharding as shd
 from diad_jax.checkpoints import default_context, load_model, model_metadata, read_metadata, resolve
-from diad_jax.configs import NO_WEIGHTS_COMPARATOR, ModelConfig, TrainConfig
+from diad_jax.configs import NO_WEIGHTS_COMPARATOR, DataConfig, ModelConfig, TrainConfig
 from diad_jax.errors import ConfigError
 from diad_jax.train.task import Task
 
 log = logging.getLogger(__name__)
+
+DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)}  # prepare()'s arguments of these names
 
 Params = dict[str, Any]
 
@@ -115,12 +117,15 @@ def prepare_data(cfg: TrainConfig, image_size: int, overwrite: bool = False) -> 
     d = cfg.data
     data_dir = d.data_dir or default_data_dir()
     kw = dict(manual_dir=d.manual_dir, classes=d.classes, image_size=image_size, skip_bad=d.skip_bad, **d.options)
-    if jax.process_index() == 0:
-        ds = data_lib.prepare(d.dataset, data_dir, overwrite=overwrite, **kw)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("diad_jax.train: dataset prepared")
-    if jax.process_index() != 0:
-        ds = data_lib.prepare(d.dataset, data_dir, **kw)
+    try:
+        if jax.process_index() == 0:
+            ds = data_lib.prepare(d.dataset, data_dir, overwrite=overwrite, **kw)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("diad_jax.train: dataset prepared")
+        if jax.process_index() != 0:
+            ds = data_lib.prepare(d.dataset, data_dir, **kw)
+    except data_lib.DataError as e:  # prepare's arguments are the fields of the run's data section
+        raise e.renamed(lambda field: f"data.{field}" if field in DATA_FIELDS else field) from e
     n = len(ds.indices(d.train_split, d.classes))
     log.info("dataset %s at %s: %d %s images of %d classes; %d steps per epoch", d.dataset, ds.path, n,
              d.train_split, len(ds.class_names), n // d.batch_size)
