@@ -69,7 +69,7 @@ def test_step_counts_and_start_t_are_checked():
         DiffusionConfig(ddim_steps=3)
     for steps in range(1, 51):  # any step count with a start_t
         assert len(ddim_plan(DiffusionConfig(schedule="consistent", start_t=999, ddim_steps=steps)).timesteps) == steps
-    with pytest.raises(ValueError, match="start_t=700 noises the latent .* schedule='consistent'"):
+    with pytest.raises(ValueError, match="start_t=700 noises the latent .* set schedule=consistent"):
         DiffusionConfig(start_t=700)
     with pytest.raises(ValueError, match="start_t must be an integer timestep in 1..999, got 1000"):
         DiffusionConfig(schedule="consistent", start_t=1000)
