@@ -63,9 +63,9 @@ def test_sg_network_matches_controlnet_plus_sff(name):
         assert_close(f"[{name}] SG residual {i}", a, b)
 
 
-@pytest.mark.parametrize("only_mid_control", [True, False])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_controlled_unet_matches_diffusers(name, only_mid_control):
+def test_controlled_unet_matches_diffusers(name):
+    """Both only_mid_control settings against one diffusers UNet."""
     cfg, sd, model, params = setup(name)
     d = inputs(cfg)
     # Random residuals of the SG output shapes, independent of our SG network.
@@ -73,26 +73,29 @@ def test_controlled_unet_matches_diffusers(name, only_mid_control):
     rng = np.random.default_rng(7)
     control = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
     unet = oracle.diffusers_unet(cfg, sd)
-    ref = oracle.torch_controlled_unet(unet, cfg, d["x"], d["t"], d["ctx"], control, only_mid_control)
-    ours = jax.jit(model.unet_eps, static_argnames="only_mid_control")(
-        params, d["x"], d["t"], d["ctx"], control, only_mid_control=only_mid_control)
-    assert_close(f"[{name}] controlled UNet only_mid_control={only_mid_control}", ours, ref)
-    # The residuals must matter: without them the output differs.
-    bare = model.unet_eps(params, d["x"], d["t"], d["ctx"], None)
-    assert oracle.max_err(bare, ref)[0] > 1e-3
+    unet_eps = jax.jit(model.unet_eps, static_argnames="only_mid_control")
+    for only_mid_control in (True, False):
+        ref = oracle.torch_controlled_unet(unet, cfg, d["x"], d["t"], d["ctx"], control, only_mid_control)
+        ours = unet_eps(params, d["x"], d["t"], d["ctx"], control, only_mid_control=only_mid_control)
+        assert_close(f"[{name}] controlled UNet only_mid_control={only_mid_control}", ours, ref)
+        # The residuals must matter: without them (all zero, the same program) the output differs.
+        bare = unet_eps(params, d["x"], d["t"], d["ctx"], [np.zeros_like(c) for c in control],
+                        only_mid_control=only_mid_control)
+        assert oracle.max_err(bare, ref)[0] > 1e-3
 
 
-@pytest.mark.parametrize("only_mid_control", [True, False])
-def test_eps_prediction_matches_reference_chain(only_mid_control):
+def test_eps_prediction_matches_reference_chain():
+    """SG network + controlled UNet, both only_mid_control settings, against the torch chain."""
     cfg, sd, model, params = setup("sd_structured")
     d = inputs(cfg)
     ctrl = oracle.torch_sg_outputs(oracle.diffusers_controlnet(cfg, sd), sd, cfg,
                                    d["x"], d["t"], d["ctx"], d["hint"])
-    ref = oracle.torch_controlled_unet(oracle.diffusers_unet(cfg, sd), cfg, d["x"], d["t"], d["ctx"],
-                                       ctrl, only_mid_control)
-    ours = jax.jit(model.eps, static_argnames="only_mid_control")(
-        params, d["x"], d["t"], d["ctx"], d["hint"], only_mid_control=only_mid_control)
-    assert_close(f"eps only_mid_control={only_mid_control}", ours, ref)
+    unet = oracle.diffusers_unet(cfg, sd)
+    eps = jax.jit(model.eps, static_argnames="only_mid_control")
+    for only_mid_control in (True, False):
+        ref = oracle.torch_controlled_unet(unet, cfg, d["x"], d["t"], d["ctx"], ctrl, only_mid_control)
+        ours = eps(params, d["x"], d["t"], d["ctx"], d["hint"], only_mid_control=only_mid_control)
+        assert_close(f"eps only_mid_control={only_mid_control}", ours, ref)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -131,8 +134,9 @@ def test_sd15_sg_network_and_controlled_unet_parity():
                                        ctrl, True)
 
     @jax.jit
-    def run(params, x, t, ctx, hint):
-        return model.control(params, x, t, ctx, hint), model.eps(params, x, t, ctx, hint)
+    def run(params, x, t, ctx, hint):  # eps from the residuals it checks (the SG network runs once)
+        control = model.control(params, x, t, ctx, hint)
+        return control, model.unet_eps(params, x, t, ctx, control)
 
     ours_ctrl, ours_eps = run(params, d["x"], d["t"], d["ctx"], d["hint"])
     assert len(ours_ctrl) == 13
