@@ -1,4 +1,7 @@
 """DiAD model behaviour: jit, the trainable subset and its gradients, init, input validation."""
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,13 +15,17 @@ from diad_jax.models.diad import DiAD, combine, copy_unet_into_sg, partition, tr
 from tests import oracle
 
 
+def random_model(cfg: ModelConfig):
+    """(model, params) with every weight random and non-zero."""
+    model = DiAD(cfg)
+    params, _ = ldm_to_params(oracle.random_ldm_state_dict(cfg, seed=0), model.abstract_params())
+    return model, jax.tree.map(jnp.asarray, params)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = ModelConfig.tiny()
-    model = DiAD(cfg)
-    sd = oracle.random_ldm_state_dict(cfg, seed=0)  # every weight non-zero
-    params, _ = ldm_to_params(sd, model.abstract_params())
-    return cfg, model, jax.tree.map(jnp.asarray, params)
+    return cfg, *random_model(cfg)
 
 
 def batch(cfg, b=2, seed=0):
@@ -47,18 +54,18 @@ def test_trainable_mask_selects_sg_and_unet_decoder(tiny):
     assert jax.tree.all(jax.tree.map(lambda a, b: a is b, back, params))
 
 
+@functools.partial(jax.jit, static_argnames=("model", "only_mid_control"))
+def _loss_and_grads(model, trainable, frozen, d, only_mid_control):
+    """One program per model and only_mid_control, shared by the gradient tests."""
+    def loss(tr):
+        eps = model.eps(combine(tr, frozen), d["x"], d["t"], d["ctx"], d["hint"], only_mid_control=only_mid_control)
+        return jnp.mean((eps - d["target"]) ** 2)
+    return jax.value_and_grad(loss)(trainable)
+
+
 def _grads(model, params, d, only_mid_control):
     trainable, frozen = partition(params)
-
-    @jax.jit
-    def loss_grad(trainable):
-        def loss(tr):
-            p = combine(tr, frozen)
-            eps = model.eps(p, d["x"], d["t"], d["ctx"], d["hint"], only_mid_control=only_mid_control)
-            return jnp.mean((eps - d["target"]) ** 2)
-        return jax.value_and_grad(loss)(trainable)
-
-    return trainable, loss_grad(trainable)
+    return trainable, _loss_and_grads(model, trainable, frozen, d, only_mid_control)
 
 
 def test_grad_nonzero_exactly_on_trainable_subset(tiny):
@@ -139,8 +146,11 @@ def test_init_matches_reference_initialisation():
             assert 0.75 < ratio < 1.33, (k, ratio)
 
 
-def test_jit_eps_equals_eager(tiny):
-    cfg, model, params = tiny
+def test_jit_eps_equals_eager():
+    """Op by op (eager) and compiled agree; on the tiny model's structure with one res block per
+    level (eager dispatch is slow: the size is not the point)."""
+    cfg = ModelConfig.tiny(unet=dataclasses.replace(ModelConfig.tiny().unet, num_res_blocks=1))
+    model, params = random_model(cfg)
     d = batch(cfg)
     eager = model.eps(params, d["x"], d["t"], d["ctx"], d["hint"])
     jitted = jax.jit(model.eps)(params, d["x"], d["t"], d["ctx"], d["hint"])
