@@ -80,7 +80,8 @@ def latent_std_changes_with_the_vae(model, params, ds, std):
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     wd, data = tmp_path / "demo", tmp_path / "data"
-    argv = ["--workdir", wd, "--data-dir", data, "--vae-steps", 4, "--diad-steps", 4, "--batch-size", 8, "--vae-batch-size", 8,
+    # two steps per stage: two checkpoints each, the demo's whole code path; the numbers are not the point
+    argv = ["--workdir", wd, "--data-dir", data, "--vae-steps", 2, "--diad-steps", 2, "--batch-size", 8, "--vae-batch-size", 8,
             "--limit-per-class", 2, "--heatmaps", 1, "--no-progress"]
     assert demo_main(argv) == 0
     out = capsys.readouterr().out
@@ -90,11 +91,11 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert len(list((wd / "eval" / "heatmaps").rglob("*.png"))) == 5
     # scale_factor = 1 / latent std of the trained VAE, carried into the DiAD checkpoint
     init = load_model(wd / "init")
-    vae = load_model(wd / "autoencoder" / "checkpoints" / "4")
+    vae = load_model(wd / "autoencoder" / "checkpoints" / "2")
     ds = dataio.prepare("synthetic", data, image_size=64)
     std = autoencoder.latent_std(DiAD(vae.config), vae.params, ds)
     assert init.config.scale_factor == pytest.approx(1 / std, rel=1e-5)
-    final = load_model(wd / "diad" / "checkpoints" / "4")
+    final = load_model(wd / "diad" / "checkpoints" / "2")
     assert final.config == init.config
     # the VAE was trained in stage 1 and is frozen in stage 2; the UNet encoder trained in stage 2
     for a, b in zip(jax.tree.leaves(final.params["vae"]), jax.tree.leaves(init.params["vae"])):
@@ -111,7 +112,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     images.mkdir()
     for i in range(8):  # a full batch: the program the evaluation compiled (from the compilation cache)
         Image.fromarray(np.asarray(ds["test"][i]["image"])).save(images / f"{i}.png")
-    assert run_script("predict", ["--checkpoint", wd / "diad" / "checkpoints" / "4", "--input", images,
+    assert run_script("predict", ["--checkpoint", wd / "diad" / "checkpoints" / "2", "--input", images,
                                   "--out", tmp_path / "preds", "--no-progress"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "preds" / "predictions.csv")))
     scored = {r["file"].rsplit("/", 1)[1]: r for r in rows}

@@ -1,8 +1,9 @@
 """Training: sharded steps vs one device, partition rules, trainable subset, kill-and-resume,
 restore onto another mesh, real multi-process training, and the loss going down.
 
-Everything uses ModelConfig.tiny() on the generated dataset at 64 px; the in-process tests run on
-the 8 forced CPU devices conftest.py sets up; subprocess tests set their own XLA_FLAGS."""
+The in-process tests use ModelConfig.tiny() on the generated dataset at 64 px, on the 8 forced CPU
+devices conftest.py sets up; the subprocess tests (where the process boundary is the point, not the
+model) train the micro model at 32 px and set their own XLA_FLAGS."""
 from __future__ import annotations
 
 import json
@@ -23,10 +24,12 @@ from jax.sharding import PartitionSpec as P
 from diad_jax import data
 from diad_jax import sharding as shd
 from diad_jax.checkpoints import model_metadata, state_target
-from diad_jax.configs import DiffusionConfig, ModelConfig, TrainConfig
+from diad_jax.configs import DiffusionConfig, EvalConfig, ModelConfig, TrainConfig
 from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
 from diad_jax.errors import ConfigError
 from diad_jax.train import Checkpointer, StepFactory, check_eval_resnet, diffusion_loss, read_metrics
+
+from tests.conftest import MICRO
 
 # one xdist worker for the whole module: its fixtures (compiled steps, the reference run) are shared
 pytestmark = pytest.mark.xdist_group("train")
@@ -41,6 +44,14 @@ LR = 1e-3  # larger than the reference's 1e-5 so a few steps visibly train
 def synth(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth_data")
     ds = data.prepare("synthetic", d, image_size=64, **SYNTH)
+    return d, ds
+
+
+@pytest.fixture(scope="module")
+def micro_synth(tmp_path_factory):
+    """The subprocess runs' dataset (the micro model's 32 px), prepared once here."""
+    d = tmp_path_factory.mktemp("micro_data")
+    ds = data.prepare("synthetic", d, image_size=MICRO.image_size, **SYNTH)
     return d, ds
 
 
@@ -328,17 +339,21 @@ def jax_cache(tmp_path_factory):
     # Adam with eps 1e-3 (instead of 1e-8): its update g / (|g| + eps) is then Lipschitz in g, so
     # the different summation order of cross-process reductions stays at rounding level instead of
     # turning gradients that are zero up to rounding into +-lr steps (the in-process test covers
-    # the default eps after one step). Everything else is the default optimiser.
-    (d / "eps.json").write_text(json.dumps({"optimizer": {"eps": 1e-3}}))
+    # the default eps after one step). Everything else is the default optimiser. The evaluation's
+    # blur and image-score pool are scaled to the micro model's 32 px.
+    footprint = EvalConfig().scaled_footprint(MICRO.image_size)
+    (d / "run_config.json").write_text(json.dumps({"optimizer": {"eps": 1e-3},
+                                            "eval": {"sigma": footprint.sigma, "pool_window": footprint.pool_window}}))
     return d
 
 
 @pytest.fixture(scope="module")
 def init_checkpoint(tmp_path_factory):
-    """The runs' --init-checkpoint (as every real run has one), saved by THIS process from a data=2 x
-    fsdp=4 mesh of 8 devices: the runs restore it onto other meshes and process counts."""
+    """The runs' --init-checkpoint (as every real run has one; it sets their model: the micro one),
+    saved by THIS process from a data=2 x fsdp=4 mesh of 8 devices: the runs restore it onto other
+    meshes and process counts."""
     from diad_jax.checkpoints import default_context, save_model
-    model = DiAD(ModelConfig.tiny())
+    model = DiAD(MICRO)
     mesh = shd.make_mesh(2, 4)
     params = shd.place(model.init(seed=3), shd.param_shardings(model.abstract_params(), mesh))
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
@@ -347,14 +362,14 @@ def init_checkpoint(tmp_path_factory):
 
 
 def _ref_args(jax_cache, init_checkpoint) -> tuple[str, ...]:
-    return (*REFERENCE_ARGS, "--config", str(jax_cache / "eps.json"), "--init-checkpoint", str(init_checkpoint))
+    return (*REFERENCE_ARGS, "--config", str(jax_cache / "run_config.json"), "--init-checkpoint", str(init_checkpoint))
 
 
 @pytest.fixture(scope="module")
-def reference_run(synth, jax_cache, init_checkpoint, tmp_path_factory):
+def reference_run(micro_synth, jax_cache, init_checkpoint, tmp_path_factory):
     """One uninterrupted single-process run: 7 steps on 2 devices (fsdp=2), checkpoints
     every 2 steps. Both subprocess tests compare with it (and it fills the compilation cache)."""
-    data_dir, _ = synth
+    data_dir, _ = micro_synth
     workdir = tmp_path_factory.mktemp("reference_run")
     proc = subprocess.run(_train_cmd(workdir, data_dir, *_ref_args(jax_cache, init_checkpoint)),
                           env=_env(2, jax_cache), capture_output=True, text=True, timeout=400)
@@ -363,12 +378,12 @@ def reference_run(synth, jax_cache, init_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_continues_exactly(synth, jax_cache, init_checkpoint, reference_run):
+def test_kill_and_resume_continues_exactly(micro_synth, jax_cache, init_checkpoint, reference_run):
     """A run SIGKILLed right after its step-4 checkpoint is committed (before the next save starts;
     the kill does not wait on the checkpointer) and restarted resumes from step 4 and ends exactly
     like the uninterrupted run (7 steps; 5 steps make an epoch, so the resumed data position
     crosses an epoch boundary)."""
-    data_dir, _ = synth
+    data_dir, _ = micro_synth
     workdir = jax_cache.parent / "killed_run"
     cmd = _train_cmd(workdir, data_dir, *_ref_args(jax_cache, init_checkpoint), signal_at=("KILL", 4))
     killed = subprocess.run(cmd, env=_env(2, jax_cache), capture_output=True, text=True, timeout=300)
@@ -417,7 +432,7 @@ def _two_processes(workdir, data_dir, args, jax_cache, signal_at: dict | None = 
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(synth, jax_cache, init_checkpoint, reference_run, tmp_path):
+def test_two_processes_train_like_one(micro_synth, jax_cache, init_checkpoint, reference_run, tmp_path):
     """The README's pod command in two processes (jax.distributed on 127.0.0.1, gloo), one CPU
     device each, from the --init-checkpoint that one process saved from an 8-device mesh, on the
     reference run's mesh (fsdp=2: params and optimizer state split ACROSS the processes) and global
@@ -426,7 +441,7 @@ def test_two_processes_train_like_one(synth, jax_cache, init_checkpoint, referen
     step 6: losses and params equal the single-process run's. Then they evaluate the test split
     together (guidance deduplicated: one UNet pass per step): the same metrics as one process
     evaluating the saved checkpoint."""
-    data_dir, ds = synth
+    data_dir, ds = micro_synth
     workdir = tmp_path / "multi"
     args = (*_ref_args(jax_cache, init_checkpoint), "--steps", "6", "--save-every", "6", "--eval-split", "test",
             "--eval-at-end", "true", "--eval-resnet", "random", "--eval-batch-size", "8")
@@ -445,7 +460,7 @@ def test_two_processes_train_like_one(synth, jax_cache, init_checkpoint, referen
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
     a, b = _final_params(reference_run / "checkpoints" / "6"), _final_params(workdir / "checkpoints" / "6")
-    mask = _flat(trainable_mask(DiAD(ModelConfig.tiny()).abstract_params()))
+    mask = _flat(trainable_mask(DiAD(MICRO).abstract_params()))
     for k in a:
         if not mask[k]:
             assert np.array_equal(a[k], b[k]), k  # frozen: untouched by both
