@@ -47,24 +47,32 @@ def test_trainable_mask_selects_sg_and_unet_decoder(tiny):
     assert jax.tree.all(jax.tree.map(lambda a, b: a is b, back, params))
 
 
-def _grads(model, params, d, only_mid_control):
-    trainable, frozen = partition(params)
+@pytest.fixture(scope="module")
+def loss_grads(tiny):
+    """only_mid_control -> jitted (trainable, frozen, batch) -> (eps-MSE loss, its gradient): the params
+    and the batch are arguments, so each program compiles once for the module."""
+    _, model, _ = tiny
 
-    @jax.jit
-    def loss_grad(trainable):
-        def loss(tr):
-            p = combine(tr, frozen)
-            eps = model.eps(p, d["x"], d["t"], d["ctx"], d["hint"], only_mid_control=only_mid_control)
+    def make(only_mid_control):
+        def loss(trainable, frozen, d):
+            eps = model.eps(combine(trainable, frozen), d["x"], d["t"], d["ctx"], d["hint"],
+                            only_mid_control=only_mid_control)
             return jnp.mean((eps - d["target"]) ** 2)
-        return jax.value_and_grad(loss)(trainable)
+        return jax.jit(jax.value_and_grad(loss))
 
-    return trainable, loss_grad(trainable)
+    return {only_mid_control: make(only_mid_control) for only_mid_control in (False, True)}
 
 
-def test_grad_nonzero_exactly_on_trainable_subset(tiny):
-    cfg, model, params = tiny
+def _grads(loss_grads, params, d, only_mid_control):
+    # all on one device, committed: params made in different ways then share the compiled program
+    trainable, frozen = partition(jax.device_put(params, jax.devices()[0]))
+    return trainable, loss_grads[only_mid_control](trainable, frozen, d)
+
+
+def test_grad_nonzero_exactly_on_trainable_subset(tiny, loss_grads):
+    cfg, _, params = tiny
     d = batch(cfg)
-    trainable, (loss, grads) = _grads(model, params, d, only_mid_control=False)
+    trainable, (loss, grads) = _grads(loss_grads, params, d, only_mid_control=False)
     assert np.isfinite(loss)
     # grads exist for exactly the trainable leaves
     assert set(traverse_util.flatten_dict(grads)) == set(traverse_util.flatten_dict(trainable))
@@ -74,12 +82,12 @@ def test_grad_nonzero_exactly_on_trainable_subset(tiny):
     assert zero == [], f"trainable leaves without gradient: {zero}"
 
 
-def test_only_mid_control_gradients_follow_the_reference(tiny):
+def test_only_mid_control_gradients_follow_the_reference(tiny, loss_grads):
     """only_mid_control=True: residuals that never reach the UNet (zero convs of skips other than
     the SFF sources and targets) get exactly zero gradient; everything else trainable moves."""
-    cfg, model, params = tiny
+    cfg, _, params = tiny
     d = batch(cfg)
-    _, (_, grads) = _grads(model, params, d, only_mid_control=True)
+    _, (_, grads) = _grads(loss_grads, params, d, only_mid_control=True)
     used = set(cfg.sff_sources()) | set(cfg.sff_targets())
     for path, g in traverse_util.flatten_dict(grads).items():
         top = path[1]
@@ -87,7 +95,7 @@ def test_only_mid_control_gradients_follow_the_reference(tiny):
         assert (not np.any(np.asarray(g))) == expect_zero, path
 
 
-def test_reference_init_leaves_sff_without_gradient(tiny):
+def test_reference_init_leaves_sff_without_gradient(tiny, loss_grads):
     """Spec section 3: with the reference's start of training (a pretrained UNet, the SG network
     copied from its encoder, zero convs and SFF convs zero) and only_mid_control=True, the SFF
     convs and the source zero convs get exactly zero gradient (so they stay zero through a
@@ -96,7 +104,7 @@ def test_reference_init_leaves_sff_without_gradient(tiny):
     fresh = model.init(seed=0)
     params = copy_unet_into_sg({"unet": pretrained["unet"], "vae": pretrained["vae"], "sg": fresh["sg"]})
     d = batch(cfg)
-    _, (_, grads) = _grads(model, params, d, only_mid_control=True)
+    _, (_, grads) = _grads(loss_grads, params, d, only_mid_control=True)
     g = traverse_util.flatten_dict(grads["sg"])
     sff = [k for k in g if k[0].startswith("down")]
     assert len(sff) == len(cfg.sff_sources()) * len(cfg.sff_targets())
