@@ -78,7 +78,7 @@ def test_controlled_unet_matches_diffusers(name, only_mid_control):
         params, d["x"], d["t"], d["ctx"], control, only_mid_control=only_mid_control)
     assert_close(f"[{name}] controlled UNet only_mid_control={only_mid_control}", ours, ref)
     # The residuals must matter: without them the output differs.
-    bare = model.unet_eps(params, d["x"], d["t"], d["ctx"], None)
+    bare = jax.jit(model.unet_eps)(params, d["x"], d["t"], d["ctx"], None)
     assert oracle.max_err(bare, ref)[0] > 1e-3
 
 
