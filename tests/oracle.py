@@ -50,18 +50,21 @@ def ldm_original_config(cfg: ModelConfig) -> dict:
 
 def random_ldm_state_dict(cfg: ModelConfig, seed: int = 0, groups=("unet", "sg", "vae")) -> dict:
     """Random float32 numpy weights under every reference key: kernels ~ N(0, 1/fan_in), norm
-    scales 1 + N(0, 0.1^2), biases N(0, 0.1^2). Zero-initialised layers get random values too."""
-    rng = np.random.default_rng(seed)
+    scales 1 + N(0, 0.1^2), biases N(0, 0.1^2). Zero-initialised layers get random values too.
+    Drawn by torch's generator, scaled in place: SD size is 1.3 G values, twice as fast as numpy's."""
+    generator = torch.Generator().manual_seed(seed)
     abstract = DiAD(cfg).abstract_params()
     sd = {}
     for key, shape in sorted(expected_ldm_keys(abstract, groups).items()):
+        w = torch.randn(shape, generator=generator, dtype=torch.float32).numpy()
         if key.endswith(".bias"):
-            sd[key] = 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            w *= np.float32(0.1)
         elif len(shape) == 1:
-            sd[key] = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            w *= np.float32(0.1)
+            w += np.float32(1.0)
         else:
-            fan_in = int(np.prod(shape[1:]))
-            sd[key] = rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in ** -0.5)
+            w *= np.float32(int(np.prod(shape[1:])) ** -0.5)
+        sd[key] = w
     return sd
 
 
