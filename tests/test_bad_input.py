@@ -38,7 +38,7 @@ from diad_jax.train import Hook, Trainer
 from diad_jax.train.workdir_lock import WorkdirLock
 
 from tests import oracle
-from tests.conftest import MICRO
+from tests.conftest import MICRO, xla_flags
 from tests.scripts import run_script
 from tests.test_data import _write_mask, _write_rgb, make_mvtec
 
@@ -170,7 +170,7 @@ def test_a_distributed_start_with_a_process_missing_exits_2_naming_it(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags(1))
 
     def start(process_id: int, num_processes: int, port: int) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "--workdir", str(tmp_path / "w"),

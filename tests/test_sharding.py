@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Run in each process: place two trees of the same layout (leaves spanning both processes) onto new
@@ -50,7 +52,7 @@ def test_place_across_processes_compiles_once_per_layout():
     """Two same-layout trees of jax.Arrays spanning both processes are resharded by one compiled
     identity (the second placement reuses the first's program), onto the shardings asked for."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="3")
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, "-c", PLACE_TWICE, coordinator, str(i)], cwd=ROOT, env=env,

@@ -1,9 +1,9 @@
 """Training: sharded steps vs one device, partition rules, trainable subset, kill-and-resume,
 restore onto another mesh, real multi-process training, and the loss going down.
 
-The in-process tests use ModelConfig.tiny() on the generated dataset at 64 px, on the 8 forced CPU
-devices conftest.py sets up; the subprocess tests (where the process boundary is the point, not the
-model) train the micro model at 32 px and set their own XLA_FLAGS."""
+All tests train the micro model (the tiny model's structure at its smallest) on the generated
+dataset at 32 px: the in-process ones on the 8 forced CPU devices conftest.py sets up, the subprocess
+ones (where the process boundary is the point) with their own XLA_FLAGS."""
 from __future__ import annotations
 
 import json
@@ -29,7 +29,7 @@ from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
 from diad_jax.errors import ConfigError
 from diad_jax.train import Checkpointer, StepFactory, check_eval_resnet, diffusion_loss, read_metrics
 
-from tests.conftest import MICRO
+from tests.conftest import MICRO, xla_flags
 
 # one xdist worker for the whole module: its fixtures (compiled steps, the reference run) are shared
 pytestmark = pytest.mark.xdist_group("train")
@@ -41,27 +41,20 @@ LR = 1e-3  # larger than the reference's 1e-5 so a few steps visibly train
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth_data")
-    ds = data.prepare("synthetic", d, image_size=64, **SYNTH)
-    return d, ds
-
-
-@pytest.fixture(scope="module")
 def micro_synth(tmp_path_factory):
-    """The subprocess runs' dataset (the micro model's 32 px), prepared once here."""
+    """The module's dataset (the micro model's 32 px), prepared once here."""
     d = tmp_path_factory.mktemp("micro_data")
     ds = data.prepare("synthetic", d, image_size=MICRO.image_size, **SYNTH)
     return d, ds
 
 
 @pytest.fixture(scope="module")
-def setup(synth):
+def setup(micro_synth):
     """Model, initial host params, context, and three fixed global batches (host numpy). The
     zero-initialised layers are filled with random values so every parameter gets a gradient."""
-    _, ds = synth
+    _, ds = micro_synth
     cfg = TrainConfig.tiny(**{"data.batch_size": BATCH, "optimizer.learning_rate": LR})
-    model = DiAD(ModelConfig.tiny())
+    model = DiAD(MICRO)
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda x: x if np.any(x) else rng.normal(0, 0.02, x.shape).astype(np.float32),
                           jax.device_get(model.init(seed=0)))
@@ -221,10 +214,10 @@ def test_only_trainable_params_change(setup, single):
     assert len(changed) > 0.5 * len(train_keys)
 
 
-def test_loss_goes_down(setup, synth):
+def test_loss_goes_down(setup, micro_synth):
     """A fixed held-out batch and noise: the loss after 30 steps (lr 1e-3) is clearly lower."""
     cfg, model, params, ctx, batches = setup
-    _, ds = synth
+    _, ds = micro_synth
     f = factory(setup, 1, 1)
     trainable, frozen = f.split(params)
     state = f.init_state(trainable)
@@ -289,7 +282,7 @@ def test_restore_onto_a_different_mesh(setup, single, tmp_path):
 # ---- subprocess helpers ------------------------------------------------------------------------
 def _env(devices: int, cache: Path | None = None) -> dict:
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices),
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1",
                TF_CPP_MIN_LOG_LEVEL="3")
     if cache is not None:
@@ -444,7 +437,7 @@ def test_two_processes_train_like_one(micro_synth, jax_cache, init_checkpoint, r
     data_dir, ds = micro_synth
     workdir = tmp_path / "multi"
     args = (*_ref_args(jax_cache, init_checkpoint), "--steps", "6", "--save-every", "6", "--eval-split", "test",
-            "--eval-at-end", "true", "--eval-resnet", "random", "--eval-batch-size", "8")
+            "--eval-at-end", "true", "--eval-comparator", "pixel_l1", "--eval-batch-size", "8")
     stopped = _two_processes(workdir, data_dir, args, jax_cache, signal_at={1: ("TERM", 1)})
     for rc, out in stopped:
         assert rc == 143, out[-6000:]
