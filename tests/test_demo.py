@@ -17,6 +17,7 @@ from diad_jax.configs import EvalConfig, ModelConfig
 from diad_jax.models.diad import DiAD, TRAINABLE_MASKS, partition
 from diad_jax.scoring import Scorer, pooled_max
 
+from tests.conftest import MICRO
 from tests.scripts import run_script
 
 
@@ -78,10 +79,14 @@ def latent_std_changes_with_the_vae(model, params, ds, std):
     return abs(autoencoder.latent_std(model, scaled, ds, batch_size=4, seed=5) - std) > 0.1 * std
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
+    """The demo's whole code path with one step per stage (the numbers are not the point) and the
+    micro model's UNet in the demo model (the size is not the point either; the other tests here
+    build the demo architecture itself): the DiAD step compiles in half the time."""
+    demo = ModelConfig.demo
+    monkeypatch.setattr(ModelConfig, "demo", classmethod(lambda cls, **kw: demo(**{"unet": MICRO.unet, **kw})))
     wd, data = tmp_path / "demo", tmp_path / "data"
-    # two steps per stage: two checkpoints each, the demo's whole code path; the numbers are not the point
-    argv = ["--workdir", wd, "--data-dir", data, "--vae-steps", 2, "--diad-steps", 2, "--batch-size", 8, "--vae-batch-size", 8,
+    argv = ["--workdir", wd, "--data-dir", data, "--vae-steps", 1, "--diad-steps", 1, "--batch-size", 8, "--vae-batch-size", 8,
             "--limit-per-class", 2, "--heatmaps", 1, "--no-progress"]
     assert demo_main(argv) == 0
     out = capsys.readouterr().out
@@ -91,12 +96,12 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert len(list((wd / "eval" / "heatmaps").rglob("*.png"))) == 5
     # scale_factor = 1 / latent std of the trained VAE, carried into the DiAD checkpoint
     init = load_model(wd / "init")
-    vae = load_model(wd / "autoencoder" / "checkpoints" / "2")
+    vae = load_model(wd / "autoencoder" / "checkpoints" / "1")
     ds = dataio.prepare("synthetic", data, image_size=64)
     std = autoencoder.latent_std(DiAD(vae.config), vae.params, ds)
     assert init.config.scale_factor == pytest.approx(1 / std, rel=1e-5)
-    final = load_model(wd / "diad" / "checkpoints" / "2")
-    assert final.config == init.config
+    final = load_model(wd / "diad" / "checkpoints" / "1")
+    assert final.config == init.config and final.config.unet == MICRO.unet
     # the VAE was trained in stage 1 and is frozen in stage 2; the UNet encoder trained in stage 2
     for a, b in zip(jax.tree.leaves(final.params["vae"]), jax.tree.leaves(init.params["vae"])):
         np.testing.assert_array_equal(a, b)
@@ -112,7 +117,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     images.mkdir()
     for i in range(8):  # a full batch: the program the evaluation compiled (from the compilation cache)
         Image.fromarray(np.asarray(ds["test"][i]["image"])).save(images / f"{i}.png")
-    assert run_script("predict", ["--checkpoint", wd / "diad" / "checkpoints" / "2", "--input", images,
+    assert run_script("predict", ["--checkpoint", wd / "diad" / "checkpoints" / "1", "--input", images,
                                   "--out", tmp_path / "preds", "--no-progress"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "preds" / "predictions.csv")))
     scored = {r["file"].rsplit("/", 1)[1]: r for r in rows}

@@ -121,13 +121,13 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
 
     # 2. autoencoder
     t0 = time.perf_counter()
-    log.info("stage 1/3: autoencoder, %d steps", args.vae_steps)
-    trainer = Trainer(vae_cfg, task=autoencoder.autoencoder_task(vae_cfg))
-    cli.run(trainer, args.no_progress)
+    vae_ckpt = args.workdir / "autoencoder" / "checkpoints" / str(args.vae_steps)
+    if _must_train("stage 1/3: autoencoder", vae_ckpt):
+        trainer = Trainer(vae_cfg, task=autoencoder.autoencoder_task(vae_cfg))
+        cli.run(trainer, args.no_progress)
     times["autoencoder"] = time.perf_counter() - t0
 
     # 3. scale_factor from the latent std -> the initial DiAD checkpoint
-    vae_ckpt = args.workdir / "autoencoder" / "checkpoints" / str(args.vae_steps)
     if _source(init_dir) != str(vae_ckpt):
         ckpt = load_model(vae_ckpt)
         std = autoencoder.latent_std(DiAD(ckpt.config), ckpt.params, prepared)
@@ -138,14 +138,14 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
 
     # 4. DiAD
     t0 = time.perf_counter()
-    log.info("stage 2/3: DiAD (SG network + UNet), %d steps", args.diad_steps)
-    trainer = Trainer(diad_cfg)
-    cli.run(trainer, args.no_progress)
+    final = args.workdir / "diad" / "checkpoints" / str(args.diad_steps)
+    if _must_train("stage 2/3: DiAD (SG network + UNet)", final):
+        trainer = Trainer(diad_cfg)
+        cli.run(trainer, args.no_progress)
     times["diad"] = time.perf_counter() - t0
 
     # 5. evaluation of the EMA weights (the model items of a training checkpoint), then thresholds
     t0 = time.perf_counter()
-    final = args.workdir / "diad" / "checkpoints" / str(args.diad_steps)
     detector = load(final)  # the checkpoint records its scoring settings
     ec = detector.eval_config
     log.info("stage 3/3: evaluating the test split (%s schedule, %s comparator, blur sigma %.2f, pool window %d)",
@@ -179,6 +179,16 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     print(f"Verdicts on any images: diad-jax predict --checkpoint {final} --input <folder> --out preds")
     (args.workdir / "timings.json").write_text(json.dumps(times, indent=2))
     return 0
+
+
+def _must_train(stage: str, last_checkpoint: Path) -> bool:
+    """Whether a training stage must run (or resume): not when its last checkpoint is committed."""
+    steps = int(last_checkpoint.name)
+    if last_checkpoint.is_dir():
+        log.info("%s: done (%s)", stage, last_checkpoint)
+        return False
+    log.info("%s, %d steps", stage, steps)
+    return True
 
 
 def _source(ckpt_dir: Path) -> str | None:
