@@ -183,11 +183,10 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
 
 def _must_train(stage: str, last_checkpoint: Path) -> bool:
     """Whether a training stage must run (or resume): not when its last checkpoint is committed."""
-    steps = int(last_checkpoint.name)
     if last_checkpoint.is_dir():
         log.info("%s: done (%s)", stage, last_checkpoint)
         return False
-    log.info("%s, %d steps", stage, steps)
+    log.info("%s, %s steps", stage, last_checkpoint.name)
     return True
 
 
