@@ -8,10 +8,14 @@ rules' shardings, never materialised -- on N forced host devices, and prints
 
     peak = arguments + outputs - aliased (donated state) + temporaries
 
+A step is one optimizer update on the global batch, computed as grad_accum micro-batches scanned
+inside the step (diad_jax.train.StepFactory): the per-device micro-batch is global_batch /
+(grad_accum x devices).
+
 Examples:
   python benchmarks/bench_train_memory.py                      # SD size, remat + bf16, 1/2/8 devices
   python benchmarks/bench_train_memory.py --model tiny --devices 1 8 --no-remat --dtype float32
-  python benchmarks/bench_train_memory.py --cases 8:1:8:8 8:1:8:96  # devices:data:fsdp:global_batch
+  python benchmarks/bench_train_memory.py --cases 1:1:1:48:48 8:1:8:96:1  # devices:data:fsdp:global_batch:grad_accum
 
 Each device count runs in its own subprocess (the forced device count is fixed at JAX start-up).
 On a CPU the numbers are XLA:CPU's buffer assignment; GPU/TPU compilers fuse differently, so treat
@@ -28,22 +32,22 @@ import sys
 import time
 
 DEFAULT_CASES = [
-    # devices, data, fsdp, global batch
-    (1, 1, 1, 1),
-    (1, 1, 1, 12),
-    (2, 1, 2, 2),
-    (2, 1, 2, 24),
-    (8, 1, 8, 8),
-    (8, 1, 8, 96),
+    # devices, data, fsdp, global batch, micro-batches per step
+    (1, 1, 1, 1, 1),
+    (1, 1, 1, 48, 48),   # the reference's batch of 48 per update on ONE device, micro-batch 1
+    (1, 1, 1, 48, 16),
+    (2, 1, 2, 48, 24),
+    (8, 1, 8, 96, 1),    # 12 per device
 ]
 
 
-def parse_case(s: str) -> tuple[int, int, int, int]:
+def parse_case(s: str) -> tuple[int, int, int, int, int]:
     try:
-        d, data, fsdp, b = (int(x) for x in s.split(":"))
+        d, data, fsdp, b, k = (int(x) for x in s.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"case {s!r}: expected devices:data:fsdp:global_batch, e.g. 8:1:8:96")
-    return d, data, fsdp, b
+        raise argparse.ArgumentTypeError(f"case {s!r}: expected devices:data:fsdp:global_batch:grad_accum, "
+                                         f"e.g. 8:1:8:96:1")
+    return d, data, fsdp, b, k
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,10 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="sd15", help="sd15 (default), tiny, or a ModelConfig JSON file")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--no-remat", action="store_true", help="disable rematerialisation")
-    ap.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation (reference: 4)")
     ap.add_argument("--ema", action="store_true", help="keep an EMA of the trainable params")
-    ap.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="D:DATA:FSDP:B",
-                    help="devices:data:fsdp:global_batch (default: " +
+    ap.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="D:DATA:FSDP:B:K",
+                    help="devices:data:fsdp:global_batch:grad_accum (default: " +
                          " ".join(":".join(map(str, c)) for c in DEFAULT_CASES) + ")")
     ap.add_argument("--devices", nargs="+", type=int, default=None,
                     help="only the default cases with these device counts")
@@ -80,9 +83,9 @@ def worker(args) -> None:
     config = ModelConfig.from_spec(args.model)
     dtype = DTYPES[args.dtype]
     rows = []
-    for devices, data, fsdp, batch in cases:
+    for devices, data, fsdp, batch, accum in cases:
         tcfg = TrainConfig(model=args.model, compute_dtype=args.dtype, remat=not args.no_remat).replace(**{
-            "data.batch_size": batch, "optimizer.grad_accum": args.grad_accum, "mesh.data": data, "mesh.fsdp": fsdp,
+            "data.batch_size": batch, "optimizer.grad_accum": accum, "mesh.data": data, "mesh.fsdp": fsdp,
             "optimizer.ema_decay": 0.999 if args.ema else None})
         mesh = shd.make_mesh(data, fsdp, jax.devices()[:devices])
         t0 = time.perf_counter()
@@ -95,7 +98,8 @@ def worker(args) -> None:
         peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
         state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(factory.abstract_state))
         frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(factory.abstract_frozen))
-        rows.append(dict(devices=devices, data=data, fsdp=fsdp, batch=batch, per_device_batch=batch / (data * fsdp),
+        rows.append(dict(devices=devices, data=data, fsdp=fsdp, batch=batch, grad_accum=accum,
+                         per_device_micro_batch=batch / (data * fsdp * accum),
                          arguments=ma.argument_size_in_bytes, outputs=ma.output_size_in_bytes,
                          aliased=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes, peak=peak,
                          state_total=state_bytes, frozen_total=frozen_bytes,
@@ -113,6 +117,8 @@ def main(argv=None) -> None:
     for c in cases:
         if c[1] * c[2] != c[0]:
             raise SystemExit(f"case {c}: data x fsdp must equal the device count")
+        if c[3] % (c[0] * c[4]):
+            raise SystemExit(f"case {c}: the global batch must be a multiple of devices x grad_accum")
         by_devices.setdefault(c[0], []).append(c)
     rows = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +127,7 @@ def main(argv=None) -> None:
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
                    PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--dtype", args.dtype,
-               "--grad-accum", str(args.grad_accum), "--conv-impl", args.conv_impl, "--_worker", ",".join(":".join(map(str, c)) for c in cs)]
+               "--conv-impl", args.conv_impl, "--_worker", ",".join(":".join(map(str, c)) for c in cs)]
         if args.no_remat:
             cmd.append("--no-remat")
         if args.ema:
@@ -140,18 +146,18 @@ def main(argv=None) -> None:
 
     gib = 2 ** 30
     print(f"Train-step memory per device (XLA memory_analysis), model={args.model}, compute {args.dtype}, "
-          f"remat={'off' if args.no_remat else 'on'}, grad_accum={args.grad_accum}, fp32 master weights, "
+          f"remat={'off' if args.no_remat else 'on'}, fp32 master weights, "
           f"AdamW state sharded over fsdp, conv={args.conv_impl}\n")
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}; python {platform.python_version()}, jax {jax.__version__}, "
           f"flax {flax.__version__}, optax {optax.__version__}; forced host (CPU) devices\n")
-    print("| devices | mesh (data x fsdp) | global batch | per device | arguments GiB | outputs GiB "
-          "| aliased GiB | temp GiB | **peak GiB** | compile s |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| devices | mesh (data x fsdp) | global batch | micro-batches | per-device micro-batch | arguments GiB "
+          "| outputs GiB | aliased GiB | temp GiB | **peak GiB** | peak GB | compile s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['devices']} | {r['data']} x {r['fsdp']} | {r['batch']} | {r['per_device_batch']:g} "
-              f"| {r['arguments'] / gib:.2f} | {r['outputs'] / gib:.2f} | {r['aliased'] / gib:.2f} "
-              f"| {r['temp'] / gib:.2f} | **{r['peak'] / gib:.2f}** | {r['compile_s']:.0f} |")
+        print(f"| {r['devices']} | {r['data']} x {r['fsdp']} | {r['batch']} | {r['grad_accum']} "
+              f"| {r['per_device_micro_batch']:g} | {r['arguments'] / gib:.2f} | {r['outputs'] / gib:.2f} | {r['aliased'] / gib:.2f} "
+              f"| {r['temp'] / gib:.2f} | **{r['peak'] / gib:.2f}** | {r['peak'] / 1e9:.1f} | {r['compile_s']:.0f} |")
     if rows:
         r = rows[0]
         print(f"\nTrain state (trainable params + optimizer state{' + EMA' if args.ema else ''}), all devices: "

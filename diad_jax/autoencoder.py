@@ -100,7 +100,7 @@ def autoencoder_task(cfg: TrainConfig, lpips_params: dict | None = None) -> Task
 
     extra = {"lpips": lpips_params} if lpips_params is not None else {}
     return Task("autoencoder", ("vae",), lambda p: jax.tree.map(lambda _: True, p), loss,
-                make_optimizer(cfg.optimizer), extra_frozen=extra)
+                make_optimizer(cfg.optimizer, cfg.steps), extra_frozen=extra)
 
 
 def latent_std(model, params, dataset, *, n_images: int | None = None, batch_size: int = 16, seed: int = 0,
@@ -132,9 +132,9 @@ def latent_std(model, params, dataset, *, n_images: int | None = None, batch_siz
 
 
 def reference_config(**changes) -> TrainConfig:
-    """finetune_autoencoder.py's settings: batch 4 x accumulation 8, Adam(0.5, 0.9), lr 4.5e-5 x 4,
-    no weight decay, fp32, about 25k steps, no evaluation. `changes` as TrainConfig.replace takes them."""
-    base = TrainConfig(model="sd15", steps=25_000, workdir="runs/autoencoder", data=DataConfig(batch_size=4),
+    """finetune_autoencoder.py's settings: batch 4 x accumulation 8 (32 per update), Adam(0.5, 0.9),
+    lr 4.5e-5 x 4, no weight decay, fp32, about 25k updates, no evaluation. `changes` as TrainConfig.replace takes them."""
+    base = TrainConfig(model="sd15", steps=25_000, workdir="runs/autoencoder", data=DataConfig(batch_size=32),
                        optimizer=OptimizerConfig(learning_rate=4.5e-5 * 4, b1=0.5, b2=0.9, weight_decay=0.0,
                                                  grad_accum=8),
                        checkpoint=CheckpointConfig(save_every=1000), validation=ValidationConfig(split=None),

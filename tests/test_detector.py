@@ -322,7 +322,7 @@ def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores
     micro = tmp_path / "micro.json"
     micro.write_text(MICRO.to_json())
     cfg = TrainConfig.tiny(model=str(micro), workdir=str(tmp_path / "run"), steps=4, log_every=2,
-                           profile_steps=(1, 3), **{
+                           profile_steps=(1, 3), peak_tflops=0.5, **{
                                "data.data_dir": str(tmp_path / "data"),
                                "data.options": dict(train_per_class=2, test_per_class=2),
                                "checkpoint.save_every": 4, "validation.every": 2, "validation.at_end": True,
@@ -331,7 +331,20 @@ def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores
     trainer = Trainer(cfg, mesh=shd.make_mesh(1, 1, jax.devices()[:1]))  # one device: the cheapest compiles
     try:
         out = trainer.run()
-        evals = read_metrics(tmp_path / "run" / "metrics.jsonl", kind="eval_test")
+        # every log interval: the learning rate per step; speed, FLOPs, MFU (against --peak-tflops: a CPU is
+        # not in the table) and device memory where the backend reports it (not on a CPU)
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        assert [r["learning_rate"] for r in read_metrics(metrics)] == [cfg.optimizer.learning_rate] * 4
+        perf = read_metrics(metrics, kind="perf")
+        assert [r["step"] for r in perf] == [2, 4]
+        memory = {"memory_in_use_gib", "memory_peak_gib"} if jax.devices()[0].memory_stats() else set()
+        for r in perf:
+            assert set(r) == {"step", "kind", "time", "step_time_s", "images_per_s", "tflops_per_device", "mfu",
+                              *memory}
+            assert all(np.isfinite(r[k]) and r[k] > 0 for k in set(r) - {"step", "kind"})
+            assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5)
+        assert trainer.flops_per_step > 1e9  # the micro model's loss + gradient on 8 images of 32 px
+        evals = read_metrics(metrics, kind="eval_test")
         assert [r["step"] for r in evals] == [2, 4]
         best = max(evals, key=lambda r: (r["val"], -r["step"]))  # the first of equal values stays
         assert trainer.checkpointer.best_step() == best["step"]

@@ -158,6 +158,52 @@ def test_sharded_step_matches_single_device(setup, single):
     assert n_noise < 0.6 * n_total, f"only {n_total - n_noise} of {n_total} params checked"
 
 
+@pytest.fixture(scope="module")
+def accumulation_reference(setup):
+    """Two updates on one device of the whole batch at once (grad_accum 1) with Adam eps 1e-3: its
+    update g / (|g| + eps) is then Lipschitz in g, so summing the gradient in another order changes
+    the params at rounding level only (with eps 1e-8, gradients that are zero up to rounding turn
+    into +-lr steps). Returns (cfg, losses, grad norms, host params after 2 updates)."""
+    cfg, model, params, ctx, batches = setup
+    cfg = cfg.replace(**{"optimizer.eps": 1e-3})
+    return (cfg, *_two_updates(StepFactory(model, cfg, shd.make_mesh(1, 1, jax.devices()[:1])), params, ctx,
+                               batches))
+
+
+def _two_updates(f: StepFactory, params, ctx, batches):
+    """Two steps; the step compiled at XLA:CPU's default optimisation level, not the suite's -O0
+    (conftest.py), under which XLA:CPU runs convolutions inside a loop (the micro-batch scan) ~20x
+    slower (jax-ml/jax#12868)."""
+    trainable, frozen = f.split(params)
+    state, context, losses, norms = f.init_state(trainable), f.place_context(ctx), [], []
+    placed = [shd.shard_batch(b, f.mesh) for b in batches[:2]]
+    step = f.step.lower(state, frozen, context, placed[0]).compile({"xla_backend_optimization_level": 2})
+    for b in placed:
+        state, m = step(state, frozen, context, b)
+        losses.append(float(m["loss"]))
+        norms.append(float(m["grad_norm"]))
+    return losses, norms, _flat(jax.device_get(state.params))
+
+
+@pytest.mark.parametrize("data_size, fsdp, micro", [(1, 1, 4), (2, 2, 2)])
+def test_micro_batches_inside_the_step_equal_one_batch(setup, accumulation_reference, data_size, fsdp, micro):
+    """grad_accum micro-batches of the batch of 8 (4 of 2 on one device; 2 of 4 on data=2 x fsdp=2,
+    each micro-batch split over the 4 devices) give the loss, the update's gradient norm and the
+    params after 2 updates of the whole batch at once."""
+    _, model, params, ctx, batches = setup
+    cfg, want_loss, want_norm, want = accumulation_reference
+    f = StepFactory(model, cfg.replace(**{"optimizer.grad_accum": micro}),
+                    shd.make_mesh(data_size, fsdp, jax.devices()[:data_size * fsdp]))
+    assert "grad_accum" not in str(jax.tree.structure(f.abstract_state)), "no accumulator in the train state"
+    losses, norms, got = _two_updates(f, params, ctx, batches)
+    np.testing.assert_allclose(losses, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(norms, want_norm, rtol=1e-5)
+    initial = _flat(params)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-4 * LR, err_msg=k)
+    assert sum(not np.allclose(want[k], initial[k], rtol=0, atol=0.1 * LR) for k in want) > 0.5 * len(want)
+
+
 def test_params_and_optimizer_state_sharded_as_rules_say(setup):
     _, _, params, ctx, batches = setup
     f = factory(setup, 2, 4)
@@ -440,7 +486,7 @@ def test_two_processes_train_like_one(micro_synth, jax_cache, init_checkpoint, r
             "--eval-at-end", "true", "--eval-comparator", "pixel_l1", "--eval-batch-size", "8")
     stopped = _two_processes(workdir, data_dir, args, jax_cache, signal_at={1: ("TERM", 1)})
     for rc, out in stopped:
-        assert rc == 143, out[-6000:]
+        assert rc == 143, "\n=====\n".join(o[-5000:] for _, o in stopped)
         assert "stopped by SIGTERM after step 3" in out, out[-3000:]
     assert "process 1 of 2, 1 local / 2 global devices" in stopped[1][1]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]

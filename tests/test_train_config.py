@@ -157,3 +157,63 @@ def test_orbax_tuning_is_still_needed_and_applied():
     tuned = ocp.type_handlers.get_type_handler(jax.Array)
     assert type(tuned) is type(default)
     assert settings(tuned) == {**settings(default), "_min_slice_bytes_for_replica_parallel": REPLICA_PARALLEL_MIN_BYTES}
+
+
+# ---- the optimiser beyond the reference, and what steps count ----------------------------------
+def test_warmup_and_cosine_schedule_give_the_learning_rates_they_should():
+    from diad_jax.train import learning_rate
+    assert learning_rate(OptimizerConfig(), 100) == 1e-5  # the reference: a constant (no schedule state)
+    lr = learning_rate(OptimizerConfig(learning_rate=1e-3, warmup_steps=10, schedule="cosine",
+                                       end_learning_rate=1e-4), 110)
+    got = {s: float(lr(s)) for s in (0, 4, 9, 10, 60, 110, 500)}
+    want = {0: 1e-4, 4: 5e-4, 9: 1e-3, 10: 1e-3, 60: 1e-4 + 0.9e-3 * 0.5, 110: 1e-4, 500: 1e-4}
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=1e-5), (s, got[s])
+    warm = learning_rate(OptimizerConfig(learning_rate=2e-4, warmup_steps=4), 100)
+    assert [float(warm(s)) for s in (0, 3, 50)] == pytest.approx([5e-5, 2e-4, 2e-4])
+    with pytest.raises(ConfigError, match="schedule must be one of"):
+        OptimizerConfig(schedule="linear")
+    with pytest.raises(ConfigError, match="max_grad_norm must be > 0"):
+        OptimizerConfig(max_grad_norm=0.0)
+
+
+def test_clipping_bounds_the_gradient_adam_sees():
+    import jax.numpy as jnp
+    import optax
+    from diad_jax.train import make_optimizer
+    params = {"w": jnp.zeros(4), "b": jnp.zeros(3)}
+    grads = {"w": jnp.full(4, 30.0), "b": jnp.full(3, 40.0)}  # global norm sqrt(4*900 + 3*1600) = 91.65
+    for max_norm, want_norm in ((2.0, 2.0), (None, float(optax.tree.norm(grads)))):
+        opt = make_optimizer(OptimizerConfig(max_grad_norm=max_norm, weight_decay=0.0), 10)
+        _, state = opt.update(grads, opt.init(params), params)
+        adam = next(s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu"))
+        assert float(optax.tree.norm(adam.mu)) == pytest.approx(0.1 * want_norm, rel=1e-5)  # mu = (1 - b1) g
+
+
+def test_a_multisteps_checkpoint_is_refused_with_what_to_do():
+    """Train-state format 1 accumulated with optax.MultiSteps: such a checkpoint cannot resume (its
+    optimizer state holds an accumulator, its steps counted micro-batches); format 2 resumes."""
+    from diad_jax.errors import CheckpointError
+    from diad_jax.train.checkpoint import TRAIN_STATE_FORMAT
+    run = TrainConfig.reference()
+    saved = TrainConfig.reference(**{"data.batch_size": 12}).to_dict()
+    with pytest.raises(CheckpointError) as e:
+        check_resume_compatible(saved, run, "runs/x/checkpoints/400")
+    msg = str(e.value)
+    assert "optax.MultiSteps" in msg and "runs/x/checkpoints/400" in msg and "init_checkpoint" in msg
+    assert e.value.fields[:2] == ("data.batch_size", "optimizer.grad_accum")
+    check_resume_compatible(saved, run, "ckpt", TRAIN_STATE_FORMAT)  # a current checkpoint: resumes
+    check_resume_compatible({**saved, "optimizer": {**saved["optimizer"], "grad_accum": 1}}, run, "ckpt")
+    with pytest.raises(ConfigError, match=r"optimizer.max_grad_norm \(on/off\): checkpoint False, this run True"):
+        check_resume_compatible(saved, run.replace(**{"optimizer.max_grad_norm": 1.0}), "ckpt", TRAIN_STATE_FORMAT)
+
+
+def test_the_batch_splits_into_micro_batches_over_the_devices():
+    from diad_jax import sharding as shd
+    from diad_jax.train import check_batch
+    mesh = shd.make_mesh(2, 1, jax.devices()[:2])
+    check_batch(TrainConfig.reference(), mesh, evaluates=False)  # 48 = 4 micro-batches x 12, 6 per device
+    with pytest.raises(ConfigError) as e:
+        check_batch(TrainConfig.reference(**{"data.batch_size": 12, "optimizer.grad_accum": 4}), mesh, False)
+    assert str(e.value) == ("data.batch_size 12 must be a multiple of 4 micro-batches (optimizer.grad_accum) x the 2 "
+                            "devices of the mesh (data=2 x fsdp=1 (2 cpu devices, 1 process(es))) = 8")

@@ -14,7 +14,8 @@ import typing
 from pathlib import Path
 
 from diad_jax.cli.boundary import Parser
-from diad_jax.configs import NO_WEIGHTS_COMPARATOR, EvalConfig, TrainConfig, set_path, unflatten_train_dict
+from diad_jax.configs import (LR_SCHEDULES, NO_WEIGHTS_COMPARATOR, EvalConfig, TrainConfig, set_path,
+                              unflatten_train_dict)
 from diad_jax.errors import ConfigError
 
 S = argparse.SUPPRESS
@@ -154,10 +155,23 @@ def add_train_args(ap: Parser, presets: tuple[str, ...]) -> None:
 
     g = ap.add_argument_group("optimisation")
     g.add_argument("--batch-size", dest="data.batch_size", type=int, default=S,
-                   help="GLOBAL batch per step (all devices and hosts)")
-    g.add_argument("--grad-accum", dest="optimizer.grad_accum", type=int, default=S, help="steps per optimizer update")
-    g.add_argument("--steps", type=int, default=S, help="total steps (batches) of the run, resumed steps included")
-    g.add_argument("--lr", dest="optimizer.learning_rate", type=float, default=S, help="constant learning rate")
+                   help="GLOBAL batch per step, i.e. per optimizer update (all devices, hosts and micro-batches)")
+    g.add_argument("--grad-accum", dest="optimizer.grad_accum", type=int, default=S,
+                   help="micro-batches per step: the step computes the batch's gradient in this many pieces "
+                        "(activation memory of one piece) and makes one update")
+    g.add_argument("--steps", type=int, default=S,
+                   help="total steps (optimizer updates) of the run, resumed steps included; --save-every, "
+                        "--eval-every, --log-every and --profile-steps count updates too")
+    g.add_argument("--lr", dest="optimizer.learning_rate", type=float, default=S,
+                   help="learning rate (the reference: constant 1e-5)")
+    g.add_argument("--lr-schedule", dest="optimizer.schedule", choices=LR_SCHEDULES, default=S,
+                   help="after the warmup: constant (default, the reference) or cosine decay to --end-lr at --steps")
+    g.add_argument("--warmup-steps", dest="optimizer.warmup_steps", type=int, default=S,
+                   help="linear learning-rate warmup over this many updates (default 0)")
+    g.add_argument("--end-lr", dest="optimizer.end_learning_rate", type=float, default=S,
+                   help="where the cosine schedule ends (default 0)")
+    g.add_argument("--max-grad-norm", dest="optimizer.max_grad_norm", type=float, default=S,
+                   help="clip the gradient to this global norm before AdamW (default: no clipping, the reference)")
     g.add_argument("--weight-decay", dest="optimizer.weight_decay", type=float, default=S)
     g.add_argument("--ema-decay", dest="optimizer.ema_decay", type=float, default=S,
                    help="keep an EMA of the trained params (e.g. 0.999)")
@@ -181,6 +195,9 @@ def add_train_args(ap: Parser, presets: tuple[str, ...]) -> None:
     g.add_argument("--profile-steps", type=_step_range, default=S, metavar="FIRST:LAST",
                    help="write a jax.profiler trace of steps FIRST..LAST-1 (counted from 0) to <workdir>/profile "
                         "(TensorBoard's profile plugin or Perfetto open it)")
+    g.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=S,
+                   help="the device's peak TFLOP/s for the logged MFU (default: a table of GPUs and TPUs by device "
+                        "kind; none for CPUs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     g = ap.add_argument_group("multi-host and runtime")

@@ -1,9 +1,9 @@
 """Fine-tune the KL autoencoder (VAE) on the dataset, as the reference's finetune_autoencoder.py.
 
 Loss: sum-L1 reconstruction (+ LPIPS when its two weight files are given) + 1e-6 KL on a posterior
-sample; Adam(0.5, 0.9), lr 4.5e-5 x 4, batch 4 x accumulation 8, about 25k steps (--preset
-reference). The reference's patch discriminator starts at step 50001, so it never engages in
-those steps: it is not implemented, and --steps must stay below --disc-start. Without
+sample; Adam(0.5, 0.9), lr 4.5e-5 x 4, batch 4 x accumulation 8 (--batch-size 32 --grad-accum 8),
+about 25k updates (--preset reference). The reference's patch discriminator starts at step 50001,
+so it never engages in those steps: it is not implemented, and --steps must stay below --disc-start. Without
 --lpips-vgg16/--lpips-lin the loss is L1 + KL only (a warning says so). Nothing downloads.
 
 Only the VAE trains; sharding, checkpoints, resume and multi-host work as in scripts/train.py.

@@ -18,8 +18,8 @@ Examples:
   python scripts/train.py                                   # embedded default (tiny, synthetic, CPU)
   python scripts/train.py --steps 50 --workdir runs/quick   # shorter
   # the reference recipe from converted weights (convert/torch_to_flax.py --sd-ckpt ... --vae-ckpt ...),
-  # effective batch 48 (reference: 12 x accumulation 4) in one step on 8 devices; 1000 epochs of
-  # MVTec-AD (75 steps each), evaluated every 25 epochs:
+  # batch 48 per update (reference: 12 x accumulation 4) on 8 devices, 6 each (on one GPU add
+  # --grad-accum 16: 3 at a time); 1000 epochs of MVTec-AD (75 updates each), evaluated every 25 epochs:
   python scripts/train.py --preset reference --init-checkpoint checkpoints/diad_init \\
       --dataset mvtec_ad --manual-dir /data/mvtec_ad --workdir runs/mvtec \\
       --batch-size 48 --grad-accum 1 --steps 75000 --eval-every 1875 \\

@@ -13,7 +13,7 @@ Each module imports only those above it:
 Everything is importable from `diad_jax.configs`.
 """
 from diad_jax.configs.constants import (COMPARATORS, COMPUTE_DTYPES, DATASETS, FUSIONS, IMAGENET_MEAN, IMAGENET_STD,
-                                        NO_WEIGHTS_COMPARATOR, REFERENCE_MAP_SIZE, REFERENCE_POOL_WINDOW,
+                                        LR_SCHEDULES, NO_WEIGHTS_COMPARATOR, REFERENCE_MAP_SIZE, REFERENCE_POOL_WINDOW,
                                         REFERENCE_SIGMA, RESNET_CHOICES)
 from diad_jax.configs.evaluation import ATTENTION_IMPLEMENTATIONS, IMAGE_SCORES, METRIC_VARIANTS, EvalConfig
 from diad_jax.configs.legacy import FLAT_TRAIN_FIELDS, unflatten_train_dict
@@ -24,7 +24,8 @@ from diad_jax.configs.training import (TRAINABLE, AutoencoderConfig, CheckpointC
                                        OptimizerConfig, TrainConfig, ValidationConfig)
 
 __all__ = [
-    "COMPARATORS", "COMPUTE_DTYPES", "DATASETS", "FUSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "NO_WEIGHTS_COMPARATOR",
+    "COMPARATORS", "COMPUTE_DTYPES", "DATASETS", "FUSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "LR_SCHEDULES",
+    "NO_WEIGHTS_COMPARATOR",
     "REFERENCE_MAP_SIZE", "REFERENCE_POOL_WINDOW", "REFERENCE_SIGMA", "RESNET_CHOICES",
     "ATTENTION_IMPLEMENTATIONS", "IMAGE_SCORES", "METRIC_VARIANTS", "EvalConfig",
     "FLAT_TRAIN_FIELDS", "unflatten_train_dict",

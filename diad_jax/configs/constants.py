@@ -26,6 +26,9 @@ FUSIONS = ("sff", "none")
 # Compute dtypes of training and scoring (parameters stay float32 either way).
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
+# OptimizerConfig.schedule: the learning rate after the warmup
+LR_SCHEDULES = ("constant", "cosine")
+
 # What compares an image with its reconstruction (diad_jax.scoring): the reference's ResNet-50
 # features, or comparators that need no ImageNet weights (see EvalConfig.comparator).
 COMPARATORS = ("resnet", "pixel_l1", "ssim", "vae")

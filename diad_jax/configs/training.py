@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from diad_jax.configs.checks import require_choice, require_finite, require_ints
-from diad_jax.configs.constants import COMPUTE_DTYPES, DATASETS, FUSIONS, RESNET_CHOICES
+from diad_jax.configs.constants import COMPUTE_DTYPES, DATASETS, FUSIONS, LR_SCHEDULES, RESNET_CHOICES
 from diad_jax.configs.evaluation import EvalConfig
 from diad_jax.configs.sampler import DiffusionConfig
 from diad_jax.configs.serialization import Section, as_tuple, set_path
@@ -18,29 +18,48 @@ TRAINABLE = ("reference", "sg+unet")
 @dataclass(frozen=True)
 class OptimizerConfig(Section):
     """AdamW as torch.optim.AdamW (the reference's optimiser, its defaults) with a constant learning
-    rate; averaged gradient accumulation over `grad_accum` steps; an optional EMA of the trained params."""
+    rate; each step is one update from `grad_accum` micro-batches of the step's batch (gradients
+    averaged inside the step); an optional EMA of the trained params. Beyond the reference, off by
+    default: a linear warmup over `warmup_steps` updates, a cosine decay to `end_learning_rate` at the
+    run's last step, and clipping the update's gradient to a global norm of `max_grad_norm`."""
 
     learning_rate: float = 1e-5
     weight_decay: float = 0.01
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    grad_accum: int = 4                 # optimizer update every grad_accum steps (optax.MultiSteps)
+    grad_accum: int = 4                 # micro-batches per step (the reference: 4 of 12)
     ema_decay: float | None = None      # EMA of the trainable params (None: off, as the reference)
+    schedule: str = "constant"          # one of LR_SCHEDULES (after the warmup)
+    warmup_steps: int = 0               # linear warmup: update s (from 0) uses lr * min(1, (s + 1) / warmup_steps)
+    end_learning_rate: float = 0.0      # where "cosine" ends (at TrainConfig.steps)
+    max_grad_norm: float | None = None  # clip the gradient to this global norm (None: no clipping, as the reference)
 
     def __post_init__(self):
-        require_finite(self, "learning_rate", "weight_decay", "eps")
+        require_finite(self, "learning_rate", "weight_decay", "eps", "end_learning_rate")
         for name in ("learning_rate", "eps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{{0}} must be > 0, got {getattr(self, name)}", fields=[name])
-        if self.weight_decay < 0:
-            raise ConfigError(f"{{0}} must be >= 0, got {self.weight_decay}", fields=["weight_decay"])
+        for name in ("weight_decay", "end_learning_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{{0}} must be >= 0, got {getattr(self, name)}", fields=[name])
         for name in ("b1", "b2"):
             if not 0.0 <= getattr(self, name) < 1.0:  # also false for NaN
                 raise ConfigError(f"{{0}} must be in [0, 1), got {getattr(self, name)}", fields=[name])
         require_ints(self, "grad_accum")
+        require_ints(self, "warmup_steps", minimum=0)
+        require_choice(self, "schedule", LR_SCHEDULES)
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"{{0}} must be in (0, 1) or None, got {self.ema_decay}", fields=["ema_decay"])
+        if self.max_grad_norm is not None:
+            require_finite(self, "max_grad_norm")
+            if self.max_grad_norm <= 0:
+                raise ConfigError(f"{{0}} must be > 0 or None, got {self.max_grad_norm}", fields=["max_grad_norm"])
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the learning rate changes over the run (the reference's is constant)."""
+        return self.schedule != "constant" or self.warmup_steps > 0
 
 
 @dataclass(frozen=True)
@@ -55,7 +74,7 @@ class DataConfig(Section):
     skip_bad: bool = False              # skip (and list) unreadable files and images without a mask
     classes: tuple[str, ...] | None = None  # None: every class, mixed
     train_split: str = "train"
-    batch_size: int = 12                # global batch per step (over all devices and hosts)
+    batch_size: int = 48                # global batch per step = per optimizer update (all devices, hosts, micro-batches)
 
     def __post_init__(self):
         if not isinstance(self.options, dict):
@@ -134,9 +153,10 @@ class AutoencoderConfig(Section):
 class TrainConfig(Section):
     """A training run (diad_jax/train): the model, then one section per concern. The defaults are the
     reference's (train.py + sgn.py + ldm ddpm.py: AdamW 1e-5, weight decay 0.01, batch 12 x
-    accumulation 4, fp32, seed 1); `TrainConfig.tiny()` is the embedded default (tiny model, generated
-    data, CPU, a few minutes). Steps count batches (micro-steps); the optimizer updates every
-    `optimizer.grad_accum` steps.
+    accumulation 4 = batch 48 per update, fp32, seed 1); `TrainConfig.tiny()` is the embedded default
+    (tiny model, generated data, CPU, a few minutes). A step is one optimizer update on `data.batch_size`
+    images, computed as `optimizer.grad_accum` micro-batches inside the step; every step count
+    (steps, save_every, validation.every, log_every, profile_steps) counts updates.
     """
 
     # ---- model -----------------------------------------------------------------------------------
@@ -151,11 +171,13 @@ class TrainConfig(Section):
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # the noise schedule trained on
     train_t_max: int = 1000             # noise levels trained on: t ~ U{0..train_t_max-1} (the reference: all)
     # ---- the run ---------------------------------------------------------------------------------
-    steps: int = 100_000                # total steps (batches) of the run, resumed runs included
+    steps: int = 75_000                 # total steps (optimizer updates) of the run, resumed runs included
+                                        # (75k: the reference's 1000 epochs of MVTec-AD at 48 per update)
     seed: int = 1
     workdir: str = "runs/diad"          # checkpoints/, best/, metrics.jsonl, tensorboard/
     log_every: int = 10
     profile_steps: tuple[int, int] | None = None  # [first, last): a jax.profiler trace in <workdir>/profile
+    peak_tflops: float | None = None    # the device's peak for the logged MFU (None: train/perf.py's table by device kind)
     # ---- sections --------------------------------------------------------------------------------
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -178,6 +200,10 @@ class TrainConfig(Section):
         require_choice(self, "trainable", TRAINABLE)
         require_ints(self, "steps", "log_every")
         require_ints(self, "seed", minimum=0)
+        if self.peak_tflops is not None:
+            require_finite(self, "peak_tflops")
+            if self.peak_tflops <= 0:
+                raise ConfigError(f"{{0}} must be > 0 or None, got {self.peak_tflops}", fields=["peak_tflops"])
         T = self.diffusion.num_train_timesteps
         if not isinstance(self.train_t_max, int) or not 1 <= self.train_t_max <= T:
             raise ConfigError(f"{{0}} must be an integer in 1..{T} ({{1}}), got {self.train_t_max!r}",
@@ -204,7 +230,7 @@ class TrainConfig(Section):
 
     @classmethod
     def reference(cls, **changes) -> "TrainConfig":
-        """The released train.py's hyperparameters (batch 12 x 4, AdamW 1e-5, fp32, seed 1)."""
+        """The released train.py's hyperparameters (batch 12 x accumulation 4, AdamW 1e-5, fp32, seed 1)."""
         return cls().replace(**changes)
 
     def replace(self, **changes) -> "TrainConfig":

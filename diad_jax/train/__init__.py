@@ -18,11 +18,11 @@ from diad_jax.train.metrics_log import MetricWriter, read_metrics
 from diad_jax.train.sources import (ModelSource, check_batch, check_eval_resnet, default_data_dir, prepare_data,
                                     train_iterator, validates)
 from diad_jax.train.state import StepFactory, TrainState, init_train_state
-from diad_jax.train.task import Task, diad_task, diffusion_loss, make_optimizer
+from diad_jax.train.task import Task, diad_task, diffusion_loss, learning_rate, make_optimizer
 from diad_jax.train.validation import Validator, selection_value
 
 __all__ = ["Checkpointer", "Hook", "MetricWriter", "ModelSource", "ProfileHook", "StepFactory", "StepInfo", "Task",
            "TrainState", "Trainer", "Validator", "check_batch", "check_eval_resnet", "check_resume_compatible",
-           "default_data_dir", "diad_task", "diffusion_loss", "init_train_state", "make_optimizer",
+           "default_data_dir", "diad_task", "diffusion_loss", "init_train_state", "learning_rate", "make_optimizer",
            "prepare_data", "read_metrics", "restore_latest", "selection_value", "train_iterator",
            "tune_orbax_array_handler", "validates"]

@@ -188,23 +188,39 @@ class Checkpointer:
             self.best.close()
 
 
+# The train state's layout version, saved in each checkpoint's train_config item. 2: accumulation
+# inside the step (no accumulator in the optimizer state, steps count updates). Checkpoints without it
+# are version 1, which accumulated with optax.MultiSteps when optimizer.grad_accum > 1.
+TRAIN_STATE_FORMAT = 2
+
+
 def _state_layout(tc: dict) -> dict[tuple[str, str], Any]:
     """{(field path, what of it counts): value} of the TrainConfig fields (as a nested dict) that
     shape the train state: a checkpoint restores only into a run that agrees."""
     opt = tc.get("optimizer", {})
     return {("optimizer.ema_decay", "on/off"): opt.get("ema_decay") is not None,
-            ("optimizer.grad_accum", "1 or more"): (opt.get("grad_accum") or 1) > 1,
+            ("optimizer.max_grad_norm", "on/off"): opt.get("max_grad_norm") is not None,
+            ("optimizer.schedule", "constant or scheduled"):
+                opt.get("schedule", "constant") != "constant" or bool(opt.get("warmup_steps")),
             ("trainable", "value"): tc.get("trainable", "reference")}
 
 
-def check_resume_compatible(saved: dict, cfg: TrainConfig, where: str) -> None:
+def check_resume_compatible(saved: dict, cfg: TrainConfig, where: str, train_state_format: int = 1) -> None:
     """Refuses to resume from a checkpoint whose train state has another layout than this run's
-    (EMA added or removed, gradient accumulation switched on or off, another trainable subset)
-    and names the fields; a changed value that keeps the layout (e.g. another EMA decay) is logged.
-    `saved` is the checkpoint's TrainConfig dict (older checkpoints: flat names)."""
+    (EMA added or removed, clipping or a learning-rate schedule switched on or off, another trainable
+    subset, or optax.MultiSteps accumulation from train-state format 1) and names the fields; a changed
+    value that keeps the layout (e.g. another EMA decay) is logged. `saved` is the checkpoint's
+    TrainConfig dict (older checkpoints: flat names)."""
     if not saved:
         return
     saved, _ = unflatten_train_dict(saved, f"{where}: train_config")
+    if train_state_format < 2 and (saved.get("optimizer", {}).get("grad_accum") or 1) > 1:
+        raise CheckpointError(
+            f"{where} was saved by diad_jax 0.1.0 before train-state format {TRAIN_STATE_FORMAT}: its run accumulated "
+            f"gradients with optax.MultiSteps (an accumulator in the optimizer state) and counted micro-batches as "
+            f"steps; steps now count optimizer updates on {{0}} images ({{1}} micro-batches inside the step). It "
+            f"cannot be resumed: start a new {{2}} from its weights ({{3}} {where}), with {{0}} = its batch size "
+            f"x its accumulation", fields=["data.batch_size", "optimizer.grad_accum", "workdir", "init_checkpoint"])
     new = cfg.to_dict()
     old_layout, new_layout = _state_layout(saved), _state_layout(new)
     differ = [k for k in old_layout if old_layout[k] != new_layout[k]]
@@ -269,7 +285,7 @@ def _restore(checkpointer: Checkpointer, step: int, factory: StepFactory, cfg: T
         raise ConfigError(f"{where}: the checkpoint's model config differs from this run's ({saved_cfg} vs "
                           f"{model_config}); use its {{0}}/{{1}} or a new {{2}}",
                           fields=["model", "init_checkpoint", "workdir"])
-    check_resume_compatible(tmeta.get("train_config", {}), cfg, where)
+    check_resume_compatible(tmeta.get("train_config", {}), cfg, where, tmeta.get("train_state_format", 1))
     state, model = checkpointer.restore(
         step, abstract_state=factory.abstract_state_with_shardings(),
         state_target=state_target(model_config, bool(meta.get("has_resnet")), factory.mesh, cfg.mesh.min_shard_size))

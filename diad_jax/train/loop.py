@@ -18,8 +18,9 @@ from diad_jax import sharding as shd
 from diad_jax.configs import TrainConfig
 from diad_jax.errors import NonFiniteError
 from diad_jax.models.diad import DTYPES, DiAD, combine
-from diad_jax.train.checkpoint import Checkpointer, restore_latest
+from diad_jax.train.checkpoint import TRAIN_STATE_FORMAT, Checkpointer, restore_latest
 from diad_jax.train.metrics_log import MetricWriter
+from diad_jax.train.perf import device_memory, peak_tflops, throughput
 from diad_jax.train.preemption import StopSignal
 from diad_jax.train.sources import (ModelSource, check_batch, check_eval_resnet, prepare_data, train_iterator,
                                     validates)
@@ -35,8 +36,8 @@ class StepInfo:
     """What the loop reports after each logging interval."""
 
     step: int
-    metrics: dict[str, float]       # mean over the interval
-    images_per_s: float
+    metrics: dict[str, float]       # mean over the interval (loss, grad_norm, learning_rate, ...)
+    perf: dict[str, float]          # train/perf.py: step_time_s, images_per_s, tflops_per_device, mfu?, memory_*?
     per_step_loss: list[tuple[int, float]]
 
 
@@ -113,13 +114,16 @@ class Trainer:
         self.lock = WorkdirLock(self.workdir, jax.process_index())  # released by close()
         try:
             self.model_config, self.model_meta = source.config, source.metadata(cfg, self.task)
-            self.model = DiAD(source.config, dtype=DTYPES[cfg.compute_dtype], remat=cfg.remat)
+            # one attention setting for the run: the evaluation's (eval.attention, e.g. cuDNN's fused kernel)
+            self.model = DiAD(source.config, dtype=DTYPES[cfg.compute_dtype], remat=cfg.remat,
+                              attention=cfg.eval.attention)
             self.factory = StepFactory(self.model, cfg, self.mesh, task=self.task)
             self.dataset = prepare_data(cfg, source.config.image_size, overwrite_data)
             self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                              async_save=cfg.checkpoint.async_save,
                                              best_directory=(self.workdir / "best") if validating else None)
             self.writer = MetricWriter(self.workdir)
+            self.flops_per_step: float | None = None  # counted at the first log
             best_value = self._start(source)
             self.validator = None if not validating else Validator(
                 cfg, source.config, self.mesh, self.dataset, resnet=self.resnet, writer=self.writer,
@@ -167,7 +171,8 @@ class Trainer:
 
     def save(self, step: int, loss: float) -> None:
         best = self.validator.best_value if self.validator else -math.inf
-        tc = {"train_config": self.cfg.to_dict(), "step": step, "metrics": {"loss": loss},
+        tc = {"train_config": self.cfg.to_dict(), "train_state_format": TRAIN_STATE_FORMAT, "step": step,
+              "metrics": {"loss": loss},
               "best_value": best if math.isfinite(best) else None}
         self.checkpointer.save(step, state=self.state, params=self.model_params(), context=self.context,
                                resnet=self.resnet, model_meta=self.model_meta, train_config=tc)
@@ -228,17 +233,23 @@ class Trainer:
         return {"step": step, "loss": last_loss, "eval": last_eval, "signal": stop}
 
     def _log(self, pending: list[tuple[int, dict]], images: int, since: float) -> StepInfo:
-        """Fetches the pending steps' metrics, writes them, stops at the first non-finite one. Throughput:
-        `images` since `since` up to this fetch (steps run asynchronously: only a device sync ends an interval)."""
+        """Fetches the pending steps' metrics, writes them, stops at the first non-finite one. Speed:
+        `images` since `since` up to this fetch (steps run asynchronously: only a device sync ends an
+        interval); the step's FLOPs are counted at the first log (a lowering, outside the timed interval)."""
         steps, host = [s for s, _ in pending], jax.device_get([m for _, m in pending])
-        images_per_s = images / (time.perf_counter() - since)
+        seconds = time.perf_counter() - since
+        if self.flops_per_step is None:
+            self.flops_per_step = self.factory.flops_per_step(self.cfg.data.batch_size)
+        device = self.mesh.local_devices[0]  # this process's: memory_stats() reads addressable devices only
+        perf = {**throughput(len(steps), images, seconds, self.flops_per_step, self.mesh.devices.size,
+                             self.cfg.peak_tflops or peak_tflops(device)), **device_memory(device)}
         for s, h in zip(steps, host):
             self.writer.write(s, {k: float(v) for k, v in h.items()})
-        self.writer.write(steps[-1], {"images_per_s": images_per_s}, kind="perf")
+        self.writer.write(steps[-1], perf, kind="perf")
         self.writer.flush()
         check_finite_metrics(steps, host, self.checkpointer)
         mean = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-        return StepInfo(steps[-1], mean, images_per_s, [(s, float(h["loss"])) for s, h in zip(steps, host)])
+        return StepInfo(steps[-1], mean, perf, [(s, float(h["loss"])) for s, h in zip(steps, host)])
 
     def close(self):
         self.checkpointer.wait()

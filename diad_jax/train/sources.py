@@ -50,11 +50,14 @@ def check_eval_resnet(cfg: TrainConfig, has_resnet: bool) -> None:
 
 
 def check_batch(cfg: TrainConfig, mesh: Mesh, evaluates: bool) -> None:
-    """The global batch sizes split evenly over the mesh's devices and the processes."""
-    n_dev, n_proc = shd.batch_size_multiple(mesh), jax.process_count()
-    if cfg.data.batch_size % n_dev:
-        raise ConfigError(f"{{0}} {cfg.data.batch_size} must be a multiple of the {n_dev} devices of the "
-                          f"mesh ({shd.describe_mesh(mesh)})", fields=["data.batch_size"])
+    """The global batch sizes split evenly into the step's micro-batches, each over the mesh's devices,
+    and over the processes."""
+    n_dev, n_proc, k = shd.batch_size_multiple(mesh), jax.process_count(), cfg.optimizer.grad_accum
+    if cfg.data.batch_size % (k * n_dev):
+        per = f"{k} micro-batches ({{1}}) x " if k > 1 else ""
+        raise ConfigError(f"{{0}} {cfg.data.batch_size} must be a multiple of {per}the {n_dev} devices of the "
+                          f"mesh ({shd.describe_mesh(mesh)}) = {k * n_dev}",
+                          fields=["data.batch_size", "optimizer.grad_accum"])
     if cfg.data.batch_size % n_proc:
         raise ConfigError(f"{{0}} {cfg.data.batch_size} must be a multiple of the {n_proc} processes",
                           fields=["data.batch_size"])

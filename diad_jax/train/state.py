@@ -13,19 +13,20 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diad_jax import sharding as shd
 from diad_jax.configs import TrainConfig
 from diad_jax.models.diad import DiAD, partition
-from diad_jax.train.task import Task, diad_task
+from diad_jax.train.task import Task, diad_task, learning_rate
 
 Params = dict[str, Any]
 
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array        # int32 scalar: batches consumed
+    step: jax.Array        # int32 scalar: optimizer updates done
     params: Params         # the trainable subset (nested like the full params, missing the frozen leaves)
     opt_state: Any
     ema: Params | None     # EMA of `params` (None when off)
@@ -57,7 +58,10 @@ class StepFactory:
         state = f.init_state(trainable)
         state, metrics = f.step(state, frozen, context, batch)   # batch: {"image", "index"} global arrays
 
-    `task` picks the param groups, trainable subset, loss and optimiser (default: DiAD's)."""
+    One step is one optimizer update on the whole batch, computed as cfg.optimizer.grad_accum
+    micro-batches scanned inside the step (gradients summed in the scan's carry, then averaged): the
+    memory of one micro-batch's activations, no accumulator in the train state. `task` picks the
+    param groups, trainable subset, loss and optimiser (default: DiAD's)."""
 
     model: DiAD
     cfg: TrainConfig
@@ -68,6 +72,7 @@ class StepFactory:
         if self.task is None:
             self.task = diad_task(self.cfg)
         self.optimizer = self.task.optimizer
+        self.learning_rate = learning_rate(self.cfg.optimizer, self.cfg.steps)  # what the optimizer applies
         ema_decay = self.cfg.optimizer.ema_decay
         full = self.model.abstract_params()
         self.abstract_full = full
@@ -122,25 +127,68 @@ class StepFactory:
 
     def _step(self, state: TrainState, frozen, context, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: self.task.loss_fn(self.model, p, frozen, context, batch, key), has_aux=True)(state.params)
+        grad_fn = jax.value_and_grad(
+            lambda p, b: self.task.loss_fn(self.model, p, frozen, context, b, key), has_aux=True)
+        k = self.cfg.optimizer.grad_accum
+        if k == 1:
+            (loss, aux), grads = grad_fn(state.params, batch)
+        else:
+            def accumulate(total, micro):
+                (loss, aux), grads = grad_fn(state.params, micro)
+                grads = jax.lax.with_sharding_constraint(grads, self.trainable_shardings)
+                return jax.tree.map(jnp.add, total, (loss, aux, grads)), None
+
+            micro = self.micro_batches(batch)
+            (loss, aux), grads = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro)))
+            grads = jax.lax.with_sharding_constraint(grads, self.trainable_shardings)
+            (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), micro)
+            loss, aux, grads = jax.tree.map(lambda x: x / k, (loss, aux, grads))
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
         if ema is not None:
             d = self.cfg.optimizer.ema_decay
-            applied = (state.step + 1) % self.cfg.optimizer.grad_accum == 0  # an optimizer update happened
-            ema = jax.tree.map(lambda e, p: jnp.where(applied, d * e + (1.0 - d) * p, e), ema, params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+            ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+        lr = self.learning_rate(state.step) if callable(self.learning_rate) else self.learning_rate
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": jnp.float32(lr), **aux}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
-    def lower(self, batch_size: int):
-        """Lower the step on abstract inputs (no arrays materialised), e.g. for memory_analysis()."""
+    def micro_batches(self, batch: dict) -> dict:
+        """The global batch (B, ...) as grad_accum micro-batches (K, B/K, ...) without moving data
+        between devices: micro-batch k holds examples k, K + k, 2K + k, ... so each device's
+        contiguous block of the batch splits into K local pieces."""
+        k = self.cfg.optimizer.grad_accum
+
+        def split(x):
+            x = jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+            spec = shd.batch_sharding(self.mesh, x.ndim - 1).spec
+            return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(None, *spec)))
+
+        return jax.tree.map(split, batch)
+
+    def abstract_inputs(self, batch_size: int):
+        """(frozen, context, batch) of the step as ShapeDtypeStructs with their shardings."""
         c = self.model.config
-        rep = shd.replicated(self.mesh)
         frozen = shd.with_shardings(self.abstract_frozen, self.frozen_shardings)
-        ctx = jax.ShapeDtypeStruct((1, c.context_len, c.unet.context_dim), jnp.float32, sharding=rep)
+        ctx = jax.ShapeDtypeStruct((1, c.context_len, c.unet.context_dim), jnp.float32,
+                                   sharding=shd.replicated(self.mesh))
         batch = {"image": jax.ShapeDtypeStruct((batch_size, 3, c.image_size, c.image_size), jnp.float32,
                                                sharding=self.batch_shardings["image"]),
                  "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.batch_shardings["index"])}
-        return self.step.lower(self.abstract_state_with_shardings(), frozen, ctx, batch)
+        return frozen, ctx, batch
+
+    def lower(self, batch_size: int):
+        """Lower the step on abstract inputs (no arrays materialised), e.g. for memory_analysis()."""
+        return self.step.lower(self.abstract_state_with_shardings(), *self.abstract_inputs(batch_size))
+
+    def flops_per_step(self, batch_size: int) -> float:
+        """FLOPs of one step on all devices: XLA's cost analysis of one micro-batch's loss and gradient
+        (lowered, not compiled), times grad_accum (the analysis counts a loop body once). The optimizer's
+        few elementwise FLOPs per parameter are left out."""
+        k = self.cfg.optimizer.grad_accum
+        frozen, ctx, batch = self.abstract_inputs(batch_size // k)
+        params = shd.with_shardings(self.abstract_trainable, self.trainable_shardings)
+        key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(self.mesh))
+        grad = jax.jit(jax.value_and_grad(lambda p, f, c, b, key: self.loss(p, f, c, b, key)))
+        return k * float(grad.lower(params, frozen, ctx, batch, key).cost_analysis()["flops"])

@@ -16,14 +16,35 @@ from diad_jax.models.diad import TRAINABLE_MASKS, DiAD, combine
 Params = dict[str, Any]
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """AdamW as torch.optim.AdamW(lr, betas, eps, weight_decay) with a constant lr; averaged
-    gradient accumulation over `grad_accum` steps (Lightning's accumulate_grad_batches).
+def learning_rate(cfg: OptimizerConfig, total_steps: int) -> float | Callable[[jax.Array], jax.Array]:
+    """The learning rate of update `s` (counted from 0): `cfg.learning_rate` (the reference's constant),
+    or a schedule when `cfg.scheduled`: lr * min(1, (s + 1) / warmup_steps), times, for "cosine", a
+    half cosine from 1 at the end of the warmup to end_learning_rate / lr at update `total_steps`."""
+    if not cfg.scheduled:
+        return cfg.learning_rate
+    lr, warmup, end = cfg.learning_rate, cfg.warmup_steps, cfg.end_learning_rate
+
+    def schedule(count):
+        s = jnp.asarray(count, jnp.float32)
+        warm = jnp.minimum(1.0, (s + 1.0) / warmup) if warmup else 1.0
+        if cfg.schedule == "constant":
+            return lr * warm
+        progress = jnp.clip((s - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+        return warm * (end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+
+    return schedule
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW as torch.optim.AdamW(lr, betas, eps, weight_decay), at `learning_rate(cfg, total_steps)`,
+    after clipping the gradient to the global norm cfg.max_grad_norm when set. One update per call:
+    gradient accumulation happens inside the train step (StepFactory), not in the optimizer.
     optax decays every leaf it is given, while torch's AdamW skips parameters that got no gradient
     (README, "Differences from the reference")."""
-    opt = optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.grad_accum > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum).gradient_transformation()
+    opt = optax.adamw(learning_rate(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay)
+    if cfg.max_grad_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
     return opt
 
 
@@ -55,7 +76,8 @@ def diffusion_loss(model: DiAD, diffusion: DiffusionConfig, trainable: Params, f
 class Task:
     """What a training run optimises: which param groups the step sees, which of them train
     (`mask_fn(params) -> bool tree`), the loss `loss_fn(model, trainable, frozen, context, batch, key)
-    -> (loss, {name: scalar})` and the optimiser. `diad_task(cfg)` is DiAD's; diad_jax/autoencoder.py
+    -> (loss, {name: scalar})` (means over the batch: the train step averages them over its
+    micro-batches) and the optimiser (`make_optimizer(cfg.optimizer, cfg.steps)`). `diad_task(cfg)` is DiAD's; diad_jax/autoencoder.py
     defines the VAE fine-tuning one."""
 
     name: str
@@ -80,5 +102,5 @@ def diad_task(cfg: TrainConfig) -> Task:
         return diffusion_loss(model, cfg.diffusion, trainable, frozen, context, batch["image"], batch["index"], key,
                               t_max=cfg.train_t_max), {}
 
-    return Task("diad", ("unet", "sg", "vae"), TRAINABLE_MASKS[cfg.trainable], loss, make_optimizer(cfg.optimizer),
-                detects_anomalies=True)
+    return Task("diad", ("unet", "sg", "vae"), TRAINABLE_MASKS[cfg.trainable], loss,
+                make_optimizer(cfg.optimizer, cfg.steps), detects_anomalies=True)
