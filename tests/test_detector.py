@@ -334,7 +334,7 @@ def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores
         # every log interval: the learning rate per step; speed, FLOPs, MFU (against --peak-tflops: a CPU is
         # not in the table) and device memory where the backend reports it (not on a CPU)
         metrics = tmp_path / "run" / "metrics.jsonl"
-        assert [r["learning_rate"] for r in read_metrics(metrics)] == [cfg.optimizer.learning_rate] * 4
+        assert [r["learning_rate"] for r in read_metrics(metrics)] == pytest.approx([cfg.optimizer.learning_rate] * 4)
         perf = read_metrics(metrics, kind="perf")
         assert [r["step"] for r in perf] == [2, 4]
         memory = {"memory_in_use_gib", "memory_peak_gib"} if jax.devices()[0].memory_stats() else set()
