@@ -38,12 +38,13 @@ class ProgressHook:
     def after_log(self, trainer, info):
         if self.bar is not None:
             mfu = {"mfu": f"{info.perf['mfu']:.1%}"} if "mfu" in info.perf else {}
-            self.bar.set_postfix(loss=f"{info.metrics['loss']:.4f}", img_s=f"{info.perf['images_per_s']:.1f}", **mfu)
+            self.bar.set_postfix(loss=f"{info.metrics['loss']:.4f}", img_s=f"{info.perf['images_per_s']:.1f}",
+                                 **mfu)
         if self.bar is None or info.step % self.log_interval == 0:
             perf = info.perf
-            extra = "".join(f", {label} {perf[k]:{fmt}}" for k, label, fmt in (
-                ("mfu", "MFU", ".1%"), ("memory_in_use_gib", "memory GiB", ".2f"), ("memory_peak_gib", "peak GiB", ".2f"))
-                if k in perf)
+            optional = (("mfu", "MFU", ".1%"), ("memory_in_use_gib", "memory GiB", ".2f"),
+                        ("memory_peak_gib", "peak GiB", ".2f"))
+            extra = "".join(f", {label} {perf[k]:{fmt}}" for k, label, fmt in optional if k in perf)
             log.info("step %d: loss %.4f, lr %.3g, %.3f s/step, %.1f images/s, %.2f TFLOP/s per device%s", info.step,
                      info.metrics["loss"], info.metrics["learning_rate"], perf["step_time_s"], perf["images_per_s"],
                      perf["tflops_per_device"], extra)

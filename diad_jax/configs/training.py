@@ -74,7 +74,7 @@ class DataConfig(Section):
     skip_bad: bool = False              # skip (and list) unreadable files and images without a mask
     classes: tuple[str, ...] | None = None  # None: every class, mixed
     train_split: str = "train"
-    batch_size: int = 48                # global batch per step = per optimizer update (all devices, hosts, micro-batches)
+    batch_size: int = 48                # global batch per step = per update (all devices, hosts, micro-batches)
 
     def __post_init__(self):
         if not isinstance(self.options, dict):
@@ -177,7 +177,7 @@ class TrainConfig(Section):
     workdir: str = "runs/diad"          # checkpoints/, best/, metrics.jsonl, tensorboard/
     log_every: int = 10
     profile_steps: tuple[int, int] | None = None  # [first, last): a jax.profiler trace in <workdir>/profile
-    peak_tflops: float | None = None    # the device's peak for the logged MFU (None: train/perf.py's table by device kind)
+    peak_tflops: float | None = None    # the device's peak for the logged MFU (None: train/perf.py's table)
     # ---- sections --------------------------------------------------------------------------------
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -4,6 +4,7 @@
     state.py        TrainState and `StepFactory`: the jitted, sharded train step
     checkpoint.py   `Checkpointer` (step folders that are also model checkpoints), restoring the newest one
     metrics_log.py  metrics.jsonl + TensorBoard
+    perf.py         what the logs say about speed and memory: a step's FLOPs, the device's peak, MFU
     sources.py      the model and data a run starts from, and the checks before the first step
     validation.py   evaluation inside a run (the one evaluation engine) and the best checkpoint
     loop.py         `Trainer` and its `Hook`s
