@@ -77,9 +77,8 @@ class Task:
     """What a training run optimises: which param groups the step sees, which of them train
     (`mask_fn(params) -> bool tree`), the loss `loss_fn(model, trainable, frozen, context, batch, key)
     -> (loss, {name: scalar})` (means over the batch: the train step averages them over its
-    micro-batches) and the optimiser (`make_optimizer(cfg.optimizer, cfg.steps)`). `diad_task(cfg)` is DiAD's;
-    diad_jax/autoencoder.py
-    defines the VAE fine-tuning one."""
+    micro-batches) and the optimiser (`make_optimizer(cfg.optimizer, cfg.steps)`). `diad_task(cfg)`
+    is DiAD's; diad_jax/autoencoder.py defines the VAE fine-tuning one."""
 
     name: str
     groups: tuple[str, ...]
