@@ -163,7 +163,7 @@ def accumulation_reference(setup):
     """Two updates on one device of the whole batch at once (grad_accum 1) with Adam eps 1e-3: its
     update g / (|g| + eps) is then Lipschitz in g, so summing the gradient in another order changes
     the params at rounding level only (with eps 1e-8, gradients that are zero up to rounding turn
-    into +-lr steps). Returns (cfg, losses, grad norms, host params after 2 updates)."""
+    into +-lr steps). Returns (cfg, losses, grad norms, host params after 2 updates, FLOPs per step)."""
     cfg, model, params, ctx, batches = setup
     cfg = cfg.replace(**{"optimizer.eps": 1e-3})
     return (cfg, *_two_updates(StepFactory(model, cfg, shd.make_mesh(1, 1, jax.devices()[:1])), params, ctx,
@@ -171,31 +171,35 @@ def accumulation_reference(setup):
 
 
 def _two_updates(f: StepFactory, params, ctx, batches):
-    """Two steps; the step compiled at XLA:CPU's default optimisation level, not the suite's -O0
-    (conftest.py), under which XLA:CPU runs convolutions inside a loop (the micro-batch scan) ~20x
-    slower (jax-ml/jax#12868)."""
+    """Two steps. A step that scans micro-batches is compiled at XLA:CPU's default optimisation
+    level, not the suite's -O0 (conftest.py), under which XLA:CPU runs convolutions inside a loop
+    ~20x slower (jax-ml/jax#12868); one without a loop compiles faster at -O0."""
     trainable, frozen = f.split(params)
     state, context, losses, norms = f.init_state(trainable), f.place_context(ctx), [], []
     placed = [shd.shard_batch(b, f.mesh) for b in batches[:2]]
-    step = f.step.lower(state, frozen, context, placed[0]).compile({"xla_backend_optimization_level": 2})
+    options = {"xla_backend_optimization_level": 2} if f.cfg.optimizer.grad_accum > 1 else None
+    step = f.step.lower(state, frozen, context, placed[0]).compile(options)
     for b in placed:
         state, m = step(state, frozen, context, b)
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
-    return losses, norms, _flat(jax.device_get(state.params))
+    return losses, norms, _flat(jax.device_get(state.params)), f.flops_per_step(step)
 
 
 @pytest.mark.parametrize("data_size, fsdp, micro", [(1, 1, 4), (2, 2, 2)])
 def test_micro_batches_inside_the_step_equal_one_batch(setup, accumulation_reference, data_size, fsdp, micro):
     """grad_accum micro-batches of the batch of 8 (4 of 2 on one device; 2 of 4 on data=2 x fsdp=2,
     each micro-batch split over the 4 devices) give the loss, the update's gradient norm and the
-    params after 2 updates of the whole batch at once."""
+    params after 2 updates of the whole batch at once, and the FLOPs the logs count per step."""
     _, model, params, ctx, batches = setup
-    cfg, want_loss, want_norm, want = accumulation_reference
+    cfg, want_loss, want_norm, want, want_flops = accumulation_reference
     f = StepFactory(model, cfg.replace(**{"optimizer.grad_accum": micro}),
                     shd.make_mesh(data_size, fsdp, jax.devices()[:data_size * fsdp]))
     assert "grad_accum" not in str(jax.tree.structure(f.abstract_state)), "no accumulator in the train state"
-    losses, norms, got = _two_updates(f, params, ctx, batches)
+    losses, norms, got, flops = _two_updates(f, params, ctx, batches)
+    # the count of one device's program (times the devices, and grad_accum: XLA counts the scan's body once)
+    # is the one-device count, up to the work a sharded program repeats on every device
+    assert flops == pytest.approx(want_flops, rel=0.05)
     np.testing.assert_allclose(losses, want_loss, rtol=1e-5)
     np.testing.assert_allclose(norms, want_norm, rtol=1e-5)
     initial = _flat(params)

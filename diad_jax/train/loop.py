@@ -235,11 +235,13 @@ class Trainer:
     def _log(self, pending: list[tuple[int, dict]], images: int, since: float) -> StepInfo:
         """Fetches the pending steps' metrics, writes them, stops at the first non-finite one. Speed:
         `images` since `since` up to this fetch (steps run asynchronously: only a device sync ends an
-        interval); the step's FLOPs are counted at the first log (a lowering, outside the timed interval)."""
+        interval); the step's FLOPs are counted at the first log."""
         steps, host = [s for s, _ in pending], jax.device_get([m for _, m in pending])
         seconds = time.perf_counter() - since
         if self.flops_per_step is None:
-            self.flops_per_step = self.factory.flops_per_step(self.cfg.data.batch_size)
+            _, _, batch = self.factory.abstract_inputs(self.cfg.data.batch_size)
+            step = self.factory.step.lower(self.state, self.frozen, self.context, batch).compile()
+            self.flops_per_step = self.factory.flops_per_step(step)
         device = self.mesh.local_devices[0]  # this process's: memory_stats() reads addressable devices only
         perf = {**throughput(len(steps), images, seconds, self.flops_per_step, self.mesh.devices.size,
                              self.cfg.peak_tflops or peak_tflops(device)), **device_memory(device)}
