@@ -13,8 +13,9 @@ inside the step (diad_jax.train.StepFactory): the per-device micro-batch is glob
 (grad_accum x devices).
 
 Examples:
-  python benchmarks/bench_train_memory.py                      # SD size, remat + bf16, 1/2/8 devices
-  python benchmarks/bench_train_memory.py --model tiny --devices 1 8 --no-remat --dtype float32
+  python benchmarks/bench_train_memory.py                      # SD size, remat 'blocks' + bf16, 1/2/8 devices
+  python benchmarks/bench_train_memory.py --model tiny --devices 1 8 --remat none --dtype float32
+  python benchmarks/bench_train_memory.py --cases 1:1:1:1:1 --remat none blocks dots convs_and_dots
   python benchmarks/bench_train_memory.py --cases 1:1:1:48:48 8:1:8:96:1  # devices:data:fsdp:global_batch:grad_accum
 
 Each device count runs in its own subprocess (the forced device count is fixed at JAX start-up).
@@ -24,12 +25,15 @@ them as an estimate of what the sharding achieves (the parameter/optimizer part 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+
+from diad_jax.configs import REMAT_POLICIES
 
 DEFAULT_CASES = [
     # devices, data, fsdp, global batch, micro-batches per step
@@ -54,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="sd15", help="sd15 (default), tiny, or a ModelConfig JSON file")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--no-remat", action="store_true", help="disable rematerialisation")
+    ap.add_argument("--remat", nargs="+", default=["blocks"], choices=REMAT_POLICIES,
+                    help="rematerialisation policies (TrainConfig.remat), one row each (default: blocks)")
     ap.add_argument("--ema", action="store_true", help="keep an EMA of the trainable params")
     ap.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="D:DATA:FSDP:B:K",
                     help="devices:data:fsdp:global_batch:grad_accum (default: " +
@@ -83,8 +88,8 @@ def worker(args) -> None:
     config = ModelConfig.from_spec(args.model)
     dtype = DTYPES[args.dtype]
     rows = []
-    for devices, data, fsdp, batch, accum in cases:
-        tcfg = TrainConfig(model=args.model, compute_dtype=args.dtype, remat=not args.no_remat).replace(**{
+    for (devices, data, fsdp, batch, accum), remat in itertools.product(cases, args.remat):
+        tcfg = TrainConfig(model=args.model, compute_dtype=args.dtype, remat=remat).replace(**{
             "data.batch_size": batch, "optimizer.grad_accum": accum, "mesh.data": data, "mesh.fsdp": fsdp,
             "optimizer.ema_decay": 0.999 if args.ema else None})
         mesh = shd.make_mesh(data, fsdp, jax.devices()[:devices])
@@ -98,7 +103,7 @@ def worker(args) -> None:
         peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
         state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(factory.abstract_state))
         frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(factory.abstract_frozen))
-        rows.append(dict(devices=devices, data=data, fsdp=fsdp, batch=batch, grad_accum=accum,
+        rows.append(dict(devices=devices, data=data, fsdp=fsdp, batch=batch, grad_accum=accum, remat=remat,
                          per_device_micro_batch=batch / (data * fsdp * accum),
                          arguments=ma.argument_size_in_bytes, outputs=ma.output_size_in_bytes,
                          aliased=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes, peak=peak,
@@ -127,9 +132,8 @@ def main(argv=None) -> None:
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
                    PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--dtype", args.dtype,
-               "--conv-impl", args.conv_impl, "--_worker", ",".join(":".join(map(str, c)) for c in cs)]
-        if args.no_remat:
-            cmd.append("--no-remat")
+               "--conv-impl", args.conv_impl, "--remat", *args.remat,
+               "--_worker", ",".join(":".join(map(str, c)) for c in cs)]
         if args.ema:
             cmd.append("--ema")
         print(f"# {n} device(s): compiling {len(cs)} case(s) ...", file=sys.stderr, flush=True)
@@ -146,16 +150,16 @@ def main(argv=None) -> None:
 
     gib = 2 ** 30
     print(f"Train-step memory per device (XLA memory_analysis), model={args.model}, compute {args.dtype}, "
-          f"remat={'off' if args.no_remat else 'on'}, fp32 master weights, "
+          f"fp32 master weights, "
           f"AdamW state sharded over fsdp, conv={args.conv_impl}\n")
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}; python {platform.python_version()}, jax {jax.__version__}, "
           f"flax {flax.__version__}, optax {optax.__version__}; forced host (CPU) devices\n")
-    print("| devices | mesh (data x fsdp) | global batch | micro-batches | per-device micro-batch | arguments GiB "
-          "| outputs GiB | aliased GiB | temp GiB | **peak GiB** | peak GB | compile s |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| devices | mesh (data x fsdp) | global batch | micro-batches | per-device micro-batch | remat "
+          "| arguments GiB | outputs GiB | aliased GiB | temp GiB | **peak GiB** | peak GB | compile s |")
+    print("|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['devices']} | {r['data']} x {r['fsdp']} | {r['batch']} | {r['grad_accum']} "
+        print(f"| {r['devices']} | {r['data']} x {r['fsdp']} | {r['batch']} | {r['grad_accum']} | {r['remat']} "
               f"| {r['per_device_micro_batch']:g} | {r['arguments'] / gib:.2f} | {r['outputs'] / gib:.2f} | {r['aliased'] / gib:.2f} "
               f"| {r['temp'] / gib:.2f} | **{r['peak'] / gib:.2f}** | {r['peak'] / 1e9:.1f} | {r['compile_s']:.0f} |")
     if rows:

@@ -3,10 +3,10 @@
 
 Examples:
   python benchmarks/bench_train_step.py                              # tiny, batch 8, fp32 and bf16
-  python benchmarks/bench_train_step.py --model sd15 --batch 1 --dtype bfloat16 --remat --grads-only
+  python benchmarks/bench_train_step.py --model sd15 --batch 1 --dtype bfloat16 --remat blocks --grads-only
   # the first SD-size training on one GPU (issue 21): the reference preset's optimiser, bf16, remat
   PYTHONPATH=. python3 benchmarks/bench_train_step.py --preset reference --model sd15 --dtype bfloat16 \
-      --remat --batch 4 8 --steps 20
+      --remat blocks --batch 4 8 --steps 20
 
 The peak device memory column is `device.memory_stats()["peak_bytes_in_use"]` of the first device
 (a running maximum over the process, so give the batches in ascending order); CPUs report none.
@@ -31,6 +31,8 @@ import platform
 import sys
 import time
 
+from diad_jax.configs import REMAT_POLICIES
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +42,7 @@ def main(argv=None):
     ap.add_argument("--model", default="tiny", help="tiny (default), sd15, or a ModelConfig JSON file")
     ap.add_argument("--batch", type=int, nargs="+", default=[8], help="global batch(es), one row each")
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--remat", default="none", choices=REMAT_POLICIES, help="TrainConfig.remat (default: none)")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20, help="timed steps (after one warm-up/compile step)")
     ap.add_argument("--grads-only", action="store_true", help="time loss + gradients only (no optimizer state)")
@@ -71,7 +73,7 @@ def main(argv=None):
             cfg = base.replace(model=args.model, compute_dtype=dt, remat=args.remat, **{
                 "data.batch_size": batch_size, "optimizer.grad_accum": args.grad_accum, "mesh.data": args.mesh_data,
                 "mesh.fsdp": args.mesh_fsdp})
-            model = DiAD(config, dtype=DTYPES[dt], remat=args.remat)
+            model = DiAD(config, dtype=DTYPES[dt], remat=cfg.remat)
             f = StepFactory(model, cfg, mesh)
             if params_host is None:
                 t0 = time.perf_counter()
@@ -124,7 +126,7 @@ def main(argv=None):
                      args.batch[0] / dt_step, None))
 
     print(f"Train step ({'loss + grads only' if args.grads_only else 'full AdamW step'}), model={args.model}, "
-          f"preset {args.preset}, remat={'on' if args.remat else 'off'}, grad_accum={args.grad_accum}, "
+          f"preset {args.preset}, remat {args.remat}, grad_accum={args.grad_accum}, "
           f"mesh {dict(mesh.shape)}\n")
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}; jax {jax.__version__}\n")

@@ -68,7 +68,11 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Refuses a run the implemented loss does not cover (the discriminator's phase)."""
+    """Refuses a run the implemented loss does not cover (the discriminator's phase), and settings
+    that would do nothing (rematerialisation: it applies to the UNet and SG blocks, not the VAE)."""
+    if cfg.remat != "none":
+        raise ConfigError(f"{{0}} = {cfg.remat!r} does nothing when fine-tuning the autoencoder (it "
+                          f"rematerialises UNet and SG network blocks); leave it at 'none'", fields=["remat"])
     if cfg.steps >= cfg.autoencoder.disc_start:
         raise ConfigError(f"{{0}} {cfg.steps} reaches {{1}} {cfg.autoencoder.disc_start}: the patch "
                           f"discriminator would engage, and it is not implemented (the reference's never does in its "

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from diad_jax.configs import ModelConfig
+from diad_jax.configs import REMAT_POLICIES, ModelConfig
 from diad_jax.convert.ldm import ldm_to_params
+from diad_jax.models import layers
 from diad_jax.models.diad import DiAD, combine, copy_unet_into_sg, partition, trainable_mask
+from diad_jax.models.layers import remat_blocks
 
 from tests import oracle
 
@@ -212,7 +214,6 @@ def test_config_validation():
                                                     ((1, 8, 8, 4), 3, 2, ((0, 1), (0, 1))),
                                                     ((1, 9, 9, 3), 7, 2, ((3, 3), (3, 3)))])
 def test_im2col_conv_equals_lax_conv(shape, k, stride, pad):
-    from diad_jax.models import layers
     x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), (k, k, shape[-1], 5))
     ref = layers.conv2d(x, w, stride, pad, impl="lax")
@@ -221,17 +222,65 @@ def test_im2col_conv_equals_lax_conv(shape, k, stride, pad):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
-def _conv_kernels(jaxpr) -> list[tuple[int, int]]:
-    """The (h, w) kernel of every lax.conv in a jaxpr, nested jaxprs (remat, jit) included."""
+def _eqns(jaxpr, match) -> list:
+    """Every equation of a jaxpr that `match(eqn)` accepts, nested jaxprs (remat, jit) included."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            found.append(tuple(eqn.invars[1].aval.shape[:2]))  # HWIO
+        if match(eqn):
+            found.append(eqn)
         for p in eqn.params.values():
             for sub in p if isinstance(p, (tuple, list)) else (p,):
                 if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
-                    found += _conv_kernels(getattr(sub, "jaxpr", sub))
+                    found += _eqns(getattr(sub, "jaxpr", sub), match)
     return found
+
+
+def _conv_kernels(jaxpr) -> list[tuple[int, int]]:
+    """The (h, w) kernel of every lax.conv in a jaxpr."""
+    convs = _eqns(jaxpr, lambda eqn: eqn.primitive.name == "conv_general_dilated")
+    return [tuple(eqn.invars[1].aval.shape[:2]) for eqn in convs]  # HWIO
+
+
+def test_remat_policies_keep_the_gradients():
+    """A rematerialised res block and transformer block, under each policy (what the backward pass
+    keeps), give the gradients of the plain blocks, for params and inputs (one program per block)."""
+    x, emb, ctx = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(2, 8, 8, 32), (2, 64), (2, 5, 16)]))
+    policies = [p for p in REMAT_POLICIES if p != "none"]
+    for i, (kw, args) in enumerate(((dict(out_channels=32, norm_groups=8), (x, emb)),
+                                    (dict(heads=4, norm_groups=8), (x, ctx)))):
+        modules = [remat_blocks(p)[i](**kw) for p in ["none", *policies]]
+        params = jax.jit(lambda *a: jax.tree.map(  # random values in the zero-initialised layers too
+            lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape), modules[0].init(jax.random.key(3), *a)))(*args)
+
+        @jax.jit
+        def grads(params, *args):
+            return [jax.grad(lambda p, *a: jnp.sum(jnp.sin(m.apply(p, *a))), argnums=(0, 1, 2))(params, *args)
+                    for m in modules]
+
+        want, *got = grads(params, *args)
+        for policy, g in zip(policies, got):
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want)):
+                # the recomputed forward may round differently (another fusion): float32 rounding of the largest entry
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()),
+                                           err_msg=f"{policy} {type(modules[0]).__name__}")
+
+
+def test_remat_policy_reaches_every_unet_and_sg_block():
+    """DiAD's `remat` wraps every res and transformer block of the UNet and the SG network in a
+    jax.checkpoint with the policy's rule (none: no checkpoint at all; the rule of each name is
+    checked block by block above)."""
+    cfg = ModelConfig.tiny()
+    b = batch(cfg)
+    u = cfg.unet
+    levels = u.num_levels + sum(u.has_attention(lv) for lv in range(u.num_levels))  # res + transformer levels
+    unet = levels * (2 * u.num_res_blocks + 1) + 3  # encoder, decoder (one more per level), middle (res, tr., res)
+    sg = levels * u.num_res_blocks + 3              # encoder, middle
+    for policy in ("none", "convs_and_dots"):
+        model = DiAD(cfg, remat=policy)
+        jaxpr = jax.make_jaxpr(model.eps)(model.abstract_params(), b["x"], b["t"], b["ctx"], b["hint"]).jaxpr
+        policies = [eqn.params["policy"] for eqn in _eqns(jaxpr, lambda eqn: "policy" in eqn.params)]  # checkpoints
+        assert len(policies) == (0 if policy == "none" else unet + sg), policy
+        assert all(p is layers.REMAT_SAVES[policy] for p in policies), policy
 
 
 def test_conv_impl_reaches_every_conv_of_the_model():

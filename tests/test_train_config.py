@@ -217,3 +217,23 @@ def test_the_batch_splits_into_micro_batches_over_the_devices():
         check_batch(TrainConfig.reference(**{"data.batch_size": 12, "optimizer.grad_accum": 4}), mesh, False)
     assert str(e.value) == ("data.batch_size 12 must be a multiple of 4 micro-batches (optimizer.grad_accum) x the 2 "
                             "devices of the mesh (data=2 x fsdp=1 (2 cpu devices, 1 process(es))) = 8")
+
+
+def test_remat_takes_a_policy_name_and_reads_the_bool_of_older_configs(caplog):
+    """--remat names a policy (bare: 'blocks', every block recomputed, as the bool's 'on' was);
+    older --config files and checkpoints' train_config hold a bool; an unknown name is refused, and
+    so is any policy where it does nothing (fine-tuning the autoencoder)."""
+    ap = load_script("train").build_parser()
+    for argv, want in ((["--remat"], "blocks"), (["--remat", "dots"], "dots"), (["--remat", "false"], "none"),
+                       ([], "none")):
+        assert cli.config_from_args(TrainConfig.tiny(), ap.parse_args(argv)).remat == want, argv
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--remat", "everything"])
+    with pytest.raises(ConfigError, match=r"remat must be one of .*'convs_and_dots'"):
+        TrainConfig(remat="everything")
+    assert [TrainConfig.from_dict(unflatten_train_dict({"remat": old})[0]).remat for old in (True, False)] == [
+        "blocks", "none"]
+    from diad_jax.autoencoder import check_config
+    with pytest.raises(ConfigError, match="does nothing when fine-tuning the autoencoder") as e:
+        check_config(TrainConfig.tiny(remat="dots"))
+    assert e.value.fields == ("remat",)

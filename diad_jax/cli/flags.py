@@ -14,8 +14,8 @@ import typing
 from pathlib import Path
 
 from diad_jax.cli.boundary import Parser
-from diad_jax.configs import (LR_SCHEDULES, NO_WEIGHTS_COMPARATOR, EvalConfig, TrainConfig, set_path,
-                              unflatten_train_dict)
+from diad_jax.configs import (LR_SCHEDULES, NO_WEIGHTS_COMPARATOR, REMAT_OF_BOOL, REMAT_POLICIES, EvalConfig,
+                              TrainConfig, set_path, unflatten_train_dict)
 from diad_jax.errors import ConfigError
 
 S = argparse.SUPPRESS
@@ -31,6 +31,16 @@ def boolean(s: str) -> bool:
     if s.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def remat_policy(s: str) -> str:
+    """--remat's value: a REMAT_POLICIES name, or true/false as before policies (on = 'blocks')."""
+    if s in REMAT_POLICIES:
+        return s
+    try:
+        return REMAT_OF_BOOL[boolean(s)]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(REMAT_POLICIES)}, got {s!r}") from None
 
 
 def _number(kind, minimum, strict: bool):
@@ -133,8 +143,11 @@ def add_train_args(ap: Parser, presets: tuple[str, ...]) -> None:
     g.add_argument("--trainable", choices=["reference", "sg+unet"], default=S,
                    help="what trains: 'reference' = SG network + UNet decoder (default); 'sg+unet' also the "
                         "UNet encoder (for a model trained from scratch)")
-    g.add_argument("--remat", type=boolean, nargs="?", const=True, default=S,
-                   help="rematerialise blocks in the backward pass (less memory, more compute)")
+    g.add_argument("--remat", type=remat_policy, nargs="?", const="blocks", default=S, metavar="POLICY",
+                   help="rematerialise each res/transformer block in the backward pass, keeping: nothing "
+                        "('blocks', the least memory; bare --remat), the linear layers' outputs ('dots') or also "
+                        "every convolution's ('convs_and_dots'); 'none' (default) keeps every activation. "
+                        "benchmarks/RESULTS.md has the memory and time of each")
 
     g = ap.add_argument_group("data")
     g.add_argument("--dataset", dest="data.dataset", default=S,

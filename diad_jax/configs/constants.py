@@ -26,6 +26,13 @@ FUSIONS = ("sff", "none")
 # Compute dtypes of training and scoring (parameters stay float32 either way).
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
+# TrainConfig.remat: what each UNet/SG res and transformer block keeps from its forward pass for the
+# backward, the rest being recomputed from the block's input (models/layers.py, REMAT_SAVES):
+# "none" no rematerialisation; "blocks" nothing (the least memory); "dots" the outputs of matmuls
+# without batch dims, i.e. the linear layers (jax.checkpoint_policies.dots_with_no_batch_dims_saveable);
+# "convs_and_dots" those and every convolution (only norms, activations and attention recomputed).
+REMAT_POLICIES = ("none", "blocks", "dots", "convs_and_dots")
+
 # OptimizerConfig.schedule: the learning rate after the warmup
 LR_SCHEDULES = ("constant", "cosine")
 

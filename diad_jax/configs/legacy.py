@@ -29,9 +29,13 @@ FLAT_TRAIN_FIELDS = {
 }
 
 
+# TrainConfig.remat was a bool before it named a policy (constants.REMAT_POLICIES).
+REMAT_OF_BOOL = {True: "blocks", False: "none"}
+
+
 def unflatten_train_dict(d: dict, where: str = "a TrainConfig") -> tuple[dict, dict[str, str]]:
-    """A TrainConfig dict that may use the flat field names of older versions -> (the nested dict,
-    {old name: new path} of the names it moved). When it moved any, a warning names `where` (the
+    """A TrainConfig dict that may use the flat field names of older versions (or a bool `remat`)
+    -> (the nested dict, {old name: new path} of the names it moved). When it moved any, a warning names `where` (the
     file or checkpoint item read) and where each name lives now."""
     out, moved = {}, {}
     for k, v in d.items():
@@ -47,4 +51,6 @@ def unflatten_train_dict(d: dict, where: str = "a TrainConfig") -> tuple[dict, d
     if moved:
         log.warning("%s uses the flat TrainConfig names of older versions: %s", where,
                     ", ".join(f"{k} -> {v}" for k, v in moved.items()))
+    if isinstance(out.get("remat"), bool):  # before remat policies: on = every block recomputed
+        out["remat"] = REMAT_OF_BOOL[out["remat"]]
     return out, moved

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from diad_jax.configs.checks import require_choice, require_finite, require_ints
-from diad_jax.configs.constants import COMPUTE_DTYPES, DATASETS, FUSIONS, LR_SCHEDULES, RESNET_CHOICES
+from diad_jax.configs.constants import COMPUTE_DTYPES, DATASETS, FUSIONS, LR_SCHEDULES, REMAT_POLICIES, RESNET_CHOICES
 from diad_jax.configs.evaluation import EvalConfig
 from diad_jax.configs.sampler import DiffusionConfig
 from diad_jax.configs.serialization import Section, as_tuple, set_path
@@ -165,7 +165,7 @@ class TrainConfig(Section):
     only_mid_control: bool | None = None  # override the model config's (None: keep it; released: True)
     fusion: str | None = None           # override the model config's fusion block, "sff" | "none" (None: keep it)
     compute_dtype: str = "float32"      # one of constants.COMPUTE_DTYPES (fp32 master weights either way)
-    remat: bool = False                 # rematerialise res/transformer blocks in the backward pass
+    remat: str = "none"                 # what each block keeps for the backward pass: constants.REMAT_POLICIES
     trainable: str = "reference"        # one of TRAINABLE
     # ---- the DiAD loss ---------------------------------------------------------------------------
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # the noise schedule trained on
@@ -198,6 +198,7 @@ class TrainConfig(Section):
         require_choice(self, "compute_dtype", COMPUTE_DTYPES)
         require_choice(self, "fusion", (None, *FUSIONS))
         require_choice(self, "trainable", TRAINABLE)
+        require_choice(self, "remat", REMAT_POLICIES)
         require_ints(self, "steps", "log_every")
         require_ints(self, "seed", minimum=0)
         if self.peak_tflops is not None:

@@ -56,6 +56,8 @@ def _check(name: str, x, expected: tuple, what: str = "") -> None:
 class DiAD:
     """The DiAD model as pure functions of its params. NCHW at every method.
 
+    `remat`: what each UNet/SG res and transformer block keeps from its forward pass for the backward
+    (`constants.REMAT_POLICIES`, `layers.remat_blocks`; "none": no rematerialisation).
     `attention`: jax.nn.dot_product_attention's implementation (None: XLA's choice; "cudnn").
     `conv_impl`: the convolution kernel of every conv (`layers.CONV_IMPLS`; "auto": im2col for small
     maps with many channels on the CPU backend, lax.conv elsewhere).
@@ -64,7 +66,7 @@ class DiAD:
     middle one, shaped as the skips); None: `SemanticGuidedNetwork(config, ...)`, the reference's.
     """
 
-    def __init__(self, config: ModelConfig, dtype=jnp.float32, remat: bool = False, attention: str | None = None,
+    def __init__(self, config: ModelConfig, dtype=jnp.float32, remat: str = "none", attention: str | None = None,
                  conv_impl: str = "auto", sg_network: nn.Module | None = None):
         self.config = config
         self.dtype = dtype

@@ -321,6 +321,28 @@ class SpatialTransformer(nn.Module):
         return y + x.astype(y.dtype)
 
 
+def _convs_and_dots_saveable(prim, *args, **params) -> bool:
+    """Keeps every convolution's output and the linear layers' (matmuls without batch dims)."""
+    return prim is jax.lax.conv_general_dilated_p or \
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+
+
+# The jax.checkpoint policy of each constants.REMAT_POLICIES name ("none": no rematerialisation).
+REMAT_SAVES = {"blocks": jax.checkpoint_policies.nothing_saveable,
+               "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+               "convs_and_dots": _convs_and_dots_saveable}
+
+
+def remat_blocks(policy: str) -> tuple[type[nn.Module], type[nn.Module]]:
+    """(ResBlock, SpatialTransformer), each rematerialised in the backward pass under `policy`
+    (constants.REMAT_POLICIES; "none": the plain blocks)."""
+    if policy == "none":
+        return ResBlock, SpatialTransformer
+    if policy not in REMAT_SAVES:
+        raise ValueError(f"remat: unknown policy {policy!r}; choose one of none, {', '.join(REMAT_SAVES)}")
+    return nn.remat(ResBlock, policy=REMAT_SAVES[policy]), nn.remat(SpatialTransformer, policy=REMAT_SAVES[policy])
+
+
 class Downsample(nn.Module):
     """UNet downsample: 3x3 conv, stride 2, padding 1 (named `op` as in ldm)."""
 

@@ -16,10 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from diad_jax.configs import UNetConfig, VAEConfig
-from diad_jax.models.layers import (
-    Conv, Dense, Downsample, GroupNorm, ResBlock, SpatialTransformer, Upsample,
-    timestep_embedding,
-)
+from diad_jax.models.layers import Conv, Dense, Downsample, GroupNorm, Upsample, remat_blocks, timestep_embedding
 
 Dtype = Any
 
@@ -38,13 +35,12 @@ def _attention_heads(cfg: UNetConfig) -> int:
     return cfg.num_heads  # legacy=False, use_spatial_transformer: dim_head = channels // heads
 
 
-def unet_encoder(cfg: UNetConfig, x, emb, context, dtype, hint=None, remat: bool = False,
+def unet_encoder(cfg: UNetConfig, x, emb, context, dtype, hint=None, remat: str = "none",
                  attention: str | None = None, conv_impl: str = "auto"):
     """The input blocks. Returns the final activation and every block's output (the skips).
 
     `hint`, when given, is added to the output of the first conv (ControlNet / SG network)."""
-    res_block = nn.remat(ResBlock) if remat else ResBlock
-    transformer = nn.remat(SpatialTransformer) if remat else SpatialTransformer
+    res_block, transformer = remat_blocks(remat)
     h = Conv(cfg.model_channels, 3, dtype=dtype, conv_impl=conv_impl, name="input_blocks_0_0")(x)
     if hint is not None:
         h = h + hint.astype(h.dtype)
@@ -66,10 +62,9 @@ def unet_encoder(cfg: UNetConfig, x, emb, context, dtype, hint=None, remat: bool
     return h, skips
 
 
-def unet_middle(cfg: UNetConfig, h, emb, context, dtype, remat: bool = False, attention: str | None = None,
+def unet_middle(cfg: UNetConfig, h, emb, context, dtype, remat: str = "none", attention: str | None = None,
                 conv_impl: str = "auto"):
-    res_block = nn.remat(ResBlock) if remat else ResBlock
-    transformer = nn.remat(SpatialTransformer) if remat else SpatialTransformer
+    res_block, transformer = remat_blocks(remat)
     ch = h.shape[-1]
     h = res_block(ch, cfg.norm_groups, dtype=dtype, conv_impl=conv_impl, name="middle_block_0")(h, emb)
     h = transformer(_attention_heads(cfg), cfg.transformer_depth, cfg.norm_groups, dtype=dtype,
@@ -97,7 +92,7 @@ class UNet(nn.Module):
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: str = "none"           # what each block keeps for the backward pass (layers.remat_blocks)
     attention: str | None = None  # jax.nn.dot_product_attention's implementation (layers.CrossAttention)
     conv_impl: str = "auto"       # the convolution kernel (layers.CONV_IMPLS)
 
@@ -105,8 +100,7 @@ class UNet(nn.Module):
     def __call__(self, x, timesteps, context, control: Sequence[jax.Array] | None = None,
                  only_mid_control: bool = True):
         cfg, dtype = self.config, self.dtype
-        res_block = nn.remat(ResBlock) if self.remat else ResBlock
-        transformer = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
+        res_block, transformer = remat_blocks(self.remat)
         emb = time_embedding(cfg, timesteps, dtype)
         context = context.astype(dtype)
         h, skips = unet_encoder(cfg, x.astype(dtype), emb, context, dtype, remat=self.remat,

@@ -56,7 +56,7 @@ class SemanticGuidedNetwork(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: str = "none"           # what each block keeps for the backward pass (layers.remat_blocks)
     attention: str | None = None  # jax.nn.dot_product_attention's implementation (layers.CrossAttention)
     conv_impl: str = "auto"       # the convolution kernel (layers.CONV_IMPLS)
 
