@@ -8,7 +8,8 @@ The mesh has two axes:
 
 so a batch is sharded over ("data", "fsdp") and every device sees a different slice of it.
 `make_mesh(data=-1, fsdp=1)` (the default) is plain data parallelism over all devices;
-`make_mesh(data=1, fsdp=-1)` is ZeRO-3-style sharding over all devices.
+`make_mesh(data=1, fsdp=-1)` is ZeRO-3-style sharding over all devices; `dcn_data=N` splits the
+data axis over N slices (a hybrid ICI/DCN mesh).
 
 Parameters are placed by `PARTITION_RULES`: (regex over the "/"-joined param path, tactic) pairs,
 first match wins (big_vision's sharding style). A tactic is either
@@ -91,18 +92,68 @@ def resolve_mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int
     return sizes["data"], sizes["fsdp"]
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp") mesh over `devices` (default: all devices of all processes).
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None, *,
+              dcn_data: int = 1) -> Mesh:
+    """A ("data", "fsdp") mesh over `devices` (default: all devices of all processes), laid out by
+    `jax.experimental.mesh_utils` from the physical topology (TPU: the ICI torus; GPU: device ids;
+    CPU: `jax.devices()` order), as big_vision and MaxDiffusion do. `dcn_data` > 1 splits the data
+    axis over that many slices (TPU multi-slice; elsewhere processes) joined by the slower data-center
+    network: a hybrid mesh whose fsdp axis and the rest of data stay within a slice.
 
-    Devices are laid out in `jax.devices()` order (process by process), data-major, so each
-    process owns a contiguous block of the global batch (what `shard_batch` assumes) and the fsdp
-    axis stays within a host whenever fsdp divides the local device count. Axes are `Auto`
-    (jit-with-shardings semantics, where `with_sharding_constraint` works).
+    Each process must own a contiguous block of the global batch (what `shard_batch` assumes, the
+    batch being split over data x fsdp in that order): where the topology's layout breaks that, the
+    devices are laid out in `jax.devices()` order (process by process) instead, or, for a hybrid mesh,
+    MeshError. Axes are `Auto` (jit-with-shardings semantics, where `with_sharding_constraint` works).
     """
+    from jax.experimental import mesh_utils
     devices = list(jax.devices() if devices is None else devices)
     d, f = resolve_mesh_shape(data, fsdp, len(devices))
-    grid = np.asarray(devices, dtype=object).reshape(d, f)
+    if dcn_data == 1:
+        grid = mesh_utils.create_device_mesh((d, f), devices, allow_split_physical_axes=True)
+        if not owns_contiguous_batch_blocks(grid):
+            log.info("mesh: the topology's device order splits a process's batch; using jax.devices() order")
+            grid = np.asarray(devices, dtype=object).reshape(d, f)
+    else:
+        grid = _hybrid_grid(d, f, dcn_data, devices)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def config_mesh(cfg: MeshConfig) -> Mesh:
+    """`make_mesh` of a MeshConfig over all devices; its errors name the fields (`mesh.data`, ...)."""
+    try:
+        return make_mesh(cfg.data, cfg.fsdp, dcn_data=cfg.dcn_data)
+    except MeshError as e:
+        raise e.under("mesh") from None
+
+
+def _hybrid_grid(d: int, f: int, dcn_data: int, devices: list) -> np.ndarray:
+    """The (d, f) device grid of `make_mesh(..., dcn_data=n)`: n granules (slices, or processes where
+    devices have no slice_index) along data, each a topology-aware (d / n, f) mesh."""
+    from jax.experimental import mesh_utils
+    if dcn_data < 1 or d % dcn_data:
+        raise MeshError(f"{{0}} = {dcn_data} must be a positive divisor of the data axis ({d})",
+                        fields=["dcn_data"])
+    by_slice = getattr(devices[0], "slice_index", None) is not None
+    granules = len({getattr(x, "slice_index" if by_slice else "process_index") for x in devices})
+    if granules != dcn_data:
+        raise MeshError(f"{{0}} = {dcn_data}, but the devices form {granules} "
+                        f"{'slice' if by_slice else 'process'}(es) (a hybrid mesh needs one per DCN data "
+                        f"shard)", fields=["dcn_data"])
+    grid = mesh_utils.create_hybrid_device_mesh((d // dcn_data, f), (dcn_data, 1), devices,
+                                                process_is_granule=not by_slice, allow_split_physical_axes=True)
+    if not owns_contiguous_batch_blocks(grid):
+        raise MeshError(f"{{0}} = {dcn_data}: in the hybrid layout a process's devices do not hold one "
+                        f"contiguous block of the batch (data x fsdp); choose another {{1}}",
+                        fields=["dcn_data", "fsdp"])
+    return grid
+
+
+def owns_contiguous_batch_blocks(grid: np.ndarray) -> bool:
+    """Whether, with the batch split over the grid's devices in row-major order, every process's
+    devices sit at consecutive positions."""
+    owners = [x.process_index for x in np.asarray(grid).flat]
+    runs = 1 + sum(a != b for a, b in zip(owners, owners[1:]))
+    return runs == len(set(owners))
 
 
 def single_device_mesh() -> Mesh:

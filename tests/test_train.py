@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import jax
@@ -24,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from diad_jax import data
 from diad_jax import sharding as shd
 from diad_jax.checkpoints import model_metadata, state_target
-from diad_jax.configs import DiffusionConfig, EvalConfig, ModelConfig, TrainConfig
+from diad_jax.configs import DiffusionConfig, EvalConfig, MeshConfig, ModelConfig, TrainConfig
 from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
 from diad_jax.errors import ConfigError
 from diad_jax.train import Checkpointer, StepFactory, check_eval_resnet, diffusion_loss, read_metrics
@@ -119,6 +120,25 @@ def test_make_mesh_sizes_and_errors():
             shd.make_mesh(*bad)
     mesh = shd.make_mesh(2, 4)
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    # laid out by mesh_utils: on a CPU, the devices of jax.devices() in order (as before it)
+    assert mesh.devices.tolist() == np.asarray(jax.devices(), dtype=object).reshape(2, 4).tolist()
+    # a hybrid (DCN) data axis needs as many slices, or processes where there are no slices, as it asks for
+    with pytest.raises(shd.MeshError, match=r"^mesh.dcn_data = 2, but the devices form 1 process\(es\)"):
+        shd.config_mesh(MeshConfig(data=4, fsdp=2, dcn_data=2))
+    with pytest.raises(shd.MeshError, match="dcn_data = 3 must be a positive divisor of the data axis"):
+        shd.make_mesh(4, 2, dcn_data=3)
+    assert dict(shd.make_mesh(8, 1, dcn_data=1).shape) == {"data": 8, "fsdp": 1}
+    with pytest.raises(ConfigError, match="dcn_data"):
+        MeshConfig(dcn_data=0)
+
+
+def test_a_process_owns_one_contiguous_block_of_the_batch():
+    """The check behind make_mesh's fallback to process order: each process's devices must sit at
+    consecutive positions of the (data x fsdp, row-major) batch split."""
+    dev = lambda p: types.SimpleNamespace(process_index=p)  # noqa: E731
+    assert shd.owns_contiguous_batch_blocks(np.array([[dev(0), dev(0)], [dev(1), dev(1)]], dtype=object))
+    assert not shd.owns_contiguous_batch_blocks(np.array([[dev(0), dev(1)], [dev(0), dev(1)]], dtype=object))
+    assert shd.owns_contiguous_batch_blocks(np.array([[dev(0)] * 4], dtype=object))
 
 
 # ---- sharded step == single-device step --------------------------------------------------------

@@ -195,6 +195,9 @@ def add_train_args(ap: Parser, presets: tuple[str, ...]) -> None:
                    help="data-parallel axis size (-1: all remaining devices)")
     g.add_argument("--mesh-fsdp", dest="mesh.fsdp", type=int, default=S,
                    help="fsdp axis size: shards params and optimizer state (-1: all remaining devices)")
+    g.add_argument("--mesh-dcn-data", dest="mesh.dcn_data", type=int, default=S,
+                   help="split the data axis over this many TPU slices (or, without slices, processes) joined by "
+                        "the data-center network: a hybrid mesh, fsdp within a slice (default 1)")
 
     g = ap.add_argument_group("checkpoints and logging")
     g.add_argument("--workdir", default=S, help="checkpoints/, best/, metrics.jsonl, tensorboard/")

@@ -102,7 +102,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
                                    "checkpoint.save_every": max(1, args.diad_steps // 4)})
     for cfg, batch_flag in ((vae_cfg, "vae_batch_size"), (diad_cfg, "batch_size")):
         try:
-            check_batch(cfg, shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp), evaluates=False)
+            check_batch(cfg, shd.config_mesh(cfg.mesh), evaluates=False)
         except ConfigError as e:  # named by the flag that sets the stage's batch
             raise e.renamed(lambda field: batch_flag if field == "data.batch_size" else field) from e
     if args.fresh and args.workdir.exists():

@@ -130,6 +130,10 @@ class MeshConfig(Section):
     data: int = -1                      # data-parallel axis size (-1: all remaining devices)
     fsdp: int = 1                       # fsdp axis size (-1: all remaining devices)
     min_shard_size: int = 2 ** 14       # params with fewer elements are replicated
+    dcn_data: int = 1                   # > 1: the data axis split over this many slices (a hybrid ICI/DCN mesh)
+
+    def __post_init__(self):
+        require_ints(self, "dcn_data", minimum=1)
 
 
 @dataclass(frozen=True)

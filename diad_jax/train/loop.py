@@ -103,7 +103,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, mesh: Mesh | None = None, task: Task | None = None,
                  overwrite_data: bool = False):
         self.cfg, self.task = cfg, task or diad_task(cfg)
-        self.mesh = mesh or shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+        self.mesh = mesh or shd.config_mesh(cfg.mesh)
         log.info("mesh: %s", shd.describe_mesh(self.mesh))
         validating = validates(cfg, self.task)
         check_batch(cfg, self.mesh, validating)
