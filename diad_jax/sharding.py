@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diad_jax.configs import MeshConfig
@@ -105,7 +106,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     devices are laid out in `jax.devices()` order (process by process) instead, or, for a hybrid mesh,
     MeshError. Axes are `Auto` (jit-with-shardings semantics, where `with_sharding_constraint` works).
     """
-    from jax.experimental import mesh_utils
     devices = list(jax.devices() if devices is None else devices)
     d, f = resolve_mesh_shape(data, fsdp, len(devices))
     if dcn_data == 1:
@@ -129,7 +129,6 @@ def config_mesh(cfg: MeshConfig) -> Mesh:
 def _hybrid_grid(d: int, f: int, dcn_data: int, devices: list) -> np.ndarray:
     """The (d, f) device grid of `make_mesh(..., dcn_data=n)`: n granules (slices, or processes where
     devices have no slice_index) along data, each a topology-aware (d / n, f) mesh."""
-    from jax.experimental import mesh_utils
     if dcn_data < 1 or d % dcn_data:
         raise MeshError(f"{{0}} = {dcn_data} must be a positive divisor of the data axis ({d})",
                         fields=["dcn_data"])

@@ -35,8 +35,8 @@ REMAT_OF_BOOL = {True: "blocks", False: "none"}
 
 def unflatten_train_dict(d: dict, where: str = "a TrainConfig") -> tuple[dict, dict[str, str]]:
     """A TrainConfig dict that may use the flat field names of older versions (or a bool `remat`)
-    -> (the nested dict, {old name: new path} of the names it moved). When it moved any, a warning names `where` (the
-    file or checkpoint item read) and where each name lives now."""
+    -> (the nested dict, {old name: new path} of the names it moved). When it moved any, a warning
+    names `where` (the file or checkpoint item read) and where each name lives now."""
     out, moved = {}, {}
     for k, v in d.items():
         if k in FLAT_TRAIN_FIELDS:
