@@ -155,9 +155,9 @@ def main(argv=None) -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}; python {platform.python_version()}, jax {jax.__version__}, "
           f"flax {flax.__version__}, optax {optax.__version__}; forced host (CPU) devices\n")
-    print("| devices | mesh (data x fsdp) | global batch | micro-batches | per-device micro-batch | remat "
+    print("| devices | mesh (data x fsdp) | global batch | micro-batches | remat | per-device micro-batch "
           "| arguments GiB | outputs GiB | aliased GiB | temp GiB | **peak GiB** | peak GB | compile s |")
-    print("|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['devices']} | {r['data']} x {r['fsdp']} | {r['batch']} | {r['grad_accum']} | {r['remat']} "
               f"| {r['per_device_micro_batch']:g} | {r['arguments'] / gib:.2f} | {r['outputs'] / gib:.2f} | {r['aliased'] / gib:.2f} "
