@@ -69,7 +69,10 @@ def autoencoder_loss(model, trainable, frozen, context, batch, key, *, kl_weight
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuses a run the implemented loss does not cover (the discriminator's phase), and settings
-    that would do nothing (rematerialisation: it applies to the UNet and SG blocks, not the VAE)."""
+    that do not apply (rematerialisation: UNet and SG blocks only; cached latents: a frozen VAE)."""
+    if cfg.cache_latents:
+        raise ConfigError("{0} is for training DiAD on a frozen VAE; fine-tuning trains the VAE itself",
+                          fields=["cache_latents"])
     if cfg.remat != "none":
         raise ConfigError(f"{{0}} = {cfg.remat!r} does nothing when fine-tuning the autoencoder (it "
                           f"rematerialises UNet and SG network blocks); leave it at 'none'", fields=["remat"])

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -318,11 +319,12 @@ def test_only_a_detector_checkpoint_scores(tmp_path, weights, capsys):
 
 def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores(tmp_path):
     """Evaluations at steps 2 and 4 with the engine; best/ holds the best one (and is replaced only by
-    a better one); a checkpoint loads with the run's eval config and scores as the run evaluated it."""
+    a better one); a checkpoint loads with the run's eval config and scores as the run evaluated it.
+    The run trains from cached latents (the loop's lookup of each example's moments)."""
     micro = tmp_path / "micro.json"
     micro.write_text(MICRO.to_json())
     cfg = TrainConfig.tiny(model=str(micro), workdir=str(tmp_path / "run"), steps=4, log_every=2,
-                           profile_steps=(2, 3), peak_tflops=0.5, **{
+                           profile_steps=(2, 3), peak_tflops=0.5, cache_latents=True, **{
                                "data.data_dir": str(tmp_path / "data"),
                                "data.options": dict(train_per_class=2, test_per_class=2),
                                "checkpoint.save_every": 4, "validation.every": 2, "validation.at_end": True,
@@ -344,6 +346,9 @@ def test_trainer_evaluates_periodically_keeps_the_best_and_records_how_it_scores
             assert all(np.isfinite(r[k]) and r[k] > 0 for k in set(r) - {"step", "kind"})
             assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5)
         assert trainer.flops_per_step > 1e9  # the micro model's loss + gradient on 8 images of 32 px
+        # the steps read the training images' posterior moments from the cache beside the prepared data
+        assert [p.name.split("-")[0] for p in (Path(trainer.dataset.path) / "latent_moments").iterdir()] == ["train"]
+        assert trainer.moments.shape[0] == len(trainer.dataset.indices("train"))
         evals = read_metrics(metrics, kind="eval_test")
         assert [r["step"] for r in evals] == [2, 4]
         best = max(evals, key=lambda r: (r["val"], -r["step"]))  # the first of equal values stays

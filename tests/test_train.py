@@ -7,6 +7,7 @@ ones (where the process boundary is the point) with their own XLA_FLAGS."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from diad_jax.configs import DiffusionConfig, EvalConfig, MeshConfig, ModelConfi
 from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
 from diad_jax.errors import ConfigError
 from diad_jax.train import Checkpointer, StepFactory, check_eval_resnet, diffusion_loss, read_metrics
+from diad_jax.train.latents import cache_path, cached_moments
 
 from tests.conftest import MICRO, xla_flags
 
@@ -142,6 +144,16 @@ def test_a_process_owns_one_contiguous_block_of_the_batch():
 
 
 # ---- sharded step == single-device step --------------------------------------------------------
+def assert_same_adam_moments(state, ref_state):
+    """Adam's moments after one step are linear in the gradients: they must agree to float tolerance."""
+    for name in ("mu", "nu"):
+        m_got = _flat(jax.device_get(getattr(state.opt_state[0], name)))
+        m_want = _flat(getattr(ref_state.opt_state[0], name))
+        scale = max(float(np.max(np.abs(v))) for v in m_want.values())
+        for k in m_want:
+            np.testing.assert_allclose(m_got[k], m_want[k], rtol=1e-3, atol=1e-5 * scale, err_msg=f"{name} {k}")
+
+
 def test_sharded_step_matches_single_device(setup, single):
     """data=2 x fsdp=4: the gradient all-reduce over the data axis and the fsdp-sharded params and
     AdamW moments (pure data parallelism is the data axis alone) match one device."""
@@ -152,13 +164,7 @@ def test_sharded_step_matches_single_device(setup, single):
     # the state after the first step
     got, want = _flat(jax.device_get(state.params)), _flat(ref_state.params)
     assert got.keys() == want.keys()
-    # Adam's moments are linear in the gradients: they must agree to float tolerance
-    for name in ("mu", "nu"):
-        m_got = _flat(jax.device_get(getattr(state.opt_state[0], name)))
-        m_want = _flat(getattr(ref_state.opt_state[0], name))
-        scale = max(float(np.max(np.abs(v))) for v in m_want.values())
-        for k in m_want:
-            np.testing.assert_allclose(m_got[k], m_want[k], rtol=1e-3, atol=1e-5 * scale, err_msg=f"{name} {k}")
+    assert_same_adam_moments(state, ref_state)
     # Params: Adam's first update is lr * g / (|g| + eps), i.e. lr * sign(g) once |g| >> eps = 1e-8;
     # where |g| is near the rounding level (biases right before a GroupNorm: ~1e-10) its sign is
     # noise, and the update's slope lr * eps / |g|^2 amplifies rounding. Where |g| > 1e-5 the
@@ -226,6 +232,49 @@ def test_micro_batches_inside_the_step_equal_one_batch(setup, accumulation_refer
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-4 * LR, err_msg=k)
     assert sum(not np.allclose(want[k], initial[k], rtol=0, atol=0.1 * LR) for k in want) > 0.5 * len(want)
+
+
+def test_cached_posterior_moments_give_the_step_of_encoding_the_images(setup, single, micro_synth):
+    """With cache_latents the step reads the images' posterior moments from the cache (computed once
+    for the whole split, looked up by example index) and samples them with the same noise: the same
+    losses and first update as the step that encodes the images itself."""
+    cfg, model, params, ctx, batches = setup
+    ref_state, _, ref_losses = single
+    _, ds = micro_synth
+    f = StepFactory(model, cfg.replace(cache_latents=True), shd.make_mesh(1, 1, jax.devices()[:1]))
+    trainable, frozen = f.split(params)
+    moments = cached_moments(model, frozen["vae"], ds, "train", f.mesh, BATCH)
+    assert moments.shape == (len(ds.indices("train")), 2, MICRO.vae.embed_dim, MICRO.latent_size, MICRO.latent_size)
+    state, context, losses = f.init_state(trainable), f.place_context(ctx), []
+    for i, b in enumerate(batches[:2]):
+        state, m = f.step(state, frozen, context, shd.shard_batch({**b, "moments": moments[b["index"]]}, f.mesh))
+        losses.append(float(m["loss"]))
+        if i == 0:
+            assert_same_adam_moments(state, ref_state)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+def test_the_latent_cache_is_keyed_by_the_vae_weights_and_checked_against_the_data(setup, micro_synth, caplog):
+    """A second request reads the stored file; other VAE weights get another file; a file whose rows
+    do not match the split (the prepared data changed) is computed again."""
+    _, model, params, _, _ = setup
+    _, ds = micro_synth
+    mesh = shd.make_mesh(1, 1, jax.devices()[:1])
+    vae = params["vae"]
+    first = np.array(cached_moments(model, vae, ds, "train", mesh, BATCH))  # a copy: the file is replaced below
+    path = cache_path(model, vae, ds, "train")
+    assert path.exists() and path.parent.parent == Path(ds.path)
+    again = cached_moments(model, vae, ds, "train", mesh, BATCH)
+    assert isinstance(again, np.memmap) and np.array_equal(again, first)  # read, not computed
+    other = jax.tree.map(lambda x: x * 1.5, vae)
+    assert cache_path(model, other, ds, "train") != path
+    assert not np.allclose(cached_moments(model, other, ds, "train", mesh, BATCH), first)
+    path.unlink()  # (a new file: `again` maps the old one)
+    np.save(path, first[:5])  # as if the split had changed size
+    with caplog.at_level(logging.WARNING):
+        rebuilt = cached_moments(model, vae, ds, "train", mesh, BATCH)
+    assert "holds 5 rows, the train split 40: computing them again" in caplog.text
+    assert not isinstance(rebuilt, np.memmap) and np.array_equal(rebuilt, first)
 
 
 def test_params_and_optimizer_state_sharded_as_rules_say(setup):

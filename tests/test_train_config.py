@@ -237,3 +237,6 @@ def test_remat_takes_a_policy_name_and_reads_the_bool_of_older_configs(caplog):
     with pytest.raises(ConfigError, match="does nothing when fine-tuning the autoencoder") as e:
         check_config(TrainConfig.tiny(remat="dots"))
     assert e.value.fields == ("remat",)
+    with pytest.raises(ConfigError, match="for training DiAD on a frozen VAE") as e:  # so are cached latents
+        check_config(TrainConfig.tiny(cache_latents=True))
+    assert e.value.fields == ("cache_latents",)

@@ -149,6 +149,11 @@ def add_train_args(ap: Parser, presets: tuple[str, ...]) -> None:
                         "every convolution's ('convs_and_dots'); 'none' (default) keeps every activation. "
                         "benchmarks/RESULTS.md has the memory and time of each")
 
+    g.add_argument("--cache-latents", dest="cache_latents", type=boolean, nargs="?", const=True, default=S,
+                   help="encode every training image with the frozen VAE once (its posterior mean and log-variance, "
+                        "stored beside the prepared data, keyed by the VAE weights) instead of in every step; the "
+                        "step samples the posterior from them with the same noise (default false)")
+
     g = ap.add_argument_group("data")
     g.add_argument("--dataset", dest="data.dataset", default=S,
                    help="synthetic (default), mvtec_ad, mvtec_ad_2, visa, real_iad, folder")

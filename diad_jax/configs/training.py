@@ -174,6 +174,7 @@ class TrainConfig(Section):
     # ---- the DiAD loss ---------------------------------------------------------------------------
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # the noise schedule trained on
     train_t_max: int = 1000             # noise levels trained on: t ~ U{0..train_t_max-1} (the reference: all)
+    cache_latents: bool = False         # VAE posterior moments of the training images computed once (train/latents.py)
     # ---- the run ---------------------------------------------------------------------------------
     steps: int = 75_000                 # total steps (optimizer updates) of the run, resumed runs included
                                         # (75k: the reference's 1000 epochs of MVTec-AD at 48 per update)

@@ -3,6 +3,7 @@
     task.py         what a run optimises: the `Task` plug-in, DiAD's loss and task, the optimiser
     state.py        TrainState and `StepFactory`: the jitted, sharded train step
     checkpoint.py   `Checkpointer` (step folders that are also model checkpoints), restoring the newest one
+    latents.py      the cached VAE posterior moments of the training images (cache_latents)
     metrics_log.py  metrics.jsonl + TensorBoard
     perf.py         what the logs say about speed and memory: a step's FLOPs, the device's peak, MFU
     sources.py      the model and data a run starts from, and the checks before the first step
@@ -14,6 +15,7 @@
     trainer.close()
 """
 from diad_jax.train.checkpoint import Checkpointer, check_resume_compatible, restore_latest, tune_orbax_array_handler
+from diad_jax.train.latents import cached_moments
 from diad_jax.train.loop import Hook, ProfileHook, StepInfo, Trainer
 from diad_jax.train.metrics_log import MetricWriter, read_metrics
 from diad_jax.train.sources import (ModelSource, check_batch, check_eval_resnet, default_data_dir, prepare_data,
@@ -23,7 +25,8 @@ from diad_jax.train.task import Task, diad_task, diffusion_loss, learning_rate, 
 from diad_jax.train.validation import Validator, selection_value
 
 __all__ = ["Checkpointer", "Hook", "MetricWriter", "ModelSource", "ProfileHook", "StepFactory", "StepInfo", "Task",
-           "TrainState", "Trainer", "Validator", "check_batch", "check_eval_resnet", "check_resume_compatible",
+           "TrainState", "Trainer", "Validator", "cached_moments", "check_batch", "check_eval_resnet",
+           "check_resume_compatible",
            "default_data_dir", "diad_task", "diffusion_loss", "init_train_state", "learning_rate", "make_optimizer",
            "prepare_data", "read_metrics", "restore_latest", "selection_value", "train_iterator",
            "tune_orbax_array_handler", "validates"]

@@ -19,6 +19,7 @@ from diad_jax.configs import TrainConfig
 from diad_jax.errors import NonFiniteError
 from diad_jax.models.diad import DTYPES, DiAD, combine
 from diad_jax.train.checkpoint import TRAIN_STATE_FORMAT, Checkpointer, restore_latest
+from diad_jax.train.latents import cached_moments
 from diad_jax.train.metrics_log import MetricWriter
 from diad_jax.train.perf import device_memory, peak_tflops, throughput
 from diad_jax.train.preemption import StopSignal
@@ -153,6 +154,9 @@ class Trainer:
             self.others = {g: v for g, v in restored.params.items() if g not in self.task.groups}
             self.context, best_value = restored.context, restored.best_value
         self.iterator = train_iterator(cfg, self.dataset, source.config.image_size, start_step=self.step)
+        self.moments = None if not cfg.cache_latents else cached_moments(
+            self.model, self.frozen["vae"], self.dataset, cfg.data.train_split, self.mesh,
+            cfg.data.batch_size // cfg.optimizer.grad_accum)
         self.resnet = resnet  # restored replicated onto the mesh (or None)
         log.info("params: %.2fM trainable, %.2fM frozen; trainable + optimizer state: %s", _millions(self.state.params),
                  _millions(self.frozen), shd.shard_summary((self.state.params, self.state.opt_state)))
@@ -199,8 +203,7 @@ class Trainer:
                     for h in hooks:
                         h.before_step(self, step)
                     with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
-                        batch = next(self.iterator)
-                        batch = shd.shard_batch({"image": batch["image"], "index": batch["index"]}, self.mesh)
+                        batch = self._global_batch(next(self.iterator))
                         self.state, metrics = self.factory.step(self.state, self.frozen, self.context, batch)
                     step, imgs = step + 1, imgs + cfg.data.batch_size
                     pending.append((step, metrics))
@@ -231,6 +234,14 @@ class Trainer:
             log.warning("stopped by %s after step %d, saved in %s; the same command resumes the run",
                         signal.Signals(stop).name, step, self.checkpointer.directory)
         return {"step": step, "loss": last_loss, "eval": last_eval, "signal": stop}
+
+    def _global_batch(self, local: dict) -> dict:
+        """This process's share of a batch as the step's global arrays (and, with cached latents, the
+        examples' posterior moments, looked up by their index)."""
+        fields = {"image": local["image"], "index": local["index"]}
+        if self.moments is not None:
+            fields["moments"] = np.asarray(self.moments[local["index"]])
+        return shd.shard_batch(fields, self.mesh)
 
     def _log(self, pending: list[tuple[int, dict]], images: int, since: float) -> StepInfo:
         """Fetches the pending steps' metrics, writes them, stops at the first non-finite one. Speed:

@@ -92,6 +92,8 @@ class StepFactory:
                                               self.trainable_shardings, self.mesh),
             ema=self.trainable_shardings if ema_decay is not None else None, rng=rep)
         self.batch_shardings = {"image": shd.batch_sharding(self.mesh, 4), "index": shd.batch_sharding(self.mesh, 1)}
+        if self.cfg.cache_latents:  # the images' posterior (mean, logvar): train/latents.py
+            self.batch_shardings["moments"] = shd.batch_sharding(self.mesh, 5)
         self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, rep,
                                                       self.batch_shardings),
                             out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
@@ -176,6 +178,9 @@ class StepFactory:
         batch = {"image": jax.ShapeDtypeStruct((batch_size, 3, c.image_size, c.image_size), jnp.float32,
                                                sharding=self.batch_shardings["image"]),
                  "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.batch_shardings["index"])}
+        if self.cfg.cache_latents:
+            batch["moments"] = jax.ShapeDtypeStruct((batch_size, 2, c.vae.embed_dim, c.latent_size, c.latent_size),
+                                                    jnp.float32, sharding=self.batch_shardings["moments"])
         return frozen, ctx, batch
 
     def lower(self, batch_size: int):

@@ -49,7 +49,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
 
 
 def diffusion_loss(model: DiAD, diffusion: DiffusionConfig, trainable: Params, frozen: Params, context,
-                   images, index, key, t_max: int | None = None):
+                   images, index, key, t_max: int | None = None, moments=None):
     """The reference's training loss (ldm DDPM p_losses, eps-parameterisation, l2, logvar 0):
 
         z   = scale_factor * (mean + std * n),  n ~ N(0, I)   (VAE posterior SAMPLE, no gradient)
@@ -58,10 +58,14 @@ def diffusion_loss(model: DiAD, diffusion: DiffusionConfig, trainable: Params, f
 
     `images` (B, 3, H, W) normalised are both the VAE input and the hint; `context` (1, L, D) is
     broadcast; `index` (B,) int keys each example's noise (see `example_keys`). Per-example keys
-    make a step give the same result on any mesh and any number of hosts."""
+    make a step give the same result on any mesh and any number of hosts. `moments` (B, 2, C, h, w):
+    the images' posterior (mean, logvar) when cached (train/latents.py), instead of encoding them."""
     params = combine(trainable, frozen)
     keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, index))
-    mean, logvar = model.encode_moments(params, images)  # float32, logvar clipped to [-30, 20] as in ldm
+    if moments is None:
+        mean, logvar = model.encode_moments(params, images)  # float32, logvar clipped to [-30, 20] as in ldm
+    else:
+        mean, logvar = moments[:, 0], moments[:, 1]
     post_noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys[:, 0])
     std = jnp.exp(0.5 * logvar)
     z = jax.lax.stop_gradient(model.config.scale_factor * (mean + std * post_noise))
@@ -100,7 +104,7 @@ def diad_task(cfg: TrainConfig) -> Task:
 
     def loss(model, trainable, frozen, context, batch, key):
         return diffusion_loss(model, cfg.diffusion, trainable, frozen, context, batch["image"], batch["index"], key,
-                              t_max=cfg.train_t_max), {}
+                              t_max=cfg.train_t_max, moments=batch.get("moments")), {}
 
     return Task("diad", ("unet", "sg", "vae"), TRAINABLE_MASKS[cfg.trainable], loss,
                 make_optimizer(cfg.optimizer, cfg.steps), detects_anomalies=True)
