@@ -26,6 +26,7 @@ SFF convs, UNet up blocks and output layers), torch.optim.AdamW, fp32, same batc
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
@@ -44,6 +45,9 @@ def main(argv=None):
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--remat", default="none", choices=REMAT_POLICIES, help="TrainConfig.remat (default: none)")
     ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--cache-latents", choices=["off", "on", "both"], default="off",
+                    help="TrainConfig.cache_latents: the step reads the images' VAE posterior moments (computed "
+                         "here once) instead of encoding them; 'both': a row each, side by side")
     ap.add_argument("--steps", type=int, default=20, help="timed steps (after one warm-up/compile step)")
     ap.add_argument("--grads-only", action="store_true", help="time loss + gradients only (no optimizer state)")
     ap.add_argument("--mesh-data", type=int, default=-1)
@@ -68,55 +72,58 @@ def main(argv=None):
     base = TrainConfig.reference() if args.preset == "reference" else TrainConfig()
     rows = []
     params_host = None
-    for dt in args.dtype:
-        for batch_size in args.batch:
-            cfg = base.replace(model=args.model, compute_dtype=dt, remat=args.remat, **{
-                "data.batch_size": batch_size, "optimizer.grad_accum": args.grad_accum, "mesh.data": args.mesh_data,
-                "mesh.fsdp": args.mesh_fsdp})
-            model = DiAD(config, dtype=DTYPES[dt], remat=cfg.remat)
-            f = StepFactory(model, cfg, mesh)
-            if params_host is None:
-                t0 = time.perf_counter()
-                if args.torch:  # the same random weights in both: an ldm state dict converted for us
-                    from tests import oracle
-                    from diad_jax.convert.ldm import ldm_to_params
-                    ldm_sd = oracle.random_ldm_state_dict(config, seed=0)
-                    params_host, _ = ldm_to_params(ldm_sd, model.abstract_params())
-                else:
-                    params_host = jax.device_get(model.init(seed=0))
-                print(f"# init {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-            trainable, frozen = f.split(params_host)
-            context = f.place_context(default_context(config))
-            rng = np.random.default_rng(0)
-            batch = shd.shard_batch({"image": rng.standard_normal(
-                (batch_size, 3, config.image_size, config.image_size), np.float32), "index": np.arange(batch_size)},
-                mesh)
-            if args.grads_only:
-                key = jax.random.PRNGKey(0)
-                grad_fn = jax.jit(jax.value_and_grad(lambda p, fr, c, b: f.loss(p, fr, c, b, key)))
-                run = lambda: grad_fn(trainable, frozen, context, batch)  # noqa: E731
+    cached = {"off": [False], "on": [True], "both": [False, True]}[args.cache_latents]
+    for dt, batch_size, cache_latents in itertools.product(args.dtype, args.batch, cached):
+        cfg = base.replace(model=args.model, compute_dtype=dt, remat=args.remat, cache_latents=cache_latents, **{
+            "data.batch_size": batch_size, "optimizer.grad_accum": args.grad_accum, "mesh.data": args.mesh_data,
+            "mesh.fsdp": args.mesh_fsdp})
+        model = DiAD(config, dtype=DTYPES[dt], remat=cfg.remat)
+        f = StepFactory(model, cfg, mesh)
+        if params_host is None:
+            t0 = time.perf_counter()
+            if args.torch:  # the same random weights in both: an ldm state dict converted for us
+                from tests import oracle
+                from diad_jax.convert.ldm import ldm_to_params
+                ldm_sd = oracle.random_ldm_state_dict(config, seed=0)
+                params_host, _ = ldm_to_params(ldm_sd, model.abstract_params())
             else:
-                state = [f.init_state(trainable)]
+                params_host = jax.device_get(model.init(seed=0))
+            print(f"# init {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        trainable, frozen = f.split(params_host)
+        context = f.place_context(default_context(config))
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((batch_size, 3, config.image_size, config.image_size), np.float32)
+        fields = {"image": images, "index": np.arange(batch_size)}
+        if cache_latents:  # what the cache holds for these images (train/latents.py)
+            fields["moments"] = np.stack(jax.jit(model.encode_moments)(params_host, images), axis=1)
+        batch = shd.shard_batch(fields, mesh)
+        if args.grads_only:
+            key = jax.random.PRNGKey(0)
+            grad_fn = jax.jit(jax.value_and_grad(lambda p, fr, c, b: f.loss(p, fr, c, b, key)))
+            run = lambda: grad_fn(trainable, frozen, context, batch)  # noqa: E731
+        else:
+            state = [f.init_state(trainable)]
 
-                def run():
-                    state[0], m = f.step(state[0], frozen, context, batch)
-                    return m
-            t0 = time.perf_counter()
-            jax.block_until_ready(run())
-            first = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                out = run()
-            jax.block_until_ready(out)
-            dt_step = (time.perf_counter() - t0) / args.steps
-            stats = jax.local_devices()[0].memory_stats() or {}
-            peak = stats.get("peak_bytes_in_use")
-            rows.append((dt, batch_size, first, dt_step, batch_size / dt_step, peak))
-            print(f"# {dt}, batch {batch_size}: first call {first:.1f}s, {dt_step:.3f}s/step, peak device memory "
-                  f"{'-' if peak is None else f'{peak / 2**30:.1f} GiB'}", file=sys.stderr, flush=True)
-            del trainable, frozen, run  # and the train state (the closure's list), before the next row
-            if not args.grads_only:
-                del state
+            def run():
+                state[0], m = f.step(state[0], frozen, context, batch)
+                return m
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            out = run()
+        jax.block_until_ready(out)
+        dt_step = (time.perf_counter() - t0) / args.steps
+        stats = jax.local_devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        label = f"{dt}{', cached latents' if cache_latents else ''}"
+        rows.append((label, batch_size, first, dt_step, batch_size / dt_step, peak))
+        print(f"# {label}, batch {batch_size}: first call {first:.1f}s, {dt_step:.3f}s/step, peak device memory "
+              f"{'-' if peak is None else f'{peak / 2**30:.1f} GiB'}", file=sys.stderr, flush=True)
+        del trainable, frozen, run  # and the train state (the closure's list), before the next row
+        if not args.grads_only:
+            del state
     if args.torch:
         del params_host
         import gc
@@ -130,7 +137,7 @@ def main(argv=None):
           f"mesh {dict(mesh.shape)}\n")
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}; jax {jax.__version__}\n")
-    print("| compute dtype | batch | first call (compile + run) s | s / step | images / s | peak device memory GiB |")
+    print("| compute dtype, latents | batch | first call (compile + run) s | s / step | images / s | peak device memory GiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for dt, b, first, step, ips, peak in rows:
         print(f"| {dt} | {b} | {first:.1f} | {step:.3f} | {ips:.1f} | {'-' if peak is None else f'{peak / 2**30:.1f}'} |")
