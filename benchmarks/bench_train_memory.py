@@ -8,6 +8,8 @@ rules' shardings, never materialised -- on N forced host devices, and prints
 
     peak = arguments + outputs - aliased (donated state) + temporaries
 
+and the step's FLOPs on all devices (`StepFactory.flops_per_step`, what the training logs count).
+
 A step is one optimizer update on the global batch, computed as grad_accum micro-batches scanned
 inside the step (diad_jax.train.StepFactory): the per-device micro-batch is global_batch /
 (grad_accum x devices).
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--remat", nargs="+", default=["blocks"], choices=REMAT_POLICIES,
                     help="rematerialisation policies (TrainConfig.remat), one row each (default: blocks)")
     ap.add_argument("--ema", action="store_true", help="keep an EMA of the trainable params")
+    ap.add_argument("--cache-latents", action="store_true",
+                    help="TrainConfig.cache_latents: the step reads posterior moments instead of running the VAE encoder")
     ap.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="D:DATA:FSDP:B:K",
                     help="devices:data:fsdp:global_batch:grad_accum (default: " +
                          " ".join(":".join(map(str, c)) for c in DEFAULT_CASES) + ")")
@@ -89,7 +93,8 @@ def worker(args) -> None:
     dtype = DTYPES[args.dtype]
     rows = []
     for (devices, data, fsdp, batch, accum), remat in itertools.product(cases, args.remat):
-        tcfg = TrainConfig(model=args.model, compute_dtype=args.dtype, remat=remat).replace(**{
+        tcfg = TrainConfig(model=args.model, compute_dtype=args.dtype, remat=remat,
+                           cache_latents=args.cache_latents).replace(**{
             "data.batch_size": batch, "optimizer.grad_accum": accum, "mesh.data": data, "mesh.fsdp": fsdp,
             "optimizer.ema_decay": 0.999 if args.ema else None})
         mesh = shd.make_mesh(data, fsdp, jax.devices()[:devices])
@@ -108,7 +113,7 @@ def worker(args) -> None:
                          arguments=ma.argument_size_in_bytes, outputs=ma.output_size_in_bytes,
                          aliased=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes, peak=peak,
                          state_total=state_bytes, frozen_total=frozen_bytes,
-                         lower_s=t1 - t0, compile_s=t2 - t1))
+                         lower_s=t1 - t0, compile_s=t2 - t1, tflops=factory.flops_per_step(compiled) / 1e12))
         print("ROW " + json.dumps(rows[-1]), flush=True)
 
 
@@ -136,6 +141,8 @@ def main(argv=None) -> None:
                "--_worker", ",".join(":".join(map(str, c)) for c in cs)]
         if args.ema:
             cmd.append("--ema")
+        if args.cache_latents:
+            cmd.append("--cache-latents")
         print(f"# {n} device(s): compiling {len(cs)} case(s) ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         got = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
@@ -150,18 +157,19 @@ def main(argv=None) -> None:
 
     gib = 2 ** 30
     print(f"Train-step memory per device (XLA memory_analysis), model={args.model}, compute {args.dtype}, "
-          f"fp32 master weights, "
-          f"AdamW state sharded over fsdp, conv={args.conv_impl}\n")
+          f"fp32 master weights, AdamW state sharded over fsdp, conv={args.conv_impl}, "
+          f"{'cached latents' if args.cache_latents else 'VAE encoder in the step'}\n")
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}; python {platform.python_version()}, jax {jax.__version__}, "
           f"flax {flax.__version__}, optax {optax.__version__}; forced host (CPU) devices\n")
     print("| devices | mesh (data x fsdp) | global batch | micro-batches | remat | per-device micro-batch "
-          "| arguments GiB | outputs GiB | aliased GiB | temp GiB | **peak GiB** | peak GB | compile s |")
-    print("|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| arguments GiB | outputs GiB | aliased GiB | temp GiB | **peak GiB** | peak GB | TFLOP / step | compile s |")
+    print("|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['devices']} | {r['data']} x {r['fsdp']} | {r['batch']} | {r['grad_accum']} | {r['remat']} "
               f"| {r['per_device_micro_batch']:g} | {r['arguments'] / gib:.2f} | {r['outputs'] / gib:.2f} | {r['aliased'] / gib:.2f} "
-              f"| {r['temp'] / gib:.2f} | **{r['peak'] / gib:.2f}** | {r['peak'] / 1e9:.1f} | {r['compile_s']:.0f} |")
+              f"| {r['temp'] / gib:.2f} | **{r['peak'] / gib:.2f}** | {r['peak'] / 1e9:.1f} | {r['tflops']:.3g} "
+              f"| {r['compile_s']:.0f} |")
     if rows:
         r = rows[0]
         print(f"\nTrain state (trainable params + optimizer state{' + EMA' if args.ema else ''}), all devices: "
