@@ -204,7 +204,7 @@ def _two_updates(f: StepFactory, params, ctx, batches):
     state, context, losses, norms = f.init_state(trainable), f.place_context(ctx), [], []
     placed = [shd.shard_batch(b, f.mesh) for b in batches[:2]]
     options = {"xla_backend_optimization_level": 2} if f.cfg.optimizer.grad_accum > 1 else None
-    step = f.step.lower(state, frozen, context, placed[0]).compile(options)
+    step = f.jitted_step.lower(state, frozen, context, placed[0]).compile(options)
     for b in placed:
         state, m = step(state, frozen, context, b)
         losses.append(float(m["loss"]))

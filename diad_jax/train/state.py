@@ -94,9 +94,10 @@ class StepFactory:
         self.batch_shardings = {"image": shd.batch_sharding(self.mesh, 4), "index": shd.batch_sharding(self.mesh, 1)}
         if self.cfg.cache_latents:  # the images' posterior (mean, logvar): train/latents.py
             self.batch_shardings["moments"] = shd.batch_sharding(self.mesh, 5)
-        self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, rep,
-                                                      self.batch_shardings),
-                            out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+        self.jitted_step = jax.jit(self._step, in_shardings=(self.state_shardings, self.frozen_shardings, rep,
+                                                             self.batch_shardings),
+                                   out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+        self.step = self.jitted_step  # what the loop calls (a test may wrap it; lowering uses jitted_step)
 
     def param_shardings(self, tree):
         return shd.param_shardings(tree, self.mesh, min_shard_size=self.cfg.mesh.min_shard_size)
@@ -185,13 +186,18 @@ class StepFactory:
 
     def lower(self, batch_size: int):
         """Lower the step on abstract inputs (no arrays materialised), e.g. for memory_analysis()."""
-        return self.step.lower(self.abstract_state_with_shardings(), *self.abstract_inputs(batch_size))
+        return self.jitted_step.lower(self.abstract_state_with_shardings(), *self.abstract_inputs(batch_size))
+
+    def compiled(self, state: TrainState, frozen, context, batch_size: int) -> jax.stages.Compiled:
+        """The step's executable for these arguments and a batch of `batch_size` (once the step has
+        run on them, jit's cache returns it: nothing is traced or compiled again)."""
+        _, _, batch = self.abstract_inputs(batch_size)
+        return self.jitted_step.lower(state, frozen, context, batch).compile()
 
     def flops_per_step(self, compiled: jax.stages.Compiled) -> float:
         """FLOPs of one step on all devices from XLA's cost analysis of the compiled step (the run's
-        own: `step.lower(...).compile()` returns it from jit's cache, nothing is compiled again). The
-        analysis is of one device's program, so it is multiplied by the mesh's devices; XLA counts a
-        loop body once, so also by grad_accum (the optimizer's few FLOPs per parameter with them:
-        under 1% of a step)."""
+        own: see `compiled`). The analysis is of one device's program, so it is multiplied by the
+        mesh's devices; XLA counts a loop body once, so also by grad_accum (the optimizer's few FLOPs
+        per parameter with them: under 1% of a step)."""
         per_device = float(compiled.cost_analysis()["flops"])
         return per_device * self.mesh.devices.size * self.cfg.optimizer.grad_accum
