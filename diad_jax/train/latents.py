@@ -50,25 +50,38 @@ def cached_moments(model: DiAD, vae_params, dataset: data_lib.PreparedDataset, s
                    batch_size: int) -> np.ndarray:
     """The (N, 2, C, h, w) moments of `split`, read from its cache file when one with this key holds
     N rows, else computed on `mesh` (every process its share, `batch_size` images per step over all
-    processes) and written by process 0."""
+    processes) and written. With several processes the computation is collective: it runs when any
+    of them lacks the file (host-local data), and each that lacked it writes its copy."""
     path = cache_path(model, vae_params, dataset, split)
     n = len(dataset.indices(split))
-    if path.exists():
-        moments = np.load(path, mmap_mode="r")
-        if moments.shape[0] == n:
-            log.info("latent moments of %d %s images from %s", n, split, path)
-            return moments
-        log.warning("%s holds %d rows, the %s split %d: computing them again", path, moments.shape[0], split, n)
+    moments = _read(path, n, split)
+    lacking = moments is None
+    if jax.process_count() > 1:
+        lacking_anywhere = bool(np.any(multihost_utils.process_allgather(np.int32(lacking))))
+    else:
+        lacking_anywhere = lacking
+    if not lacking_anywhere:
+        log.info("latent moments of %d %s images from %s", n, split, path)
+        return moments
     log.info("computing the VAE posterior moments of %d %s images (once; cached in %s)", n, split, path.parent)
-    moments = compute_moments(model, vae_params, dataset, split, mesh, batch_size)
-    if jax.process_index() == 0:
+    computed = compute_moments(model, vae_params, dataset, split, mesh, batch_size)
+    if lacking:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
-            np.save(f, moments)
-        os.replace(tmp, path)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("diad_jax.train: latent moments written")
+            np.save(f, computed)
+        os.replace(tmp, path)  # a reader never sees a partial file
+    return computed
+
+
+def _read(path: Path, n: int, split: str) -> np.ndarray | None:
+    """The stored moments (memory-mapped) when `path` holds `n` rows, else None."""
+    if not path.exists():
+        return None
+    moments = np.load(path, mmap_mode="r")
+    if moments.shape[0] != n:
+        log.warning("%s holds %d rows, the %s split %d: computing them again", path, moments.shape[0], split, n)
+        return None
     return moments
 
 
