@@ -550,23 +550,27 @@ def test_two_processes_train_like_one(micro_synth, jax_cache, init_checkpoint, r
     reference run's mesh (fsdp=2: params and optimizer state split ACROSS the processes) and global
     batch 8, each reading its half of every batch. A SIGTERM to process 1 after step 1 stops BOTH
     after the same step (3), saved, with exit 143; rerunning the command resumes there and trains to
-    step 6: losses and params equal the single-process run's. Then they evaluate the test split
-    together (guidance deduplicated: one UNet pass per step): the same metrics as one process
-    evaluating the saved checkpoint."""
+    step 6: losses and params equal the single-process run's. Both runs train from cached latents
+    (the first computes them together and writes the file, the rerun reads it), the reference run
+    encodes the images in every step. Then they evaluate the test split together (guidance
+    deduplicated: one UNet pass per step): the same metrics as one process evaluating the saved
+    checkpoint."""
     data_dir, ds = micro_synth
     workdir = tmp_path / "multi"
     args = (*_ref_args(jax_cache, init_checkpoint), "--steps", "6", "--save-every", "6", "--eval-split", "test",
-            "--eval-at-end", "true", "--eval-comparator", "pixel_l1", "--eval-batch-size", "8")
+            "--eval-at-end", "true", "--eval-comparator", "pixel_l1", "--eval-batch-size", "8", "--cache-latents")
     stopped = _two_processes(workdir, data_dir, args, jax_cache, signal_at={1: ("TERM", 1)})
     for rc, out in stopped:
         assert rc == 143, "\n=====\n".join(o[-5000:] for _, o in stopped)
         assert "stopped by SIGTERM after step 3" in out, out[-3000:]
     assert "process 1 of 2, 1 local / 2 global devices" in stopped[1][1]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+    assert all("computing the VAE posterior moments of 40 train images" in out for _, out in stopped)
     resumed = _two_processes(workdir, data_dir, args, jax_cache)
     for rc, out in resumed:
         assert rc == 0, out[-6000:]
         assert _resumed_from(out) == 3
+        assert "latent moments of 40 train images from" in out
         assert "guidance: 1 UNet pass(es) per DDIM step" in out
     want, got = _losses(reference_run), _losses(workdir)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
