@@ -101,9 +101,9 @@ class Detector:
         self.eval_config = eval_config
         self.mesh = mesh or shd.single_device_mesh()
         self.axes = batch_axes(self.mesh)
-        if eval_config.comparator == "resnet" and "resnet" not in bundle:
+        if eval_config.needs_resnet and "resnet" not in bundle:
             raise ConfigError("the 'resnet' comparator needs ResNet-50 weights in the bundle (make_bundle(params, "
-                              "resnet, context)); other comparators need none")
+                              "resnet, context)); other comparators and the inversion method need none")
         self.bundle = bundle
         self.calibration = calibration
         self.notes = list(notes)
@@ -163,7 +163,7 @@ class Detector:
     def score_batch(self, images: np.ndarray, index: np.ndarray, *, reconstructions: bool = False) -> dict:
         """Scores this process's rows `images` ((b, 3, S, S) normalised) with image ids `index` (b,)
         -> host numpy {"maps", "scores"[, "reconstructions"]} of the WHOLE batch (every process's
-        rows, in process order). One process: b rows are padded to the next bucket and the padding is
+        rows, in process order; reconstructions when asked for and the method makes them). One process: b rows are padded to the next bucket and the padding is
         dropped; several: every process passes the same b, a bucket size divided by the processes."""
         images = np.asarray(images, np.float32)
         index = np.asarray(index, np.int64)
@@ -182,7 +182,7 @@ class Detector:
         g = shd.shard_batch({"image": images, "index": index}, self.mesh, self.axes)
         out = self.scorer(self.bundle, g["image"], self._key, g["index"], self.uncond_context)
         wanted = {"maps": out.maps, "scores": out.scores}
-        if reconstructions:
+        if reconstructions and out.reconstructions is not None:
             wanted["reconstructions"] = out.reconstructions
         host = shd.gather_to_host(wanted)
         return {k: np.asarray(v)[:b * n_proc] for k, v in host.items()}
@@ -351,7 +351,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype=None, resne
     if not random_weights:
         ckpt = load_model(resolved, mesh)
         params, context, resnet_params = ckpt.params, ckpt.context, ckpt.resnet
-    if eval_config.comparator != "resnet":
+    if not eval_config.needs_resnet:
         resnet_params = None  # not needed
     elif resnet_params is None:
         if resnet != "random":

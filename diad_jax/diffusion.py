@@ -131,3 +131,37 @@ def ddim_sample(cfg: DiffusionConfig, eps_fn: EpsFn, x_T, rng=None):
 
     x, pred_x0 = jax.lax.scan(step, x_T, (xs, keys))
     return pred_x0[-1] if cfg.one_step else x
+
+
+def inversion_timesteps(end_t: int, steps: int) -> list[int]:
+    """The timesteps a DDIM inversion of `steps` steps visits, ascending to `end_t`:
+    round(k * end_t / steps) for k = 1..steps (3 steps to 999: 333, 666, 999, InvAD's default)."""
+    return [int(round(k * end_t / steps)) for k in range(1, steps + 1)]
+
+
+def ddim_invert(cfg: DiffusionConfig, eps_fn: EpsFn, z0, timesteps):
+    """Deterministic DDIM run backwards (eta 0) from the clean latent `z0` through `timesteps`
+    (ascending, in 1..T-1), as one `lax.scan`; returns the latent at the last one.
+
+    The clean latent sits at acp[0], where the sampler's last step ends. Step k evaluates the noise
+    at the current latent and the step's target timestep t_k (as diffusers' DDIMInverseScheduler),
+    then moves from acp[t_(k-1)] to acp[t_k] with the DDIM update: the sampler's step with its two
+    alphas exchanged. Sampling back through the same timesteps returns `z0` up to the inversion's
+    approximation eps(x_(k-1), t_k) ~ eps(x_k, t_k)."""
+    ts = np.asarray(timesteps, np.int64)
+    if ts.ndim != 1 or not len(ts) or ts[0] < 1 or ts[-1] >= cfg.num_train_timesteps or np.any(np.diff(ts) <= 0):
+        raise ValueError(f"ddim_invert: timesteps must ascend within 1..{cfg.num_train_timesteps - 1}, got "
+                         f"{ts.tolist()}")
+    acp = alphas_cumprod(cfg)
+    a_next = acp[ts].astype(np.float32)
+    a_cur = np.concatenate([[acp[0]], acp[ts[:-1]]]).astype(np.float32)
+    b = z0.shape[0]
+
+    def step(x, inp):
+        t, a_t, a_to = inp
+        eps = eps_fn(x, jnp.full((b,), t, jnp.int32))
+        x_next, _ = ddim_step(x, eps.astype(x.dtype), a_t, a_to, 0.0)
+        return x_next, None
+
+    x, _ = jax.lax.scan(step, z0, (jnp.asarray(ts, jnp.int32), jnp.asarray(a_cur), jnp.asarray(a_next)))
+    return x

@@ -120,7 +120,8 @@ def evaluate(detector, data, *, split: str = "test", classes: Iterable[str] | st
                 if sum(it[0] == lab for it in keep[c]) < heatmaps_per_class:
                     ex = data[split][int(meta["index"][j])]
                     keep[c].append((lab, dataio.as_text(ex["filename"]), dataio.as_text(ex["defect_type"]),
-                                    dataio.denormalize(images[j]), dataio.denormalize(out["reconstructions"][j]),
+                                    dataio.denormalize(images[j]),
+                                    dataio.denormalize(out["reconstructions"][j]) if "reconstructions" in out else None,
                                     out["maps"][j], np.asarray(meta["mask"][j])))
         bar.update(int(v.sum()))
     bar.close()

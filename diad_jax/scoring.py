@@ -8,6 +8,12 @@
 The comparator (x vs x_hat) is the reference's ResNet-50 by default; "pixel_l1", "ssim" and "vae"
 (the model's own VAE-encoder features, compared like the ResNet's) need no ImageNet weights.
 
+The "inversion" method (InvAD, Sakai et al., arXiv 2504.05662) reconstructs nothing:
+
+    x --VAE--> z0 (posterior mean, or a sample) --DDIM inversion (SG-guided UNet, eta 0)--> x_T
+    |x_T| over channels -> bilinear (align_corners) upsampling -> Gaussian blur = pixel map
+    image score = the map's pooled max or max (as above), or "nll": -log N(x_T; 0, I)
+
 `Scorer` compiles all of it into a single XLA program (no host round-trips), batched, sharded
 over the `data` axis of a mesh when one is given.
 """
@@ -23,9 +29,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diad_jax import sharding as shd
-from diad_jax.configs import (COMPARATORS, IMAGENET_MEAN, IMAGENET_STD, REFERENCE_POOL_WINDOW, REFERENCE_SIGMA,
-                              DiffusionConfig, EvalConfig, ModelConfig)
-from diad_jax.diffusion import ddim_sample, example_keys, guided_eps, q_sample
+from diad_jax.configs import (COMPARATORS, IMAGE_SCORES, IMAGENET_MEAN, IMAGENET_STD, INVERSION_LATENTS, METHODS,
+                              REFERENCE_POOL_WINDOW, REFERENCE_SIGMA, DiffusionConfig, EvalConfig, ModelConfig)
+from diad_jax.diffusion import ddim_invert, ddim_sample, example_keys, guided_eps, inversion_timesteps, q_sample
 from diad_jax.errors import ConfigError, NonFiniteError
 from diad_jax.models.diad import DTYPES, DiAD, to_nhwc
 from diad_jax.models.init import init_params
@@ -156,6 +162,7 @@ def pooled_max(maps, pools: int = IMAGE_SCORE_POOLS, window: int = REFERENCE_POO
 
 
 def image_scores(maps, mode: str = "pooled", window: int = REFERENCE_POOL_WINDOW):
+    """A map's image score: "pooled" (the reference) or "max" ("nll" is the inversion's own, `latent_nll`)."""
     if mode == "pooled":
         return pooled_max(maps, window=window)
     if mode == "max":
@@ -163,16 +170,23 @@ def image_scores(maps, mode: str = "pooled", window: int = REFERENCE_POOL_WINDOW
     raise ValueError(f"image score mode must be 'pooled' (the reference) or 'max', got {mode!r}")
 
 
+def latent_nll(x):
+    """-log N(x; 0, I) of each (B, ...) latent: 0.5 * sum(x^2 + log 2 pi) over all but the batch axis."""
+    x = x.astype(jnp.float32)
+    return 0.5 * jnp.sum(jnp.square(x) + np.log(2 * np.pi), axis=tuple(range(1, x.ndim)))
+
+
 # ---- the scorer -------------------------------------------------------------------------------------
 class ScoreOutput(NamedTuple):
     maps: jax.Array         # (B, H, W) pixel anomaly maps
     scores: jax.Array       # (B,) image scores
-    reconstructions: jax.Array  # (B, 3, H, W) the denoised reconstruction, normalised image space
+    reconstructions: jax.Array | None  # (B, 3, H, W) the denoised reconstruction, normalised image space
+                                       # (None under the inversion method, which reconstructs nothing)
 
 
 @dataclass
 class Scorer:
-    """Denoise-and-score as one compiled program.
+    """Denoise-and-score (or, with method="inversion", invert-and-score) as one compiled program.
 
         scorer = Scorer(ModelConfig.sd15())      # or Scorer.from_eval_config(config, EvalConfig(...))
         out = scorer(bundle, images, jax.random.key(0), index)   # images: (B, 3, H, W) normalised
@@ -197,19 +211,28 @@ class Scorer:
     pool_window: int = REFERENCE_POOL_WINDOW
     comparator: str = "resnet"
     attention: str | None = None  # jax.nn.dot_product_attention's implementation (None: XLA's choice)
+    method: str = "reconstruction"  # or "inversion" (see the module docstring)
+    inversion_timesteps: tuple[int, ...] = (333, 666, 999)  # ascending; one network pass each
+    inversion_latent: str = "mean"  # what is inverted: the VAE posterior's mean or a sample of it
 
     @classmethod
     def from_eval_config(cls, config: ModelConfig, ec: EvalConfig, mesh=None, data_axis="data") -> "Scorer":
         return cls(config, ec.diffusion(), image_score=ec.image_score, dtype=DTYPES[ec.dtype], mesh=mesh,
                    data_axis=data_axis, sigma=ec.sigma, dedupe_guidance=ec.dedupe_guidance, pool_window=ec.pool_window,
-                   comparator=ec.comparator, attention=ec.attention)
+                   comparator=ec.comparator, attention=ec.attention, method=ec.method,
+                   inversion_timesteps=tuple(inversion_timesteps(ec.inversion_end_t, ec.inversion_steps)),
+                   inversion_latent=ec.inversion_latent)
 
     def __post_init__(self):
-        if self.comparator not in COMPARATORS:
-            raise ConfigError(f"Scorer: comparator must be one of {COMPARATORS}, got {self.comparator!r}")
+        for name, allowed in (("comparator", COMPARATORS), ("method", METHODS), ("image_score", IMAGE_SCORES),
+                              ("inversion_latent", INVERSION_LATENTS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"Scorer: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.image_score == "nll" and self.method != "inversion":
+            raise ConfigError("Scorer: image_score 'nll' is the likelihood of the inverted latent; it needs the "
+                              "inversion method")
         self.model = DiAD(self.config, dtype=self.dtype, attention=self.attention)
         self.resnet = ResNet50Features(dtype=self.dtype)
-        image_scores(jnp.zeros((1, 64, 64)), self.image_score, 1)  # validate the mode early
         if self.image_score == "pooled" and self.config.image_size <= IMAGE_SCORE_POOLS * (self.pool_window - 1):
             raise ConfigError(f"Scorer: {IMAGE_SCORE_POOLS} average pools of window {self.pool_window} need maps "
                               f"larger than {IMAGE_SCORE_POOLS * (self.pool_window - 1)} px, the model's are "
@@ -220,7 +243,7 @@ class Scorer:
         out = None
         if self.mesh is not None:
             data = NamedSharding(self.mesh, P(self.data_axis))
-            out = ScoreOutput(data, data, data)
+            out = ScoreOutput(data, data, data if self.method == "reconstruction" else None)
         # the weights keep the shardings they were placed with (replicated, or fsdp-sharded)
         self._jit = jax.jit(partial(self._score, uncond=None), out_shardings=out)
         self._jit2 = jax.jit(self._score, out_shardings=out)
@@ -232,7 +255,17 @@ class Scorer:
         c = self.config
         shape = (c.latent_channels, c.latent_size, c.latent_size)
         draw = jax.vmap(lambda k: jax.random.normal(k, shape))
+        if self.method == "inversion":  # the same posterior draw as the reconstruction's
+            return self.invert(bundle, images, draw(keys[:, 0]), uncond)
         return self.score_with_noise(bundle, images, draw(keys[:, 0]), draw(keys[:, 1]), uncond, keys[:, 2])
+
+    def _eps_fn(self, bundle, images, uncond):
+        """The sampler's noise prediction: the SG network conditioned on `images`, guidance as configured."""
+        def eps_ctx(x, t, ctx):
+            hint = images if x.shape[0] == images.shape[0] else jnp.concatenate([images, images])
+            return self.model.eps(bundle, x, t, ctx, hint)
+
+        return lambda x, t: guided_eps(eps_ctx, x, t, bundle["context"], uncond, self.diffusion.guidance_scale)
 
     def score_with_noise(self, bundle, images, posterior_noise, noise, uncond=None, ddim_keys=None):
         """The whole pipeline with the two Gaussian draws given explicitly (the VAE posterior
@@ -242,19 +275,28 @@ class Scorer:
         mean, logvar = model.encode_moments(bundle, images)
         z0 = self.config.scale_factor * (mean + jnp.exp(0.5 * logvar) * posterior_noise)
         x_T = q_sample(self.diffusion, z0, self.diffusion.noise_t, noise)
-        context = bundle["context"]
-
-        def eps_ctx(x, t, ctx):
-            hint = images if x.shape[0] == images.shape[0] else jnp.concatenate([images, images])
-            return model.eps(bundle, x, t, ctx, hint)
-
-        def eps_fn(x, t):
-            return guided_eps(eps_ctx, x, t, context, uncond, self.diffusion.guidance_scale)
-
-        z = ddim_sample(self.diffusion, eps_fn, x_T, ddim_keys if self.diffusion.ddim_eta > 0 else None)
+        z = ddim_sample(self.diffusion, self._eps_fn(bundle, images, uncond), x_T,
+                        ddim_keys if self.diffusion.ddim_eta > 0 else None)
         recon = model.decode(bundle, z)
         maps = gaussian_blur(self.distance(bundle, images, recon), self.sigma)
         return ScoreOutput(maps, image_scores(maps, self.image_score, self.pool_window), recon)
+
+    def inverted_latent(self, bundle, images, posterior_noise, uncond=None):
+        """The inversion method's x_T: the (scaled) latent of `images` -- the posterior mean, or its
+        sample with `posterior_noise` -- DDIM-inverted through `inversion_timesteps`. Traceable."""
+        mean, logvar = self.model.encode_moments(bundle, images)
+        latent = mean if self.inversion_latent == "mean" else mean + jnp.exp(0.5 * logvar) * posterior_noise
+        return ddim_invert(self.diffusion, self._eps_fn(bundle, images, uncond), self.config.scale_factor * latent,
+                           self.inversion_timesteps)
+
+    def invert(self, bundle, images, posterior_noise, uncond=None) -> ScoreOutput:
+        """The inversion method's maps and scores (no reconstruction). Traceable."""
+        x_T = self.inverted_latent(bundle, images, posterior_noise, uncond).astype(jnp.float32)
+        norms = jnp.sqrt(jnp.sum(jnp.square(x_T), axis=1))  # (B, h, w): NCHW latents
+        maps = gaussian_blur(resize_bilinear_align_corners(norms, images.shape[2:]), self.sigma)
+        scores = latent_nll(x_T) if self.image_score == "nll" else image_scores(maps, self.image_score,
+                                                                                self.pool_window)
+        return ScoreOutput(maps, scores, None)
 
     def distance(self, bundle, images, recon):
         """The comparator's unblurred (B, H, W) map of how `recon` differs from `images` (NCHW)."""
@@ -296,13 +338,14 @@ class Scorer:
     def export(self, bundle, images, rng, index, platforms=None) -> jax.export.Exported:
         """The program `__call__` runs on arguments like these (shapes, dtypes, placement), exported
         for `platforms` (default: the devices') with the weights as arguments: it takes
-        (bundle, images, rng, index) and returns {"maps", "scores", "reconstructions"} (a dict, which
-        serialises without this module's ScoreOutput). Without guidance deduplication the bundle's
+        (bundle, images, rng, index) and returns {"maps", "scores"[, "reconstructions"]} (a dict, which
+        serialises without this module's ScoreOutput; the inversion method has no reconstructions). Without guidance deduplication the bundle's
         context is the unconditional one, as in `__call__`."""
         fn = self._jit if self.dedupe_guidance else self._jit2
 
         def program(bundle, images, rng, index):
-            return fn(bundle, images, rng, index, *(() if self.dedupe_guidance else (bundle["context"],)))._asdict()
+            out = fn(bundle, images, rng, index, *(() if self.dedupe_guidance else (bundle["context"],)))
+            return {k: v for k, v in out._asdict().items() if v is not None}
 
         args = self._args(bundle, images, rng, index, None)[:4]
         return jax.export.export(jax.jit(program), platforms=platforms)(*args)

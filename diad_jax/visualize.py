@@ -1,6 +1,7 @@
 """Pictures a person can read: heat maps over the input, mask contours, a caption. No matplotlib.
 
     evaluation_panel(image, recon, amap, mask, title)      input | reconstruction | map over input | ground truth
+                                                           (no reconstruction: input | map | ground truth)
     prediction_panel(image, amap, mask, caption)           input | map over input | predicted mask's contour
 
 Panels are upscaled (nearest) so that each tile is at least `MIN_TILE` pixels wide, and carry a caption
@@ -58,9 +59,10 @@ def _panel(tiles: list[np.ndarray], caption: str) -> np.ndarray:
 
 
 def evaluation_panel(image, recon, amap, mask, title: str = "") -> np.ndarray:
-    """input | reconstruction | map over input | ground truth, captioned with `title`."""
+    """input | reconstruction | map over input | ground truth, captioned with `title` (no
+    reconstruction tile when `recon` is None: the inversion method makes none)."""
     gt = np.repeat((np.asarray(mask) > 0).astype(np.uint8)[..., None] * 255, 3, -1)
-    return _panel([image, recon, heat_overlay(image, amap), gt], title)
+    return _panel([image, *([] if recon is None else [recon]), heat_overlay(image, amap), gt], title)
 
 
 def prediction_panel(image, amap, mask, caption: str) -> np.ndarray:

@@ -103,8 +103,9 @@ def test_library_errors_and_log_lines_name_fields_never_flags():
 
 
 # a valid EvalConfig in which every field differs from the default
-OTHER_EVAL = EvalConfig(schedule="consistent", ddim_steps=1, eta=0.5, guidance_scale=3.0, start_t=500, one_step=True,
-                        comparator="ssim", sigma=2.0, pool_window=4, image_score="max", variant="reference",
+OTHER_EVAL = EvalConfig(method="inversion", schedule="consistent", ddim_steps=1, eta=0.5, guidance_scale=3.0,
+                        start_t=500, one_step=True, comparator="ssim", sigma=2.0, pool_window=4, image_score="max",
+                        inversion_steps=2, inversion_end_t=500, inversion_latent="sample", variant="reference",
                         batch_size=4, seed=3, dtype="bfloat16", dedupe_guidance=False, attention="xla")
 
 

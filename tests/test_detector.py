@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 import diad_jax
-from diad_jax import checkpoints, cli, data
+from diad_jax import checkpoints, cli, data, exported
 from diad_jax import sharding as shd
 from diad_jax.calibration import Calibration, calibrate, threshold
 from diad_jax.configs import EvalConfig, TrainConfig
@@ -275,6 +275,38 @@ def test_calibration_survives_save_and_load_and_labels_follow_it(tmp_path, weigh
             by_four.calibration = None
 
 
+def test_the_inversion_method_scores_alike_everywhere_calibrates_draws_and_exports(tmp_path, weights, dataset):
+    """The inversion method (issue 25) downstream: evaluate() on 8 devices (fsdp-sharded weights, no
+    ResNet-50) equals predict() on one device in batches of 4 and 1; its heat maps have no
+    reconstruction tile; thresholds label its predictions; its export scores as the Detector."""
+    params, _, ctx = weights
+    ec = dataclasses.replace(EVAL, batch_size=8).inversion()
+    assert ec.method == "inversion" and not ec.needs_resnet
+
+    def inverting(batch_size: int, mesh: Mesh) -> Detector:
+        return Detector(MICRO, place_bundle(make_bundle(params, None, ctx), mesh), mesh=mesh,
+                        eval_config=dataclasses.replace(ec, batch_size=batch_size))
+
+    sharded = inverting(8, shd.make_mesh(2, 4))
+    result = evaluate(sharded, dataset, heatmaps_per_class=1, progress=False)
+    one = inverting(4, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    images = split_images(dataset)
+    fours, ones = one.predict(images), one.predict(images[:3], batch_size=1)
+    for preds, n in ((fours, 20), (ones, 3)):
+        np.testing.assert_allclose([p.score for p in preds], result.image_scores[:n], rtol=1e-5)
+        np.testing.assert_allclose(np.stack([p.anomaly_map for p in preds]), result.maps[:n], rtol=1e-5, atol=1e-6)
+    (_, panel), = result.panels[dataset.class_names[0]]
+    assert panel.shape[1] == 3 * 256  # input | map over input | ground truth, each upscaled to 256 px
+    one.calibration = calibrate(result)
+    preds = one.predict(images[:4])
+    assert [p.label for p in preds] == [int(p.score >= one.calibration.image.value) for p in preds]
+    out = exported.load(one.export(tmp_path / "exported", platforms=("cpu",))).score(
+        np.stack([p.image for p in preds]))
+    assert np.abs(out.scores - [p.score for p in preds]).max() <= 1e-6
+    assert np.abs(out.maps - np.stack([p.anomaly_map for p in preds])).max() <= 1e-6
+    assert out.labels.tolist() == [p.label for p in preds]
+
+
 def test_a_checkpoint_without_resnet_needs_an_opt_in(tmp_path, weights):
     params, _, ctx = weights
     meta = {"eval_config": EVAL.to_dict()}
@@ -287,6 +319,8 @@ def test_a_checkpoint_without_resnet_needs_an_opt_in(tmp_path, weights):
     assert any("randomly initialised" in n for n in det.notes)
     # a comparator that needs no ImageNet weights: nothing random, no ResNet-50 at all
     det = diad_jax.load(ckpt, eval_config=dataclasses.replace(EVAL, comparator="pixel_l1"))
+    assert det.notes == [] and "resnet" not in det.bundle
+    det = diad_jax.load(ckpt, eval_config=EVAL.inversion())  # nor does the inversion method
     assert det.notes == [] and "resnet" not in det.bundle
     assert np.isfinite(det.predict([np.zeros((32, 32, 3), np.uint8)])[0].score)
     # a training run that opted in records it: its checkpoints load as they were evaluated

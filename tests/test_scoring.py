@@ -13,6 +13,7 @@ from scipy.ndimage import gaussian_filter
 from diad_jax.configs import COMPARATORS, DiffusionConfig, ModelConfig
 from diad_jax.convert.ldm import ldm_to_params
 from diad_jax.convert.pipeline import convert_resnet
+from diad_jax.errors import ConfigError
 from diad_jax.models.diad import DiAD
 from diad_jax.scoring import (
     Scorer, cosine_distance_map, gaussian_blur, image_scores, make_bundle, pooled_max, random_resnet,
@@ -192,3 +193,29 @@ def test_a_huge_posterior_logvar_is_clipped_as_in_ldm():
     assert float(jnp.min(logvar)) == float(jnp.max(logvar)) == 20.0
     out = Scorer(cfg, comparator="pixel_l1", **FOOTPRINT_32PX)(huge, images, jax.random.key(0))
     assert np.all(np.isfinite(np.asarray(out.maps))) and np.all(np.isfinite(np.asarray(out.scores)))
+
+
+def test_inversion_maps_and_scores_come_from_the_inverted_latent():
+    """method="inversion" (issue 25): map = blur(upsampled channel norm of the DDIM-inverted latent);
+    image score = the map's max (or pooled max), or the latent's NLL under N(0, I); no reconstruction
+    and no ResNet. The posterior mean makes it deterministic; a posterior sample follows the key."""
+    cfg, bundle, images = micro_setup()
+    no_resnet = {k: v for k, v in bundle.items() if k != "resnet"}
+    common = dict(method="inversion", inversion_timesteps=(250, 500), **FOOTPRINT_32PX)
+    scorer = Scorer(cfg, image_score="max", **common)
+    out = scorer(no_resnet, images, jax.random.key(0))
+    assert out.reconstructions is None
+    x_T = np.asarray(jax.jit(scorer.inverted_latent)(no_resnet, images, None))  # the mean: no noise
+    want = gaussian_blur(resize_bilinear_align_corners(np.sqrt((x_T ** 2).sum(1)), (32, 32)), FOOTPRINT_32PX["sigma"])
+    np.testing.assert_allclose(np.asarray(out.maps), np.asarray(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.scores), np.asarray(want).max(axis=(1, 2)), rtol=1e-5)
+    nll = Scorer(cfg, image_score="nll", **common)(no_resnet, images, jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(nll.scores), 0.5 * (x_T ** 2 + np.log(2 * np.pi)).reshape(2, -1).sum(1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(nll.maps), np.asarray(out.maps), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(scorer(no_resnet, images, jax.random.key(1)).maps), np.asarray(out.maps))
+    sample = Scorer(cfg, image_score="max", inversion_latent="sample", **common)
+    a, b = sample(no_resnet, images, jax.random.key(0)), sample(no_resnet, images, jax.random.key(1))
+    assert np.abs(np.asarray(a.maps - b.maps)).max() > 1e-6 and np.abs(np.asarray(a.maps - out.maps)).max() > 1e-6
+    with pytest.raises(ConfigError, match="needs the inversion method"):
+        Scorer(cfg, image_score="nll")

@@ -59,6 +59,15 @@ def test_errors_name_fields_by_their_path_in_the_config_that_holds_them():
     with pytest.raises(ConfigError) as e:
         TrainConfig.tiny(**{"data.batch_size": 0})
     assert str(e.value).startswith("data.batch_size must be >= 1") and e.value.fields == ("data.batch_size",)
+    # the inversion's plan and its own image score (issue 25)
+    for bad, fields in (({"inversion_end_t": 1000}, ("eval.inversion_end_t",)),
+                        ({"inversion_steps": 6, "inversion_end_t": 5}, ("eval.inversion_steps", "eval.inversion_end_t")),
+                        ({"image_score": "nll"}, ("eval.image_score", "eval.method=inversion")),
+                        ({"method": "invert"}, ("eval.method",))):
+        with pytest.raises(ConfigError) as e:
+            TrainConfig.from_dict({"eval": bad})
+        assert e.value.fields == fields, bad
+    assert EvalConfig(method="inversion", image_score="nll", inversion_steps=5, inversion_end_t=5).image_score == "nll"
 
 
 def test_flat_names_of_older_versions_are_read_and_named(caplog):

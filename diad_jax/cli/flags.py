@@ -74,6 +74,8 @@ def _step_range(text: str) -> tuple[int, int]:
 # ---- EvalConfig flags, generated from its fields ---------------------------------------------------
 
 EVAL_HELP = {
+    "method": "reconstruction (the reference: denoise, then compare with the input) or inversion (InvAD: DDIM-invert "
+              "the clean latent to noise and score how unlikely it is; no comparator, no ImageNet weights)",
     "schedule": "official: noise to t=999 then DDIM 901..1 as the reference; consistent: noise to 901",
     "ddim_steps": "DDIM steps (default 10)",
     "eta": "DDIM eta (default 0)",
@@ -85,7 +87,12 @@ EVAL_HELP = {
                   f"pixel_l1, ssim or vae (no weights needed; {NO_WEIGHTS_COMPARATOR} measured best on the demo)",
     "sigma": "anomaly-map Gaussian blur sigma (the reference's 5 is for 256 px maps)",
     "pool_window": "image-score average-pool window (the reference's 8)",
-    "image_score": "pooled: max after eight average pools (the reference); max: plain max",
+    "image_score": "pooled: max after eight average pools (the reference); max: plain max; nll: the inverted "
+                   "latent's negative log-likelihood under N(0, I) (inversion only)",
+    "inversion_steps": "inversion: DDIM steps = network passes per image (default 3)",
+    "inversion_end_t": "inversion: the last timestep; the steps visit round(k * end_t / steps) (default 999: with 3 "
+                       "steps 333, 666, 999)",
+    "inversion_latent": "inversion: invert the VAE posterior's mean (default) or a sample of it",
     "variant": "metric definitions: standard, or the reference's (AUROC flip, AUPRO normalisation)",
     "batch_size": "global batch (default 8)",
     "seed": "noise seed (default 0; image i's noise depends on it and on i only)",

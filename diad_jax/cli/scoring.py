@@ -22,9 +22,10 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
     `--eval-<field>`), the fast preset and the footprint scaling applied under them, and the loading
     choices. Each one given overrides the checkpoint's recorded eval config (`scoring_checkpoint`)."""
     g = ap.add_argument_group("scoring (default: what the checkpoint records, else the reference's)")
-    g.add_argument("--preset", choices=["fast"], default=None,
-                   help="fast: ONE network pass per image (pred_x0 at t=700) instead of 10 DDIM steps; measured on "
-                        "the demo only (README, 'Scoring'); the flags below still apply on top")
+    g.add_argument("--preset", choices=["fast", "inversion"], default=None,
+                   help="fast: ONE network pass per image (pred_x0 at t=700) instead of 10 DDIM steps; inversion: "
+                        "InvAD's reconstruction-free scoring (3 DDIM-inversion passes); both measured on the demo and "
+                        "one set of photographs only (README, 'Scoring'); the flags below still apply on top")
     g.add_argument("--scaled-footprint", action="store_true",
                    help="scale sigma and the pool window with the image size (5 and 8 at 256 px; 64 px: 1.25 and 2)")
     add_eval_config_flags(g)
@@ -60,8 +61,8 @@ def scoring_checkpoint(args: argparse.Namespace) -> tuple[str, EvalConfig]:
         checkpoints.require_detector(meta, checkpoint)  # before anything is created or loaded
         recorded, image_size = scoring_settings(meta, Calibration.load(checkpoint)), meta["model_config"]["image_size"]
     ec = EvalConfig.from_dict(recorded, f"{checkpoint}: eval_config")
-    if args.preset == "fast":  # before the explicit sampler flags
-        ec = ec.fast()
+    if args.preset is not None:  # before the explicit sampler flags
+        ec = ec.fast() if args.preset == "fast" else ec.inversion()
     if args.scaled_footprint:  # before an explicit --sigma / --pool-window
         ec = ec.scaled_footprint(image_size)
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}

@@ -20,6 +20,8 @@ Examples:
   python scripts/demo.py                        # the whole thing, ~13 minutes on 2 CPU cores
   python scripts/demo.py --quick                # a 2-minute smoke run (the model barely learns)
   python scripts/demo.py --diad-steps 3000      # longer training (resumes from a finished run)
+  python scripts/demo.py --dataset mvtec_ad --manual-dir my_images --data-dir my_cache --workdir runs/mine
+                                                # the same recipe on your images (any layout of --dataset)
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 from diad_jax import cli
-from diad_jax.configs import NO_WEIGHTS_COMPARATOR, TrainConfig
+from diad_jax.configs import DATASETS, NO_WEIGHTS_COMPARATOR, TrainConfig
 from diad_jax.errors import ConfigError
 
 log = logging.getLogger("diad_jax.demo")
@@ -41,7 +43,10 @@ log = logging.getLogger("diad_jax.demo")
 def build_parser() -> cli.Parser:
     ap = cli.Parser(description=__doc__)
     ap.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="checkpoints, logs, results")
-    ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="where the generated dataset goes")
+    ap.add_argument("--data-dir", type=Path, default=Path("data_cache"), help="where the prepared dataset goes")
+    ap.add_argument("--dataset", choices=DATASETS, default="synthetic",
+                    help="the generated dataset (default), or a dataset layout read from --manual-dir")
+    ap.add_argument("--manual-dir", type=Path, help="the dataset's folder (every --dataset but synthetic)")
     ap.add_argument("--vae-steps", type=cli.positive_int, default=400,
                     help="autoencoder steps (batch --vae-batch-size)")
     ap.add_argument("--diad-steps", type=cli.positive_int, default=2250, help="DiAD steps (batch --batch-size)")
@@ -86,7 +91,9 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
 
     # every configuration is built and checked before the first (long) stage starts
     init_dir = args.workdir / "init"
-    common = {"model": "demo", "data.data_dir": str(args.data_dir), "data.options": {}, "optimizer.grad_accum": 1,
+    manual_dir = None if args.manual_dir is None else str(args.manual_dir)
+    common = {"model": "demo", "data.dataset": args.dataset, "data.data_dir": str(args.data_dir),
+              "data.manual_dir": manual_dir, "data.options": {}, "optimizer.grad_accum": 1,
               "log_every": 10, "seed": args.seed, "validation.split": None, "validation.at_end": False}
     vae_cfg = autoencoder.tiny_config(**common, steps=args.vae_steps, workdir=str(args.workdir / "autoencoder"),
                                       **{"data.batch_size": args.vae_batch_size, "optimizer.learning_rate": args.vae_lr,
@@ -116,7 +123,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
 
     # 1. data
     t0 = time.perf_counter()
-    prepared = dataio.prepare("synthetic", args.data_dir, image_size=config.image_size)
+    prepared = dataio.prepare(args.dataset, args.data_dir, manual_dir=manual_dir, image_size=config.image_size)
     times["data"] = time.perf_counter() - t0
 
     # 2. autoencoder
@@ -153,7 +160,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     result = evaluate(detector, prepared, heatmaps_per_class=args.heatmaps, progress=not args.no_progress,
                       limit_per_class=args.limit_per_class)
     result.info.update(demo=vars(args) | {"workdir": str(args.workdir), "data_dir": str(args.data_dir)})
-    cal = calibrate(result, source={"dataset": "synthetic", "split": "test"})
+    cal = calibrate(result, source={"dataset": args.dataset, "split": "test"})
     cal.save(final)
     out = result.save(args.workdir / "eval")
     times["evaluate"] = time.perf_counter() - t0
@@ -161,7 +168,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     mean = result.metrics["mean"]
     print(f"\n{result.table}\n")
     print(f"Mean I-AUROC {100 * mean['i_auroc']:.1f}, P-AUROC {100 * mean['p_auroc']:.1f}, "
-          f"AUPRO {100 * mean['aupro']:.1f} on {len(result.labels)} generated test images.")
+          f"AUPRO {100 * mean['aupro']:.1f} on {len(result.labels)} {args.dataset} test images.")
     print(f"NOTE: input and reconstruction are compared per pixel ({ec.comparator} comparator, the best measured "
           f"without ImageNet weights; benchmarks/RESULTS.md); the reference compares ResNet-50 features: convert "
           f"ImageNet weights (diad-jax convert --resnet) and score with --comparator resnet.")
@@ -174,8 +181,9 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     print(f"Thresholds (F1-optimal on the test split, so optimistic) stored in {final}: image "
           f"{cal.image.value:.4g}, pixel {cal.pixel.value:.4g}.")
     print(f"Results, heat maps and checkpoints: {out}/, {args.workdir}/diad/checkpoints/")
-    print(f"Re-evaluate: diad-jax evaluate --checkpoint {final} --data-dir {args.data_dir} "
-          f"(--preset fast: one network pass per image)")
+    dataset = "" if args.dataset == "synthetic" else f" --dataset {args.dataset}"
+    print(f"Re-evaluate: diad-jax evaluate --checkpoint {final}{dataset} --data-dir {args.data_dir} "
+          f"(--preset fast: one network pass per image; --preset inversion: reconstruction-free, 3 passes)")
     print(f"Verdicts on any images: diad-jax predict --checkpoint {final} --input <folder> --out preds")
     (args.workdir / "timings.json").write_text(json.dumps(times, indent=2))
     return 0

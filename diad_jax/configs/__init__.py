@@ -15,7 +15,8 @@ Everything is importable from `diad_jax.configs`.
 from diad_jax.configs.constants import (COMPARATORS, COMPUTE_DTYPES, DATASETS, FUSIONS, IMAGENET_MEAN, IMAGENET_STD,
                                         LR_SCHEDULES, NO_WEIGHTS_COMPARATOR, REFERENCE_MAP_SIZE, REFERENCE_POOL_WINDOW,
                                         REFERENCE_SIGMA, REMAT_POLICIES, RESNET_CHOICES)
-from diad_jax.configs.evaluation import ATTENTION_IMPLEMENTATIONS, IMAGE_SCORES, METRIC_VARIANTS, EvalConfig
+from diad_jax.configs.evaluation import (ATTENTION_IMPLEMENTATIONS, IMAGE_SCORES, INVERSION_LATENTS, METHODS,
+                                        METRIC_VARIANTS, EvalConfig)
 from diad_jax.configs.legacy import FLAT_TRAIN_FIELDS, REMAT_OF_BOOL, unflatten_train_dict
 from diad_jax.configs.model import ModelConfig, UNetConfig, VAEConfig
 from diad_jax.configs.sampler import FAST_SAMPLER, SCHEDULES, DiffusionConfig, spaced_timesteps, uniform_timesteps
@@ -27,7 +28,7 @@ __all__ = [
     "COMPARATORS", "COMPUTE_DTYPES", "DATASETS", "FUSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "LR_SCHEDULES",
     "NO_WEIGHTS_COMPARATOR",
     "REFERENCE_MAP_SIZE", "REFERENCE_POOL_WINDOW", "REFERENCE_SIGMA", "REMAT_POLICIES", "RESNET_CHOICES",
-    "ATTENTION_IMPLEMENTATIONS", "IMAGE_SCORES", "METRIC_VARIANTS", "EvalConfig",
+    "ATTENTION_IMPLEMENTATIONS", "IMAGE_SCORES", "INVERSION_LATENTS", "METHODS", "METRIC_VARIANTS", "EvalConfig",
     "FLAT_TRAIN_FIELDS", "REMAT_OF_BOOL", "unflatten_train_dict",
     "ModelConfig", "UNetConfig", "VAEConfig",
     "FAST_SAMPLER", "SCHEDULES", "DiffusionConfig", "spaced_timesteps", "uniform_timesteps",

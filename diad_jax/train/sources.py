@@ -38,7 +38,7 @@ def validates(cfg: TrainConfig, task: Task) -> bool:
 def check_eval_resnet(cfg: TrainConfig, has_resnet: bool) -> None:
     """An evaluating run that compares with ResNet-50 features needs its weights (from
     the init checkpoint) or the explicit opt-in to a random one; nothing random is substituted silently."""
-    if (cfg.validation.active and cfg.eval.comparator == "resnet" and not has_resnet
+    if (cfg.validation.active and cfg.eval.needs_resnet and not has_resnet
             and cfg.validation.resnet != "random"):
         where = f"{{0}} {cfg.init_checkpoint} has" if cfg.init_checkpoint else "a run without {0} has"
         raise ConfigError(f"{where} no ResNet-50 weights for the evaluation: convert them into the checkpoint "
@@ -108,7 +108,7 @@ class ModelSource:
         extra = {}
         if task.detects_anomalies:
             extra["eval_config"] = cfg.eval.to_dict()
-            if not self.has_resnet and cfg.validation.resnet == "random" and cfg.eval.comparator == "resnet":
+            if not self.has_resnet and cfg.validation.resnet == "random" and cfg.eval.needs_resnet:
                 extra["resnet"] = "random"
         return model_metadata(self.config, self.has_resnet, kind="detector" if task.detects_anomalies else task.name,
                               source="diad_jax.train", init_checkpoint=cfg.init_checkpoint, **extra)

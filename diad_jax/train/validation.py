@@ -43,8 +43,8 @@ class Validator:
         self.writer, self.checkpointer, self.model_meta, self.resnet = writer, checkpointer, model_meta, resnet
         self.best_value = best_value
         v = cfg.validation
-        self.comparator_resnet = None  # other comparators need none
-        if cfg.eval.comparator == "resnet":
+        self.comparator_resnet = None  # other comparators and the inversion need none
+        if cfg.eval.needs_resnet:
             if resnet is None:
                 log.warning("evaluation uses a RANDOM ResNet-50 (validation.resnet = 'random'): anomaly maps compare "
                             "random features")
