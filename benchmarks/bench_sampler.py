@@ -17,6 +17,14 @@ for each cost, the most accurate setting.
   # a subset of the grid
   python benchmarks/bench_sampler.py ... --stages grid --steps 1 2 5 --start-t 500 300
 
+Stage 3 ("inversion", issue 25) scores the split with the reconstruction-free inversion method at
+every (inversion steps, end timestep, image score) of its grid, beside the checkpoint's recorded
+sampler (the reference row) and the fast preset; `--round-trip` also reports how far sampling back
+from each checkpoint's inverted latents lands from the start latents.
+
+  python benchmarks/bench_sampler.py --checkpoints ... --stages inversion --inversion-steps 1 2 3 5 \
+      --inversion-end-t 999 700 500 --inversion-scores pooled nll --round-trip
+
 Writes everything to --out (JSON, one record per run: appended as it goes, so a killed run resumes
 where it stopped) and the tables to --markdown.
 """
@@ -39,6 +47,9 @@ HEADERS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 
 
 def setting_key(ec) -> str:
+    if ec.method == "inversion":
+        return (f"inversion S={ec.inversion_steps} end_t={ec.inversion_end_t} score={ec.image_score} "
+                f"latent={ec.inversion_latent}")
     one = "one_step" if ec.one_step else f"S={ec.ddim_steps}"
     start = ec.start_t if ec.start_t is not None else f"{ec.schedule}"
     return f"{ec.comparator} {one} start_t={start}"
@@ -52,7 +63,8 @@ def build_parser():
     ap.add_argument("--manual-dir", help="raw dataset folder (not for the generated dataset)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--stages", nargs="+", choices=["comparators", "grid"], default=["comparators", "grid"])
+    ap.add_argument("--stages", nargs="+", choices=["comparators", "grid", "inversion"],
+                    default=["comparators", "grid"])
     ap.add_argument("--comparators", nargs="+", default=["resnet", "pixel_l1", "ssim", "vae"])
     ap.add_argument("--random-resnet", action="store_true",
                     help="the resnet comparator with a randomly initialised ResNet-50 for checkpoints without one "
@@ -61,6 +73,12 @@ def build_parser():
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 5, 10])
     ap.add_argument("--start-t", type=int, nargs="+", default=[999, 700, 500, 300])
     ap.add_argument("--no-one-step", action="store_true", help="leave out the one_step points")
+    ap.add_argument("--inversion-steps", type=int, nargs="+", default=[1, 2, 3, 5])
+    ap.add_argument("--inversion-end-t", type=int, nargs="+", default=[999, 700, 500])
+    ap.add_argument("--inversion-scores", nargs="+", choices=["pooled", "max", "nll"], default=["pooled", "nll"])
+    ap.add_argument("--inversion-latents", nargs="+", choices=["mean", "sample"], default=["mean"])
+    ap.add_argument("--round-trip", action="store_true",
+                    help="inversion stage: the relative L2 error of inverting then sampling back (first batch)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's evaluation batch")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/sampler.json"))
     ap.add_argument("--markdown", type=Path, help="also write the tables here")
@@ -125,14 +143,68 @@ def main(argv=None):
                 points.append(dict(ddim_steps=1, one_step=True))
             for p in points:
                 run(dataclasses.replace(ref, schedule="consistent", start_t=start, **p))
+    if "inversion" in args.stages and not args.report_only:
+        run(baseline)
+        run(baseline.fast())
+        for steps in args.inversion_steps:
+            for end_t in args.inversion_end_t:
+                for score in args.inversion_scores:
+                    for latent in args.inversion_latents:
+                        run(dataclasses.replace(baseline, method="inversion", inversion_steps=steps,
+                                                inversion_end_t=end_t, image_score=score, inversion_latent=latent))
+    round_trips = _round_trips(args, prepared) if args.round_trip and not args.report_only else []
     # every setting in --out (also from earlier invocations) run on all these checkpoints and seeds
     complete = {k for k in {r["setting"] for r in runs.values()}
                 if len(_values(runs, k, "i_auroc")) == len(args.checkpoints) * len(args.eval_seeds)}
     grid_keys = sorted(k for k in complete if k.split()[0] == grid_comp)
-    tables = _tables(runs, args, [k for k in comparator_keys if k in complete], setting_key(ref), grid_keys)
+    inversion_keys = ([setting_key(baseline), setting_key(baseline.fast())]
+                      + sorted(k for k in complete if k.startswith("inversion ")))
+    tables = _tables(runs, args, [k for k in comparator_keys if k in complete], setting_key(ref), grid_keys,
+                     [k for k in inversion_keys if k in complete], round_trips)
     print(tables)
     if args.markdown:
         args.markdown.write_text(tables)
+
+
+def _round_trips(args, prepared, steps=(3, 10, 50)) -> list[tuple[str, int, float]]:
+    """(checkpoint, steps, relative L2 error) of DDIM-inverting the posterior means of the first 8
+    test images to t=999 and sampling back through the same timesteps, with each checkpoint's model."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from diad_jax.data.pipeline import normalize
+    from diad_jax.detector import load
+    from diad_jax.diffusion import alphas_cumprod, ddim_invert, ddim_step, inversion_timesteps
+
+    images = normalize(np.stack([np.asarray(prepared[args.split][i]["image"]) for i in range(8)]))
+    out = []
+    for ck in args.checkpoints:
+        det = load(ck)
+        scorer, bundle = det.scorer, jax.device_get(det.bundle)
+        acp = alphas_cumprod(scorer.diffusion)
+        for n in steps:
+            ts = inversion_timesteps(999, n)
+            down = np.asarray(ts[::-1])  # the sampler's steps through the same timesteps, the last to acp[0]
+            plan = (jnp.asarray(down, jnp.int32), jnp.asarray(acp[down], jnp.float32),
+                    jnp.asarray(acp[[*down[1:], 0]], jnp.float32))
+
+            @jax.jit
+            def round_trip(bundle, images):
+                eps_fn = scorer._eps_fn(bundle, images, None)
+                mean, _ = scorer.model.encode_moments(bundle, images)
+                z0 = scorer.config.scale_factor * mean
+
+                def back(x, step):
+                    t, a_t, a_prev = step
+                    return ddim_step(x, eps_fn(x, jnp.full((x.shape[0],), t, jnp.int32)), a_t, a_prev, 0.0)[0], None
+
+                x, _ = jax.lax.scan(back, ddim_invert(scorer.diffusion, eps_fn, z0, ts), plan)
+                return jnp.linalg.norm(x - z0) / jnp.linalg.norm(z0)
+
+            out.append((ck, n, float(round_trip(bundle, images))))
+            print(f"round trip {ck} S={n}: relative error {out[-1][2]:.4f}", flush=True)
+    return out
 
 
 def _read_runs(path: Path) -> dict:
@@ -168,14 +240,14 @@ def _cell(runs, setting, metric, cls="mean"):
 
 def _passes(runs, setting):
     ec = next(r["eval_config"] for r in runs.values() if r["setting"] == setting)
-    return ec["ddim_steps"]
+    return ec["inversion_steps"] if ec.get("method") == "inversion" else ec["ddim_steps"]
 
 
 def _speed(runs, setting):
     return statistics.median(r["images_per_s"] for r in runs.values() if r["setting"] == setting)
 
 
-def _tables(runs, args, comparator_keys, ref_key, grid_keys) -> str:
+def _tables(runs, args, comparator_keys, ref_key, grid_keys, inversion_keys=(), round_trips=()) -> str:
     import jax
     n_ck, n_seed = len(args.checkpoints), len(args.eval_seeds)
     lines = [f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
@@ -214,6 +286,16 @@ def _tables(runs, args, comparator_keys, ref_key, grid_keys) -> str:
                          f"{_cell(runs, best, 'p_auroc')} | {_cell(runs, best, 'aupro')} | "
                          f"{di[0]:+.1f} ± {di[1]:.1f} | {dp[0]:+.1f} ± {dp[1]:.1f} |")
         lines.append("")
+    if len(inversion_keys) > 2:
+        first = inversion_keys[0]
+        lines += [f"### Inversion vs reconstruction (Δ vs {first})", "", head, sep]
+        lines += [row(k, first) for k in inversion_keys] + [""]
+        lines += _per_class(runs, inversion_keys, classes)
+    if round_trips:
+        lines += ["Round trip (posterior means of the first 8 test images inverted to t=999, then sampled back "
+                  "through the same timesteps): relative L2 error", "", "| checkpoint | steps | error |",
+                  "|---|---:|---:|"]
+        lines += [f"| {ck} | {n} | {err:.4f} |" for ck, n, err in round_trips] + [""]
     return "\n".join(lines)
 
 

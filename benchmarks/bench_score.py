@@ -19,7 +19,11 @@ FLOP count per image (from `compiled.cost_analysis()`, which counts every multip
   python benchmarks/bench_score.py --config sd15 --hlo-report
 
 A sampler is "official" (the reference: 10 DDIM steps, noised to t=999) or "S@T" (S steps from
-start_t=T, consistent schedule) or "1@T!" (one_step: pred_x0 of one eps evaluation at T).
+start_t=T, consistent schedule) or "1@T!" (one_step: pred_x0 of one eps evaluation at T), or the
+inversion method "invS@T" (S DDIM-inversion steps up to T, no reconstruction; issue 25):
+
+  python benchmarks/bench_score.py --config sd15 --no-torch --batch 1 8 --samplers official 1@700! inv3@999 \
+      --variants dedupe-fp32
 """
 from __future__ import annotations
 
@@ -111,11 +115,15 @@ def main(argv=None):
         for variant, sampler in [(v, sp) for v in args.variants for sp in args.samplers]:
             dedupe, prec = variant.split("-")
             dtype = jnp.bfloat16 if prec == "bf16" else jnp.float32
-            diffusion = parse_sampler(sampler)
+            diffusion, inversion = parse_sampler(sampler)
+            method = dict(method="inversion", inversion_timesteps=inversion) if inversion else {}
             scorer = Scorer(cfg, diffusion, dtype=dtype, dedupe_guidance=dedupe == "dedupe",
-                            attention=args.attention if prec == "bf16" else None)
+                            attention=args.attention if prec == "bf16" else None, **method)
             uncond = None if dedupe == "dedupe" else bundle["context"]
-            fn = jax.jit(lambda bu, im, p, n, u: scorer.score_with_noise(bu, im, p, n, u))
+            if inversion:
+                fn = jax.jit(lambda bu, im, p, n, u: scorer.invert(bu, im, p, u))
+            else:
+                fn = jax.jit(lambda bu, im, p, n, u: scorer.score_with_noise(bu, im, p, n, u))
             t = time.perf_counter()
             compiled = fn.lower(bundle, images, post, noise, uncond).compile()
             t_compile = time.perf_counter() - t
@@ -129,7 +137,8 @@ def main(argv=None):
                 np.zeros((nb,) + ctx.shape[1:], np.float32),
                 np.zeros((nb, 3, cfg.image_size, cfg.image_size), np.float32)).compile().cost_analysis()
             eps_cost = eps_cost[0] if isinstance(eps_cost, (list, tuple)) else eps_cost
-            loop_extra = (diffusion.ddim_steps - 1) * float(eps_cost.get("flops", float("nan")))
+            passes = len(inversion) if inversion else diffusion.ddim_steps
+            loop_extra = (passes - 1) * float(eps_cost.get("flops", float("nan")))
             flops = (float(cost.get("flops", float("nan"))) + loop_extra) / b if cost else float("nan")
             if args.gflop_per_image:
                 flops = args.gflop_per_image[args.samplers.index(sampler)] * 1e9
@@ -177,14 +186,20 @@ def main(argv=None):
 
 
 def parse_sampler(spec: str):
-    """'official' -> the reference's DiffusionConfig; 'S@T' -> S steps from start_t=T (consistent);
-    '1@T!' -> one_step at T."""
+    """(DiffusionConfig, inversion timesteps or None): 'official' -> the reference's sampler;
+    'S@T' -> S steps from start_t=T (consistent); '1@T!' -> one_step at T; 'invS@T' -> the
+    inversion method's S timesteps up to T (with the reference's DiffusionConfig)."""
     from diad_jax.configs import DiffusionConfig
+    from diad_jax.diffusion import inversion_timesteps
     if spec == "official":
-        return DiffusionConfig()
+        return DiffusionConfig(), None
+    if spec.startswith("inv"):
+        steps, _, end = spec[3:].partition("@")
+        return DiffusionConfig(), tuple(inversion_timesteps(int(end), int(steps)))
     steps, _, start = spec.partition("@")
     one = start.endswith("!")
-    return DiffusionConfig(schedule="consistent", ddim_steps=int(steps), start_t=int(start.rstrip("!")), one_step=one)
+    return DiffusionConfig(schedule="consistent", ddim_steps=int(steps), start_t=int(start.rstrip("!")),
+                           one_step=one), None
 
 
 def hlo_report(cfg, ctx):

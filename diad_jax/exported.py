@@ -17,7 +17,8 @@ The folder:
                        platform of the manifest. Its arguments: the weights, float32 (B, 3, S, S) NCHW
                        images normalised as (x / 255 - mean) / std, the raw uint32 PRNG key and int32
                        (B,) image ids (image i's noise comes from fold_in(key, id)); it returns
-                       {"maps", "scores", "reconstructions"}.
+                       {"maps", "scores", "reconstructions"} ("reconstructions" not under the
+                       inversion method, which makes none).
   weights.safetensors  the weights, flat, keyed by "/"-joined pytree paths; the manifest lists the keys
                        in the program's argument order.
   manifest.json        format version, versions, model and eval configs, input size, normalisation,

@@ -19,10 +19,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session (set here in pytest's main process, so the xdist
 # workers and the subprocess tests inherit it): tests that build the same program again (a new
 # Scorer for the same model, a re-run of a CLI) load it instead of compiling it. Only programs that
-# took over a second to compile are stored.
+# took over a second to compile are stored. Removed when the session ends (by the process that made it).
+SESSION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diad_jax_test_cache_")
+    SESSION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diad_jax_test_cache_")
 
 import pytest  # noqa: E402
 
@@ -49,6 +50,12 @@ MICRO = ModelConfig.tiny(
 
 
 CONFIGS = {"tiny": ModelConfig.tiny, "sd_structured": sd_structured_config}
+
+
+def pytest_unconfigure(config):
+    if SESSION_CACHE is not None:
+        import shutil
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(params=sorted(CONFIGS))

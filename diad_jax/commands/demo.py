@@ -20,8 +20,8 @@ Examples:
   python scripts/demo.py                        # the whole thing, ~13 minutes on 2 CPU cores
   python scripts/demo.py --quick                # a 2-minute smoke run (the model barely learns)
   python scripts/demo.py --diad-steps 3000      # longer training (resumes from a finished run)
-  python scripts/demo.py --dataset mvtec_ad --manual-dir my_images --data-dir my_cache --workdir runs/mine
-                                                # the same recipe on your images (any layout of --dataset)
+  python scripts/demo.py --dataset mvtec_ad --manual-dir my_images --classes a b --data-dir my_cache \
+      --workdir runs/mine                       # the same recipe on your images (any layout of --dataset)
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--dataset", choices=DATASETS, default="synthetic",
                     help="the generated dataset (default), or a dataset layout read from --manual-dir")
     ap.add_argument("--manual-dir", type=Path, help="the dataset's folder (every --dataset but synthetic)")
+    ap.add_argument("--classes", nargs="+", help="the classes to train and evaluate on (default: the dataset's)")
     ap.add_argument("--vae-steps", type=cli.positive_int, default=400,
                     help="autoencoder steps (batch --vae-batch-size)")
     ap.add_argument("--diad-steps", type=cli.positive_int, default=2250, help="DiAD steps (batch --batch-size)")
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     init_dir = args.workdir / "init"
     manual_dir = None if args.manual_dir is None else str(args.manual_dir)
     common = {"model": "demo", "data.dataset": args.dataset, "data.data_dir": str(args.data_dir),
-              "data.manual_dir": manual_dir, "data.options": {}, "optimizer.grad_accum": 1,
+              "data.manual_dir": manual_dir, "data.classes": args.classes, "data.options": {}, "optimizer.grad_accum": 1,
               "log_every": 10, "seed": args.seed, "validation.split": None, "validation.at_end": False}
     vae_cfg = autoencoder.tiny_config(**common, steps=args.vae_steps, workdir=str(args.workdir / "autoencoder"),
                                       **{"data.batch_size": args.vae_batch_size, "optimizer.learning_rate": args.vae_lr,
@@ -123,7 +124,8 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
 
     # 1. data
     t0 = time.perf_counter()
-    prepared = dataio.prepare(args.dataset, args.data_dir, manual_dir=manual_dir, image_size=config.image_size)
+    prepared = dataio.prepare(args.dataset, args.data_dir, manual_dir=manual_dir, classes=args.classes,
+                              image_size=config.image_size)
     times["data"] = time.perf_counter() - t0
 
     # 2. autoencoder
