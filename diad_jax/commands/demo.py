@@ -161,7 +161,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
              ec.schedule, ec.comparator, ec.sigma, ec.pool_window)
     result = evaluate(detector, prepared, heatmaps_per_class=args.heatmaps, progress=not args.no_progress,
                       limit_per_class=args.limit_per_class)
-    result.info.update(demo=vars(args) | {"workdir": str(args.workdir), "data_dir": str(args.data_dir)})
+    result.info.update(demo={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     cal = calibrate(result, source={"dataset": args.dataset, "split": "test"})
     cal.save(final)
     out = result.save(args.workdir / "eval")
