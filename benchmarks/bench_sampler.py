@@ -200,7 +200,7 @@ def _round_trips(args, prepared, steps=(3, 10, 50)) -> list[tuple[str, int, floa
 
             @jax.jit
             def round_trip(bundle, images):
-                eps_fn = scorer._eps_fn(bundle, images, None)
+                eps_fn = scorer.eps_fn(bundle, images)
                 mean, _ = scorer.model.encode_moments(bundle, images)
                 z0 = scorer.config.scale_factor * mean
 

@@ -163,8 +163,9 @@ class Detector:
     def score_batch(self, images: np.ndarray, index: np.ndarray, *, reconstructions: bool = False) -> dict:
         """Scores this process's rows `images` ((b, 3, S, S) normalised) with image ids `index` (b,)
         -> host numpy {"maps", "scores"[, "reconstructions"]} of the WHOLE batch (every process's
-        rows, in process order; reconstructions when asked for and the method makes them). One process: b rows are padded to the next bucket and the padding is
-        dropped; several: every process passes the same b, a bucket size divided by the processes."""
+        rows, in process order; reconstructions when asked for and the method makes them). One
+        process: b rows are padded to the next bucket and the padding is dropped; several: every
+        process passes the same b, a bucket size divided by the processes."""
         images = np.asarray(images, np.float32)
         index = np.asarray(index, np.int64)
         b = len(images)

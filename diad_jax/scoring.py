@@ -212,7 +212,7 @@ class Scorer:
     comparator: str = "resnet"
     attention: str | None = None  # jax.nn.dot_product_attention's implementation (None: XLA's choice)
     method: str = "reconstruction"  # or "inversion" (see the module docstring)
-    inversion_timesteps: tuple[int, ...] = (333, 666, 999)  # ascending; one network pass each
+    inversion_timesteps: tuple[int, ...] = tuple(inversion_timesteps(999, 5))  # ascending; one network pass each
     inversion_latent: str = "mean"  # what is inverted: the VAE posterior's mean or a sample of it
 
     @classmethod
@@ -259,8 +259,9 @@ class Scorer:
             return self.invert(bundle, images, draw(keys[:, 0]), uncond)
         return self.score_with_noise(bundle, images, draw(keys[:, 0]), draw(keys[:, 1]), uncond, keys[:, 2])
 
-    def _eps_fn(self, bundle, images, uncond):
-        """The sampler's noise prediction: the SG network conditioned on `images`, guidance as configured."""
+    def eps_fn(self, bundle, images, uncond=None):
+        """The sampler's (and the inversion's) noise prediction eps(x, t): the SG network conditioned on
+        `images`, guidance as configured. Traceable."""
         def eps_ctx(x, t, ctx):
             hint = images if x.shape[0] == images.shape[0] else jnp.concatenate([images, images])
             return self.model.eps(bundle, x, t, ctx, hint)
@@ -275,7 +276,7 @@ class Scorer:
         mean, logvar = model.encode_moments(bundle, images)
         z0 = self.config.scale_factor * (mean + jnp.exp(0.5 * logvar) * posterior_noise)
         x_T = q_sample(self.diffusion, z0, self.diffusion.noise_t, noise)
-        z = ddim_sample(self.diffusion, self._eps_fn(bundle, images, uncond), x_T,
+        z = ddim_sample(self.diffusion, self.eps_fn(bundle, images, uncond), x_T,
                         ddim_keys if self.diffusion.ddim_eta > 0 else None)
         recon = model.decode(bundle, z)
         maps = gaussian_blur(self.distance(bundle, images, recon), self.sigma)
@@ -286,7 +287,7 @@ class Scorer:
         sample with `posterior_noise` -- DDIM-inverted through `inversion_timesteps`. Traceable."""
         mean, logvar = self.model.encode_moments(bundle, images)
         latent = mean if self.inversion_latent == "mean" else mean + jnp.exp(0.5 * logvar) * posterior_noise
-        return ddim_invert(self.diffusion, self._eps_fn(bundle, images, uncond), self.config.scale_factor * latent,
+        return ddim_invert(self.diffusion, self.eps_fn(bundle, images, uncond), self.config.scale_factor * latent,
                            self.inversion_timesteps)
 
     def invert(self, bundle, images, posterior_noise, uncond=None) -> ScoreOutput:
@@ -339,8 +340,8 @@ class Scorer:
         """The program `__call__` runs on arguments like these (shapes, dtypes, placement), exported
         for `platforms` (default: the devices') with the weights as arguments: it takes
         (bundle, images, rng, index) and returns {"maps", "scores"[, "reconstructions"]} (a dict, which
-        serialises without this module's ScoreOutput; the inversion method has no reconstructions). Without guidance deduplication the bundle's
-        context is the unconditional one, as in `__call__`."""
+        serialises without this module's ScoreOutput; the inversion method has no reconstructions).
+        Without guidance deduplication the bundle's context is the unconditional one, as in `__call__`."""
         fn = self._jit if self.dedupe_guidance else self._jit2
 
         def program(bundle, images, rng, index):

@@ -151,3 +151,23 @@ def test_fast_preset_reconstructs_normal_images_better_than_anomalous_ones(tmp_p
         anomalous = means[(names == cls) & (result.labels == 1)].mean()
         print(f"{cls}: normal {normal:.4f} < anomalous {anomalous:.4f}")
         assert normal < anomalous
+
+
+@pytest.mark.skipif(not TRAINED_DEMO, reason="needs a trained demo model (13 min of training): "
+                                             "DIAD_DEMO_CHECKPOINT=runs/demo/diad/checkpoints/2250")
+def test_inversion_preset_scores_normal_images_lower_than_anomalous_ones(tmp_path):
+    """At the inversion preset (5 DDIM-inversion passes, no reconstruction) a trained demo model's
+    image scores are lower on the normal test images than on the anomalous ones, in every class."""
+    import diad_jax
+    from diad_jax.evaluation import evaluate
+
+    detector = diad_jax.load(TRAINED_DEMO, eval_config=diad_jax.load(TRAINED_DEMO).eval_config.inversion())
+    assert detector.eval_config.method == "inversion" and detector.eval_config.inversion_steps == 5
+    result = evaluate(detector, dataio.prepare("synthetic", tmp_path / "data", image_size=detector.image_size),
+                      limit_per_class=10, progress=False)
+    names = np.asarray(result.class_names)
+    for cls in sorted(set(result.class_names)):
+        normal = result.image_scores[(names == cls) & (result.labels == 0)].mean()
+        anomalous = result.image_scores[(names == cls) & (result.labels == 1)].mean()
+        print(f"{cls}: normal {normal:.4f} < anomalous {anomalous:.4f}")
+        assert normal < anomalous

@@ -89,9 +89,9 @@ EVAL_HELP = {
     "pool_window": "image-score average-pool window (the reference's 8)",
     "image_score": "pooled: max after eight average pools (the reference); max: plain max; nll: the inverted "
                    "latent's negative log-likelihood under N(0, I) (inversion only)",
-    "inversion_steps": "inversion: DDIM steps = network passes per image (default 3)",
-    "inversion_end_t": "inversion: the last timestep; the steps visit round(k * end_t / steps) (default 999: with 3 "
-                       "steps 333, 666, 999)",
+    "inversion_steps": "inversion: DDIM steps = network passes per image (default 5)",
+    "inversion_end_t": "inversion: the last timestep; the steps visit round(k * end_t / steps) (default 999; InvAD's "
+                       "3 steps visit 333, 666, 999)",
     "inversion_latent": "inversion: invert the VAE posterior's mean (default) or a sample of it",
     "variant": "metric definitions: standard, or the reference's (AUROC flip, AUPRO normalisation)",
     "batch_size": "global batch (default 8)",

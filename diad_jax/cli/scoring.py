@@ -24,7 +24,7 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("scoring (default: what the checkpoint records, else the reference's)")
     g.add_argument("--preset", choices=["fast", "inversion"], default=None,
                    help="fast: ONE network pass per image (pred_x0 at t=700) instead of 10 DDIM steps; inversion: "
-                        "InvAD's reconstruction-free scoring (3 DDIM-inversion passes); both measured on the demo and "
+                        "InvAD's reconstruction-free scoring (5 DDIM-inversion passes); both measured on the demo and "
                         "one set of photographs only (README, 'Scoring'); the flags below still apply on top")
     g.add_argument("--scaled-footprint", action="store_true",
                    help="scale sigma and the pool window with the image size (5 and 8 at 256 px; 64 px: 1.25 and 2)")

@@ -94,8 +94,8 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     init_dir = args.workdir / "init"
     manual_dir = None if args.manual_dir is None else str(args.manual_dir)
     common = {"model": "demo", "data.dataset": args.dataset, "data.data_dir": str(args.data_dir),
-              "data.manual_dir": manual_dir, "data.classes": args.classes, "data.options": {}, "optimizer.grad_accum": 1,
-              "log_every": 10, "seed": args.seed, "validation.split": None, "validation.at_end": False}
+              "data.manual_dir": manual_dir, "data.classes": args.classes, "data.options": {},
+              "optimizer.grad_accum": 1, "log_every": 10, "seed": args.seed, "validation.split": None, "validation.at_end": False}
     vae_cfg = autoencoder.tiny_config(**common, steps=args.vae_steps, workdir=str(args.workdir / "autoencoder"),
                                       **{"data.batch_size": args.vae_batch_size, "optimizer.learning_rate": args.vae_lr,
                                          "checkpoint.save_every": max(1, args.vae_steps // 2)})
@@ -185,7 +185,7 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     print(f"Results, heat maps and checkpoints: {out}/, {args.workdir}/diad/checkpoints/")
     dataset = "" if args.dataset == "synthetic" else f" --dataset {args.dataset}"
     print(f"Re-evaluate: diad-jax evaluate --checkpoint {final}{dataset} --data-dir {args.data_dir} "
-          f"(--preset fast: one network pass per image; --preset inversion: reconstruction-free, 3 passes)")
+          f"(--preset fast: one network pass per image; --preset inversion: reconstruction-free, 5 passes)")
     print(f"Verdicts on any images: diad-jax predict --checkpoint {final} --input <folder> --out preds")
     (args.workdir / "timings.json").write_text(json.dumps(times, indent=2))
     return 0
