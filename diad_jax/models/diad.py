@@ -24,7 +24,7 @@ from flax.core import meta
 
 from diad_jax.configs import ModelConfig
 from diad_jax.errors import ConfigError
-from diad_jax.models.init import init_params
+from diad_jax.models.init import init_params, traced_once
 from diad_jax.models.sd import AutoencoderKL, UNet
 from diad_jax.models.sg_network import SemanticGuidedNetwork
 
@@ -70,6 +70,8 @@ class DiAD:
                  conv_impl: str = "auto", sg_network: nn.Module | None = None):
         self.config = config
         self.dtype = dtype
+        # what the params' shapes follow (abstract_params is computed once per such build)
+        self._build = None if sg_network is not None else (config, dtype, remat, attention, conv_impl)
         self.unet = UNet(config.unet, dtype=dtype, remat=remat, attention=attention, conv_impl=conv_impl)
         self.sg = sg_network if sg_network is not None else SemanticGuidedNetwork(
             config, dtype=dtype, remat=remat, attention=attention, conv_impl=conv_impl)
@@ -112,7 +114,8 @@ class DiAD:
         """Shapes and dtypes of the params (jax.ShapeDtypeStruct leaves), without computing.
         `boxed`: the leaves of zero-initialised layers stay boxed in `ZeroInit` (what
         models/init.py's `init_params` reads the zero pattern from)."""
-        specs = jax.eval_shape(self._init_boxed, jax.random.key(0))
+        specs = (jax.eval_shape(self._init_boxed, jax.random.key(0)) if self._build is None
+                 else _abstract_boxed_params(*self._build))
         return specs if boxed else meta.unbox(specs)
 
     # ---- input validation ---------------------------------------------------------------------
@@ -266,3 +269,9 @@ def copy_unet_into_sg(params: Params) -> Params:
     out = dict(params)
     out["sg"] = traverse_util.unflatten_dict(sg)
     return out
+
+
+@traced_once
+def _abstract_boxed_params(*build) -> Params:
+    """`DiAD(*build).abstract_params(boxed=True)` of the reference's SG network, traced once per build."""
+    return jax.eval_shape(DiAD(*build)._init_boxed, jax.random.key(0))

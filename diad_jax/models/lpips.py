@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diad_jax.models.init import traced_once
+
 # torchvision vgg16.features: conv indices per block (ReLU after each, max-pool between blocks)
 VGG16_BLOCKS = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
@@ -66,6 +68,7 @@ class LPIPS(nn.Module):
         return total
 
 
+@traced_once
 def lpips_abstract_params(image_size: int = 64):
     """ShapeDtypeStructs of LPIPS's params (they do not depend on the image size)."""
     x = jnp.zeros((1, image_size, image_size, 3))

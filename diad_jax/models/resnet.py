@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from diad_jax.models.init import traced_once
 from diad_jax.models.layers import Conv
 
 Dtype = Any
@@ -81,6 +82,7 @@ class ResNet50Features(nn.Module):
         return tuple(feats)
 
 
+@traced_once
 def resnet_abstract_params(image_size: int = 256):
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return jax.eval_shape(lambda: ResNet50Features().init(jax.random.key(0), jnp.zeros(x.shape)))["params"]
