@@ -13,14 +13,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Re-installs only when pyproject.toml changes.
+# Re-installs only when pyproject.toml changes. --no-compile: Python byte-compiles the modules it
+# imports when it first imports them, not all 17,000 .py files of torch, transformers and the rest
+# (measured on a fresh venv here: 107 s -> 43 s to install; the first imports then took 5 s longer).
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[dev,convert]'
+	$(PY) -m pip install -q --no-compile -e '.[dev,convert]'
 	touch $(STAMP)
 
 # The demo needs only the library (no torch, diffusers or pytest).
 $(BASE): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-compile -e .
 	touch $(BASE)
 
 install: $(STAMP)
