@@ -121,7 +121,7 @@ def test_init_matches_reference_initialisation():
     cfg = ModelConfig.tiny()
     model = DiAD(cfg)
     params = model.init(seed=1)
-    flax_params = model.init_flax(jax.random.key(1, impl="unsafe_rbg"))  # rbg: faster compile
+    flax_params = model.init_flax(jax.random.key(1))
     sg = traverse_util.flatten_dict(params["sg"])
     unet = traverse_util.flatten_dict(params["unet"])
     for k, v in sg.items():

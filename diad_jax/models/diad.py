@@ -78,17 +78,6 @@ class DiAD:
         self.vae = AutoencoderKL(config.vae, dtype=dtype, conv_impl=conv_impl)
 
     # ---- parameters ---------------------------------------------------------------------------
-    def _dummy(self, batch: int = 1):
-        c = self.config
-        lat, img = c.latent_size, c.image_size
-        return dict(
-            x=jnp.zeros((batch, lat, lat, c.latent_channels), jnp.float32),
-            hint=jnp.zeros((batch, img, img, c.hint_channels), jnp.float32),
-            img=jnp.zeros((batch, img, img, c.vae.in_channels), jnp.float32),
-            t=jnp.zeros((batch,), jnp.int32),
-            ctx=jnp.zeros((batch, c.context_len, c.unet.context_dim), jnp.float32),
-        )
-
     def init(self, seed: int = 0, sg_from_unet: bool = True) -> Params:
         """Fresh parameters with the reference's initialisation (PyTorch defaults, the layers
         ldm zero-initialises zero), filled on the host (models/init.py). With `sg_from_unet` the
@@ -97,18 +86,25 @@ class DiAD:
         return copy_unet_into_sg(params) if sg_from_unet else params
 
     def init_flax(self, rng, sg_from_unet: bool = True) -> Params:
-        """The same initialisation through the Flax modules' own initialisers (slow: compiles
-        the forward pass; used to check `init`)."""
-        params = meta.unbox(jax.jit(self._init_boxed)(rng))
+        """The same initialisation through the Flax modules' own initialisers (used to check
+        `init`), run op by op: 12 s for the tiny config on a CPU, where compiling them took 31 s."""
+        params = meta.unbox(self._init_boxed(rng))
         return copy_unet_into_sg(params) if sg_from_unet else params
 
     def _init_boxed(self, rng) -> Params:
-        """The Flax modules' init: the params of zero-initialised layers boxed in `ZeroInit`."""
-        d = self._dummy()
+        """The Flax modules' init without a forward pass (`lazy_init` of abstract inputs, batch 1):
+        the params of zero-initialised layers boxed in `ZeroInit`."""
+        c = self.config
+        lat, img = c.latent_size, c.image_size
+        x = jax.ShapeDtypeStruct((1, lat, lat, c.latent_channels), jnp.float32)
+        hint = jax.ShapeDtypeStruct((1, img, img, c.hint_channels), jnp.float32)
+        t = jax.ShapeDtypeStruct((1,), jnp.int32)
+        ctx = jax.ShapeDtypeStruct((1, c.context_len, c.unet.context_dim), jnp.float32)
+        image = jax.ShapeDtypeStruct((1, img, img, c.vae.in_channels), jnp.float32)
         k_unet, k_sg, k_vae = jax.random.split(rng, 3)
-        return {"unet": self.unet.init(k_unet, d["x"], d["t"], d["ctx"])["params"],
-                "sg": self.sg.init(k_sg, d["x"], d["hint"], d["t"], d["ctx"])["params"],
-                "vae": self.vae.init(k_vae, d["img"])["params"]}
+        return {"unet": self.unet.lazy_init(k_unet, x, t, ctx)["params"],
+                "sg": self.sg.lazy_init(k_sg, x, hint, t, ctx)["params"],
+                "vae": self.vae.lazy_init(k_vae, image)["params"]}
 
     def abstract_params(self, boxed: bool = False) -> Params:
         """Shapes and dtypes of the params (jax.ShapeDtypeStruct leaves), without computing.
