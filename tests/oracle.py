@@ -51,19 +51,24 @@ def ldm_original_config(cfg: ModelConfig) -> dict:
 def random_ldm_state_dict(cfg: ModelConfig, seed: int = 0, groups=("unet", "sg", "vae")) -> dict:
     """Random float32 numpy weights under every reference key: kernels ~ N(0, 1/fan_in), norm
     scales 1 + N(0, 0.1^2), biases N(0, 0.1^2). Zero-initialised layers get random values too.
-    Drawn by torch's generator, scaled in place: SD size is 1.3 G values, twice as fast as numpy's."""
-    generator = torch.Generator().manual_seed(seed)
+    Each tensor is a window at a random offset into one pool of 2^25 standard normals (drawn by
+    torch's generator), scaled: SD size is 1.3 G values, which drawing one by one took 18 s."""
+    pool = torch.randn(2 ** 25, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).numpy()
+    offsets = np.random.default_rng(seed)
     abstract = DiAD(cfg).abstract_params()
     sd = {}
     for key, shape in sorted(expected_ldm_keys(abstract, groups).items()):
-        w = torch.randn(shape, generator=generator, dtype=torch.float32).numpy()
+        n = int(np.prod(shape))
+        start = int(offsets.integers(0, pool.size - n + 1))
         if key.endswith(".bias"):
-            w *= np.float32(0.1)
+            scale, shift = 0.1, 0.0
         elif len(shape) == 1:
-            w *= np.float32(0.1)
-            w += np.float32(1.0)
+            scale, shift = 0.1, 1.0
         else:
-            w *= np.float32(int(np.prod(shape[1:])) ** -0.5)
+            scale, shift = int(np.prod(shape[1:])) ** -0.5, 0.0
+        w = pool[start:start + n].reshape(shape) * np.float32(scale)
+        if shift:
+            w += np.float32(shift)
         sd[key] = w
     return sd
 
