@@ -6,10 +6,11 @@ import numpy as np
 
 from diad_jax.calibration import Calibration
 from diad_jax.checkpoints import default_context, save_model
-from diad_jax.configs import ModelConfig
+from diad_jax.configs import EvalConfig
 from diad_jax.metrics import METRIC_NAMES, f1_optimal_threshold
 from diad_jax.models.diad import DiAD
 
+from tests.conftest import MICRO
 from tests.scripts import ENTRY_POINT, run_script
 
 
@@ -18,10 +19,11 @@ def evaluate_main(argv):
 
 
 def test_evaluate_cli_writes_table_json_heatmaps_and_thresholds(tmp_path):
-    """Through the installed console command, in a subprocess (as a pip user runs it)."""
+    """Through the installed console command, in a subprocess (as a pip user runs it), on the micro
+    model (its checkpoint records the scoring footprint scaled to its 32 px)."""
     ckpt = tmp_path / "ckpt"
-    cfg = ModelConfig.tiny()
-    save_model(ckpt, config=cfg, params=DiAD(cfg).init(seed=3), context=default_context(cfg), kind="detector")
+    save_model(ckpt, config=MICRO, params=DiAD(MICRO).init(seed=3), context=default_context(MICRO), kind="detector",
+               metadata={"eval_config": EvalConfig().scaled_footprint(MICRO.image_size).to_dict()})
     out = tmp_path / "eval"
     argv = ["--checkpoint", ckpt, "--data-dir", tmp_path / "data", "--synthetic-train", 2, "--synthetic-test", 4,
             "--limit-per-class", 4, "--batch-size", 4, "--heatmaps", 1, "--variant", "reference", "--out", out,
