@@ -212,7 +212,8 @@ class Scorer:
     comparator: str = "resnet"
     attention: str | None = None  # jax.nn.dot_product_attention's implementation (None: XLA's choice)
     method: str = "reconstruction"  # or "inversion" (see the module docstring)
-    # ascending, one network pass each (default: EvalConfig's plan); what is inverted: the VAE posterior's mean or a sample
+    # ascending, one network pass each (default: EvalConfig's plan); what is inverted: the VAE
+    # posterior's mean or a sample
     inversion_timesteps: tuple[int, ...] = tuple(inversion_timesteps(EvalConfig.inversion_end_t,
                                                                      EvalConfig.inversion_steps))
     inversion_latent: str = EvalConfig.inversion_latent

@@ -95,7 +95,8 @@ def main(args: argparse.Namespace, ap: cli.Parser) -> int:
     manual_dir = None if args.manual_dir is None else str(args.manual_dir)
     common = {"model": "demo", "data.dataset": args.dataset, "data.data_dir": str(args.data_dir),
               "data.manual_dir": manual_dir, "data.classes": args.classes, "data.options": {},
-              "optimizer.grad_accum": 1, "log_every": 10, "seed": args.seed, "validation.split": None, "validation.at_end": False}
+              "optimizer.grad_accum": 1, "log_every": 10, "seed": args.seed, "validation.split": None,
+              "validation.at_end": False}
     vae_cfg = autoencoder.tiny_config(**common, steps=args.vae_steps, workdir=str(args.workdir / "autoencoder"),
                                       **{"data.batch_size": args.vae_batch_size, "optimizer.learning_rate": args.vae_lr,
                                          "checkpoint.save_every": max(1, args.vae_steps // 2)})
