@@ -7,6 +7,10 @@ Examples:
   # the first SD-size training on one GPU (issue 21): the reference preset's optimiser, bf16, remat
   PYTHONPATH=. python3 benchmarks/bench_train_step.py --preset reference --model sd15 --dtype bfloat16 \
       --remat blocks --batch 4 8 --steps 20
+  # the reference recipe (48 per update, micro-batches of 1) on ONE 24 GB GPU: AdamW's moments on the
+  # device, then in host memory (XLA:CPU's analysis cannot tell the two apart)
+  PYTHONPATH=. python3 benchmarks/bench_train_step.py --preset reference --model sd15 --dtype bfloat16 \
+      --remat none --cache-latents on --batch 48 --grad-accum 48 --offload-state both --steps 3
 
 The peak device memory column is `device.memory_stats()["peak_bytes_in_use"]` of the first device
 (a running maximum over the process, so give the batches in ascending order); CPUs report none.
@@ -48,6 +52,9 @@ def main(argv=None):
     ap.add_argument("--cache-latents", choices=["off", "on", "both"], default="off",
                     help="TrainConfig.cache_latents: the step reads the images' VAE posterior moments (computed "
                          "here once) instead of encoding them; 'both': a row each, side by side")
+    ap.add_argument("--offload-state", choices=["off", "on", "both"], default="off",
+                    help="TrainConfig.optimizer.offload_state: AdamW's moments in host memory between steps; 'both': "
+                         "a row each, the offloaded one first (the peak column is a running maximum)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps (after one warm-up/compile step)")
     ap.add_argument("--grads-only", action="store_true", help="time loss + gradients only (no optimizer state)")
     ap.add_argument("--mesh-data", type=int, default=-1)
@@ -73,10 +80,11 @@ def main(argv=None):
     rows = []
     params_host = None
     cached = {"off": [False], "on": [True], "both": [False, True]}[args.cache_latents]
-    for dt, batch_size, cache_latents in itertools.product(args.dtype, args.batch, cached):
+    offloaded = {"off": [False], "on": [True], "both": [True, False]}[args.offload_state]
+    for dt, batch_size, cache_latents, offload in itertools.product(args.dtype, args.batch, cached, offloaded):
         cfg = base.replace(model=args.model, compute_dtype=dt, remat=args.remat, cache_latents=cache_latents, **{
             "data.batch_size": batch_size, "optimizer.grad_accum": args.grad_accum, "mesh.data": args.mesh_data,
-            "mesh.fsdp": args.mesh_fsdp})
+            "mesh.fsdp": args.mesh_fsdp, "optimizer.offload_state": offload})
         model = DiAD(config, dtype=DTYPES[dt], remat=cfg.remat)
         f = StepFactory(model, cfg, mesh)
         if params_host is None:
@@ -117,7 +125,7 @@ def main(argv=None):
         dt_step = (time.perf_counter() - t0) / args.steps
         stats = jax.local_devices()[0].memory_stats() or {}
         peak = stats.get("peak_bytes_in_use")
-        label = f"{dt}{', cached latents' if cache_latents else ''}"
+        label = f"{dt}{', cached latents' if cache_latents else ''}{', moments in host memory' if offload else ''}"
         rows.append((label, batch_size, first, dt_step, batch_size / dt_step, peak))
         print(f"# {label}, batch {batch_size}: first call {first:.1f}s, {dt_step:.3f}s/step, peak device memory "
               f"{'-' if peak is None else f'{peak / 2**30:.1f} GiB'}", file=sys.stderr, flush=True)
@@ -137,7 +145,7 @@ def main(argv=None):
           f"mesh {dict(mesh.shape)}\n")
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}; jax {jax.__version__}\n")
-    print("| compute dtype, latents | batch | first call (compile + run) s | s / step | images / s | peak device memory GiB |")
+    print("| compute dtype, latents, optimizer state | batch | first call (compile + run) s | s / step | images / s | peak device memory GiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for dt, b, first, step, ips, peak in rows:
         print(f"| {dt} | {b} | {first:.1f} | {step:.3f} | {ips:.1f} | {'-' if peak is None else f'{peak / 2**30:.1f}'} |")

@@ -189,7 +189,8 @@ def accumulation_reference(setup):
     """Two updates on one device of the whole batch at once (grad_accum 1) with Adam eps 1e-3: its
     update g / (|g| + eps) is then Lipschitz in g, so summing the gradient in another order changes
     the params at rounding level only (with eps 1e-8, gradients that are zero up to rounding turn
-    into +-lr steps). Returns (cfg, losses, grad norms, host params after 2 updates, FLOPs per step)."""
+    into +-lr steps). Returns (cfg, losses, grad norms, host params after 2 updates, FLOPs per step,
+    the optimizer state's memory kinds)."""
     cfg, model, params, ctx, batches = setup
     cfg = cfg.replace(**{"optimizer.eps": 1e-3})
     return (cfg, *_two_updates(StepFactory(model, cfg, shd.make_mesh(1, 1, jax.devices()[:1])), params, ctx,
@@ -209,20 +210,24 @@ def _two_updates(f: StepFactory, params, ctx, batches):
         state, m = step(state, frozen, context, b)
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
-    return losses, norms, _flat(jax.device_get(state.params)), f.flops_per_step(step)
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
+    return losses, norms, _flat(jax.device_get(state.params)), f.flops_per_step(step), kinds
 
 
-@pytest.mark.parametrize("data_size, fsdp, micro", [(1, 1, 4), (2, 2, 2)])
-def test_micro_batches_inside_the_step_equal_one_batch(setup, accumulation_reference, data_size, fsdp, micro):
+@pytest.mark.parametrize("data_size, fsdp, micro, offload", [(1, 1, 4, False), (2, 2, 2, True)])
+def test_micro_batches_inside_the_step_equal_one_batch(setup, accumulation_reference, data_size, fsdp, micro,
+                                                       offload):
     """grad_accum micro-batches of the batch of 8 (4 of 2 on one device; 2 of 4 on data=2 x fsdp=2,
-    each micro-batch split over the 4 devices) give the loss, the update's gradient norm and the
-    params after 2 updates of the whole batch at once, and the FLOPs the logs count per step."""
+    each micro-batch split over the 4 devices, there with AdamW's moments kept in host memory between
+    steps) give the loss, the update's gradient norm and the params after 2 updates of the whole batch
+    at once, and the FLOPs the logs count per step."""
     _, model, params, ctx, batches = setup
-    cfg, want_loss, want_norm, want, want_flops = accumulation_reference
-    f = StepFactory(model, cfg.replace(**{"optimizer.grad_accum": micro}),
+    cfg, want_loss, want_norm, want, want_flops, _ = accumulation_reference
+    f = StepFactory(model, cfg.replace(**{"optimizer.grad_accum": micro, "optimizer.offload_state": offload}),
                     shd.make_mesh(data_size, fsdp, jax.devices()[:data_size * fsdp]))
     assert "grad_accum" not in str(jax.tree.structure(f.abstract_state)), "no accumulator in the train state"
-    losses, norms, got, flops = _two_updates(f, params, ctx, batches)
+    losses, norms, got, flops, kinds = _two_updates(f, params, ctx, batches)
+    assert kinds == {"pinned_host" if offload else "device"}
     # the count of one device's program (times the devices, and grad_accum: XLA counts the scan's body once)
     # is the one-device count, up to the work a sharded program repeats on every device
     assert flops == pytest.approx(want_flops, rel=0.05)
@@ -377,7 +382,14 @@ def test_restore_onto_a_different_mesh(setup, single, tmp_path):
     r_state, restored = ckpt.restore(1, abstract_state=f24.abstract_state_with_shardings(),
                                      state_target=state_target(model.config, False, f24.mesh))
     r_params, r_ctx = restored["params"], restored["context"]
+    # a run that keeps the optimizer state in host memory resumes it there
+    offloaded = StepFactory(model, cfg.replace(**{"optimizer.offload_state": True}), f24.mesh)
+    o_state, _ = ckpt.restore(1, abstract_state=offloaded.abstract_state_with_shardings(),
+                              state_target=state_target(model.config, False, f24.mesh))
     ckpt.close()
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(o_state.opt_state)} == {"pinned_host"}
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(o_state))):
+        assert np.array_equal(a, b)
     assert int(r_state.step) == 1
     for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(r_state))):
         assert np.array_equal(a, b)

@@ -197,6 +197,9 @@ def add_train_args(ap: Parser, presets: tuple[str, ...]) -> None:
                    help="where the cosine schedule ends (default 0)")
     g.add_argument("--max-grad-norm", dest="optimizer.max_grad_norm", type=float, default=S,
                    help="clip the gradient to this global norm before AdamW (default: no clipping, the reference)")
+    g.add_argument("--offload-optimizer-state", dest="optimizer.offload_state", action="store_true", default=S,
+                   help="keep AdamW's moments in host memory (pinned_host) between steps, moved to the device for "
+                        "each update: device memory for a larger model or batch, at the cost of the transfers")
     g.add_argument("--weight-decay", dest="optimizer.weight_decay", type=float, default=S)
     g.add_argument("--ema-decay", dest="optimizer.ema_decay", type=float, default=S,
                    help="keep an EMA of the trained params (e.g. 0.999)")

@@ -34,6 +34,7 @@ class OptimizerConfig(Section):
     warmup_steps: int = 0               # linear warmup: update s (from 0) uses lr * min(1, (s + 1) / warmup_steps)
     end_learning_rate: float = 0.0      # where "cosine" ends (at TrainConfig.steps)
     max_grad_norm: float | None = None  # clip the gradient to this global norm (None: no clipping, as the reference)
+    offload_state: bool = False         # keep the optimizer state (AdamW's moments) in host memory between steps
 
     def __post_init__(self):
         require_finite(self, "learning_rate", "weight_decay", "eps", "end_learning_rate")

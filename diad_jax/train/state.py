@@ -86,10 +86,14 @@ class StepFactory:
         self.abstract_state = jax.eval_shape(
             lambda p: init_train_state(self.optimizer, p, 0, ema_decay is not None), a_train)
         rep = shd.replicated(self.mesh)
+        # where the update reads the optimizer state; between steps it lives in host memory when offloaded
+        self.opt_state_device_shardings = shd.opt_state_shardings(self.optimizer, self.abstract_state.opt_state,
+                                                                  self.trainable_shardings, self.mesh)
+        opt_state_shardings = self.opt_state_device_shardings
+        if self.cfg.optimizer.offload_state:
+            opt_state_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_state_shardings)
         self.state_shardings = TrainState(
-            step=rep, params=self.trainable_shardings,
-            opt_state=shd.opt_state_shardings(self.optimizer, self.abstract_state.opt_state,
-                                              self.trainable_shardings, self.mesh),
+            step=rep, params=self.trainable_shardings, opt_state=opt_state_shardings,
             ema=self.trainable_shardings if ema_decay is not None else None, rng=rep)
         self.batch_shardings = {"image": shd.batch_sharding(self.mesh, 4), "index": shd.batch_sharding(self.mesh, 1)}
         if self.cfg.cache_latents:  # the images' posterior (mean, logvar): train/latents.py
@@ -147,7 +151,10 @@ class StepFactory:
             grads = jax.lax.with_sharding_constraint(grads, self.trainable_shardings)
             (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), micro)
             loss, aux, grads = jax.tree.map(lambda x: x / k, (loss, aux, grads))
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        opt_state = state.opt_state
+        if self.cfg.optimizer.offload_state:  # to device memory for the update (the output goes back to the host)
+            opt_state = jax.device_put(opt_state, self.opt_state_device_shardings)
+        updates, opt_state = self.optimizer.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
         if ema is not None:
