@@ -18,10 +18,12 @@ from jax.sharding import PartitionSpec as P
 
 from diad_jax import sharding as shd
 from diad_jax.configs import TrainConfig
+from diad_jax.errors import ConfigError
 from diad_jax.models.diad import DiAD, partition
 from diad_jax.train.task import Task, diad_task, learning_rate
 
 Params = dict[str, Any]
+HOST_MEMORY = "pinned_host"  # the memory kind offloaded optimizer state lives in between steps
 
 
 @struct.dataclass
@@ -91,7 +93,11 @@ class StepFactory:
                                                                   self.trainable_shardings, self.mesh)
         opt_state_shardings = self.opt_state_device_shardings
         if self.cfg.optimizer.offload_state:
-            opt_state_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_state_shardings)
+            device = self.mesh.local_devices[0]
+            if HOST_MEMORY not in {m.kind for m in device.addressable_memories()}:
+                raise ConfigError(f"{{0}}: {device.platform} devices have no {HOST_MEMORY} memory to keep the "
+                                  f"optimizer state in", fields=["optimizer.offload_state"])
+            opt_state_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), opt_state_shardings)
         self.state_shardings = TrainState(
             step=rep, params=self.trainable_shardings, opt_state=opt_state_shardings,
             ema=self.trainable_shardings if ema_decay is not None else None, rng=rep)
