@@ -13,9 +13,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Re-installs only when pyproject.toml changes. --no-compile: Python byte-compiles the modules it
-# imports when it first imports them, not all 17,000 .py files of torch, transformers and the rest
-# (measured on a fresh venv here: 107 s -> 43 s to install; the first imports then took 5 s longer).
+# Re-installs only when pyproject.toml changes. --no-compile: only the modules a process imports get
+# byte-compiled, when first imported (`make test` lets that bytecode be written, see below), not all
+# 17,000 .py files of torch, transformers and the rest (measured on a fresh venv here: 107 s -> 43 s).
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-compile -e '.[dev,convert]'
 	touch $(STAMP)

@@ -145,7 +145,8 @@ def main(argv=None):
           f"mesh {dict(mesh.shape)}\n")
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}; jax {jax.__version__}\n")
-    print("| compute dtype, latents, optimizer state | batch | first call (compile + run) s | s / step | images / s | peak device memory GiB |")
+    print("| compute dtype, latents, optimizer state | batch | first call (compile + run) s | s / step | images / s "
+          "| peak device memory GiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for dt, b, first, step, ips, peak in rows:
         print(f"| {dt} | {b} | {first:.1f} | {step:.3f} | {ips:.1f} | {'-' if peak is None else f'{peak / 2**30:.1f}'} |")
