@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import jax
-from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -22,6 +21,9 @@ class MetricWriter:
             Path(workdir).mkdir(parents=True, exist_ok=True)
             self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")
             if tensorboard:
+                # imported here: tensorboardX imports torch wherever torch is installed (1.6 s here),
+                # which the processes that write no events (all but process 0) need not pay
+                from tensorboardX import SummaryWriter
                 self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
