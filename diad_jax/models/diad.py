@@ -70,8 +70,10 @@ class DiAD:
                  conv_impl: str = "auto", sg_network: nn.Module | None = None):
         self.config = config
         self.dtype = dtype
-        # what the params' shapes follow (abstract_params is computed once per such build)
-        self._build = None if sg_network is not None else (config, dtype, remat, attention, conv_impl)
+        # what the params' shapes follow, abstract_params being traced once per value: the config alone (dtype,
+        # remat, attention and conv_impl change how the params are used, not their shapes), unless the SG
+        # network is the caller's
+        self._params_config = None if sg_network is not None else config
         self.unet = UNet(config.unet, dtype=dtype, remat=remat, attention=attention, conv_impl=conv_impl)
         self.sg = sg_network if sg_network is not None else SemanticGuidedNetwork(
             config, dtype=dtype, remat=remat, attention=attention, conv_impl=conv_impl)
@@ -110,8 +112,8 @@ class DiAD:
         """Shapes and dtypes of the params (jax.ShapeDtypeStruct leaves), without computing.
         `boxed`: the leaves of zero-initialised layers stay boxed in `ZeroInit` (what
         models/init.py's `init_params` reads the zero pattern from)."""
-        specs = (jax.eval_shape(self._init_boxed, jax.random.key(0)) if self._build is None
-                 else _abstract_boxed_params(*self._build))
+        specs = (jax.eval_shape(self._init_boxed, jax.random.key(0)) if self._params_config is None
+                 else _abstract_boxed_params(self._params_config))
         return specs if boxed else meta.unbox(specs)
 
     # ---- input validation ---------------------------------------------------------------------
@@ -268,6 +270,7 @@ def copy_unet_into_sg(params: Params) -> Params:
 
 
 @traced_once
-def _abstract_boxed_params(*build) -> Params:
-    """`DiAD(*build).abstract_params(boxed=True)` of the reference's SG network, traced once per build."""
-    return jax.eval_shape(DiAD(*build)._init_boxed, jax.random.key(0))
+def _abstract_boxed_params(config: ModelConfig) -> Params:
+    """`DiAD(config, ...).abstract_params(boxed=True)` of the reference's SG network, traced once per config
+    (with the default options: any other dtype, remat, attention or conv_impl gives the same params)."""
+    return jax.eval_shape(DiAD(config)._init_boxed, jax.random.key(0))
