@@ -18,8 +18,8 @@ The peak device memory column is `device.memory_stats()["peak_bytes_in_use"]` of
 --grads-only times the loss + gradient of the trainable params without the optimizer (for a
 machine whose memory cannot hold SD-size AdamW state: about 11 GiB of fp32 params + moments);
 the AdamW update it leaves out is elementwise over the trainable params.
-Random images (normalised range), fresh reference-style init, one process, `--devices` forced
-host devices when on CPU. Prints a markdown table.
+Random images (normalised range), fresh reference-style init, one process on the machine's devices
+(`--mesh-data` / `--mesh-fsdp` lay them out). Prints a markdown table.
 
 --torch adds the PyTorch baseline, run after ours in the same process with the same weights: the
 reference's training step (sgn.py / ldm ddpm.py p_losses) on diffusers' PyTorch ControlNet + the SFF
@@ -48,7 +48,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, nargs="+", default=[8], help="global batch(es), one row each")
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--remat", default="none", choices=REMAT_POLICIES, help="TrainConfig.remat (default: none)")
-    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--grad-accum", type=int, nargs="+", default=[1],
+                    help="optimizer.grad_accum: micro-batches scanned inside each step; several values: a row each")
     ap.add_argument("--cache-latents", choices=["off", "on", "both"], default="off",
                     help="TrainConfig.cache_latents: the step reads the images' VAE posterior moments (computed "
                          "here once) instead of encoding them; 'both': a row each, side by side")
@@ -81,9 +82,10 @@ def main(argv=None):
     params_host = None
     cached = {"off": [False], "on": [True], "both": [False, True]}[args.cache_latents]
     offloaded = {"off": [False], "on": [True], "both": [True, False]}[args.offload_state]
-    for dt, batch_size, cache_latents, offload in itertools.product(args.dtype, args.batch, cached, offloaded):
+    for dt, batch_size, grad_accum, cache_latents, offload in itertools.product(args.dtype, args.batch, args.grad_accum,
+                                                                                cached, offloaded):
         cfg = base.replace(model=args.model, compute_dtype=dt, remat=args.remat, cache_latents=cache_latents, **{
-            "data.batch_size": batch_size, "optimizer.grad_accum": args.grad_accum, "mesh.data": args.mesh_data,
+            "data.batch_size": batch_size, "optimizer.grad_accum": grad_accum, "mesh.data": args.mesh_data,
             "mesh.fsdp": args.mesh_fsdp, "optimizer.offload_state": offload})
         model = DiAD(config, dtype=DTYPES[dt], remat=cfg.remat)
         f = StepFactory(model, cfg, mesh)
@@ -125,7 +127,8 @@ def main(argv=None):
         dt_step = (time.perf_counter() - t0) / args.steps
         stats = jax.local_devices()[0].memory_stats() or {}
         peak = stats.get("peak_bytes_in_use")
-        label = f"{dt}{', cached latents' if cache_latents else ''}{', moments in host memory' if offload else ''}"
+        label = (f"{dt}{f', {grad_accum} micro-batches' if len(args.grad_accum) > 1 else ''}"
+                 f"{', cached latents' if cache_latents else ''}{', moments in host memory' if offload else ''}")
         rows.append((label, batch_size, first, dt_step, batch_size / dt_step, peak))
         print(f"# {label}, batch {batch_size}: first call {first:.1f}s, {dt_step:.3f}s/step, peak device memory "
               f"{'-' if peak is None else f'{peak / 2**30:.1f} GiB'}", file=sys.stderr, flush=True)
@@ -141,12 +144,12 @@ def main(argv=None):
                      args.batch[0] / dt_step, None))
 
     print(f"Train step ({'loss + grads only' if args.grads_only else 'full AdamW step'}), model={args.model}, "
-          f"preset {args.preset}, remat {args.remat}, grad_accum={args.grad_accum}, "
+          f"preset {args.preset}, remat {args.remat}, grad_accum={'/'.join(map(str, args.grad_accum))}, "
           f"mesh {dict(mesh.shape)}\n")
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind} x "
           f"{jax.device_count()}; jax {jax.__version__}\n")
-    print("| compute dtype, latents, optimizer state | batch | first call (compile + run) s | s / step | images / s "
-          "| peak device memory GiB |")
+    print("| compute dtype, micro-batches, latents, optimizer state | batch | first call (compile + run) s | s / step "
+          "| images / s | peak device memory GiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for dt, b, first, step, ips, peak in rows:
         print(f"| {dt} | {b} | {first:.1f} | {step:.3f} | {ips:.1f} | {'-' if peak is None else f'{peak / 2**30:.1f}'} |")
