@@ -11,18 +11,28 @@ DEMO_ARGS ?=
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
-# Re-installs only when pyproject.toml changes. --no-compile: only the modules a process imports get
-# byte-compiled, when first imported (`make test` lets that bytecode be written, see below), not all
-# 17,000 .py files of torch, transformers and the rest (measured on a fresh venv here: 107 s -> 43 s).
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-compile -e '.[dev,convert]'
+# pip installs uv, uv installs the rest: .[dev,convert] in 14 s instead of pip's 38 s here (it resolves,
+# downloads and unpacks in parallel; the same versions). Neither byte-compiles the 17,000 .py files of
+# torch, transformers and the rest (107 s -> 43 s with pip's --no-compile): only the modules a process
+# imports get compiled, when first imported (`make test` lets that bytecode be written, see below).
+# uv reads no pip configuration, so the folders pip is configured to find wheels in are passed on (here:
+# the torch 2.13.0 CPU wheel, which otherwise comes from PyPI as a multi-GB CUDA build).
+UV := $(VENV)/bin/uv
+FIND_LINKS = $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_INSTALL = $(UV) pip install -q --python $(PY) $(addprefix --find-links ,$(FIND_LINKS))
+
+$(UV): | $(PY)
+	$(PY) -m pip install -q 'uv==0.13.*'
+
+# Re-installs only when pyproject.toml changes.
+$(STAMP): pyproject.toml | $(UV)
+	$(UV_INSTALL) -e '.[dev,convert]'
 	touch $(STAMP)
 
 # The demo needs only the library (no torch, diffusers or pytest).
-$(BASE): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-compile -e .
+$(BASE): pyproject.toml | $(UV)
+	$(UV_INSTALL) -e .
 	touch $(BASE)
 
 install: $(STAMP)
