@@ -14,9 +14,9 @@ $(PY):
 
 # pip installs uv, uv installs the rest: .[dev,convert] into a new venv in 17 s (uv's own install included,
 # nothing cached) instead of 41 s with an upgraded pip, here; the same versions (uv resolves, downloads and
-# unpacks in parallel). Neither byte-compiles the 17,000 .py files of
-# torch, transformers and the rest (107 s -> 43 s with pip's --no-compile): only the modules a process
-# imports get compiled, when first imported (`make test` lets that bytecode be written, see below).
+# unpacks in parallel). Like pip's --no-compile (107 s -> 43 s with pip), uv byte-compiles none of the
+# 17,000 .py files of torch, transformers and the rest: only the modules a process imports get compiled,
+# when first imported (`make test` lets that bytecode be written, see below).
 # uv reads no pip configuration, so the folders pip is configured to find wheels in are passed on (here:
 # the torch 2.13.0 CPU wheel, which otherwise comes from PyPI as a multi-GB CUDA build).
 UV := $(VENV)/bin/uv
