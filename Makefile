@@ -18,10 +18,12 @@ $(PY):
 # 17,000 .py files of torch, transformers and the rest: only the modules a process imports get compiled,
 # when first imported (`make test` lets that bytecode be written, see below).
 # uv reads no pip configuration, so the folders pip is configured to find wheels in are passed on (here:
-# the torch 2.13.0 CPU wheel, which otherwise comes from PyPI as a multi-GB CUDA build).
+# the torch 2.13.0 CPU wheel, which otherwise comes from PyPI as a multi-GB CUDA build), and it trusts the
+# system's certificate store, as pip does (by default it has its own: behind a TLS-inspecting proxy, as
+# here, it then fails with "invalid peer certificate: UnknownIssuer" unless SSL_CERT_FILE is set).
 UV := $(VENV)/bin/uv
 FIND_LINKS = $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
-UV_INSTALL = $(UV) pip install -q --python $(PY) $(addprefix --find-links ,$(FIND_LINKS))
+UV_INSTALL = $(UV) pip install -q --system-certs --python $(PY) $(addprefix --find-links ,$(FIND_LINKS))
 
 $(UV): | $(PY)
 	$(PY) -m pip install -q 'uv==0.13.*'
