@@ -113,7 +113,7 @@ def worker(args) -> None:
                          arguments=ma.argument_size_in_bytes, outputs=ma.output_size_in_bytes,
                          aliased=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes, peak=peak,
                          state_total=state_bytes, frozen_total=frozen_bytes,
-                         lower_s=t1 - t0, compile_s=t2 - t1, tflops=factory.flops_per_step(compiled) / 1e12))
+                         lower_s=t1 - t0, compile_s=t2 - t1, tflops=factory.flops_per_step(batch) / 1e12))
         print("ROW " + json.dumps(rows[-1]), flush=True)
 
 

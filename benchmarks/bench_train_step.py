@@ -4,9 +4,10 @@
 Examples:
   python benchmarks/bench_train_step.py                              # tiny, batch 8, fp32 and bf16
   python benchmarks/bench_train_step.py --model sd15 --batch 1 --dtype bfloat16 --remat blocks --grads-only
-  # the first SD-size training on one GPU (issue 21): the reference preset's optimiser, bf16, remat
+  # the first SD-size training step on a GPU (H200, 2026-12-04; benchmarks/RESULTS.md): the reference
+  # preset's optimiser, bf16, cached latents, cuDNN's attention against XLA's
   PYTHONPATH=. python3 benchmarks/bench_train_step.py --preset reference --model sd15 --dtype bfloat16 \
-      --remat blocks --batch 4 8 --steps 20
+      --remat none --cache-latents on --attention cudnn xla --batch 8 --steps 10
   # the reference recipe (48 per update, micro-batches of 1) on ONE 24 GB GPU: AdamW's moments on the
   # device, then in host memory (XLA:CPU's analysis cannot tell the two apart)
   PYTHONPATH=. python3 benchmarks/bench_train_step.py --preset reference --model sd15 --dtype bfloat16 \
@@ -14,6 +15,9 @@ Examples:
 
 The peak device memory column is `device.memory_stats()["peak_bytes_in_use"]` of the first device
 (a running maximum over the process, so give the batches in ascending order); CPUs report none.
+TFLOP/step is what the training logs count (`StepFactory.flops_per_step`: the matrix work in the
+step's jaxpr); MFU is against the device's dense bf16 peak (train/perf.py's table, or --peak-tflops).
+A row whose step fails (memory, a kernel's limits) says why and the next row runs.
 
 --grads-only times the loss + gradient of the trainable params without the optimizer (for a
 machine whose memory cannot hold SD-size AdamW state: about 11 GiB of fp32 params + moments);
@@ -52,11 +56,16 @@ def main(argv=None):
                     help="optimizer.grad_accum: micro-batches scanned inside each step; several values: a row each")
     ap.add_argument("--cache-latents", choices=["off", "on", "both"], default="off",
                     help="TrainConfig.cache_latents: the step reads the images' VAE posterior moments (computed "
-                         "here once) instead of encoding them; 'both': a row each, side by side")
+                         "here once) instead of encoding them; 'both': a row each, cached first")
+    ap.add_argument("--attention", nargs="+", default=["default"], choices=["default", "xla", "cudnn"],
+                    help="eval.attention, the model's one attention setting (default: XLA's choice; cudnn: fused "
+                         "attention on NVIDIA GPUs, bf16 only); several values: a row each")
     ap.add_argument("--offload-state", choices=["off", "on", "both"], default="off",
                     help="TrainConfig.optimizer.offload_state: AdamW's moments in host memory between steps; 'both': "
                          "a row each, the offloaded one first (the peak column is a running maximum)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps (after one warm-up/compile step)")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak for the MFU column (default: "
+                    "train/perf.py's table by device kind; a CPU has none)")
     ap.add_argument("--grads-only", action="store_true", help="time loss + gradients only (no optimizer state)")
     ap.add_argument("--mesh-data", type=int, default=-1)
     ap.add_argument("--mesh-fsdp", type=int, default=1)
@@ -67,96 +76,122 @@ def main(argv=None):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import jax
-    import numpy as np
 
     from diad_jax import sharding as shd
     from diad_jax.configs import ModelConfig, TrainConfig
     from diad_jax.models.diad import DTYPES, DiAD
-    from diad_jax.checkpoints import default_context
-    from diad_jax.train import StepFactory
+    from diad_jax.train.perf import peak_tflops
 
     config = ModelConfig.from_spec(args.model)
     mesh = shd.make_mesh(args.mesh_data, args.mesh_fsdp)
     base = TrainConfig.reference() if args.preset == "reference" else TrainConfig()
-    rows = []
-    params_host = None
-    cached = {"off": [False], "on": [True], "both": [False, True]}[args.cache_latents]
+    t0 = time.perf_counter()
+    if args.torch:  # the same random weights in both: an ldm state dict converted for us
+        from tests import oracle
+        from diad_jax.convert.ldm import ldm_to_params
+        ldm_sd = oracle.random_ldm_state_dict(config, seed=0)
+        params_host, _ = ldm_to_params(ldm_sd, DiAD(config).abstract_params())
+    else:
+        params_host = jax.device_get(DiAD(config).init(seed=0))
+    print(f"# init {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    peak = args.peak_tflops or peak_tflops(jax.devices()[0])
+    cached = {"off": [False], "on": [True], "both": [True, False]}[args.cache_latents]
     offloaded = {"off": [False], "on": [True], "both": [True, False]}[args.offload_state]
-    for dt, batch_size, grad_accum, cache_latents, offload in itertools.product(args.dtype, args.batch, args.grad_accum,
-                                                                                cached, offloaded):
+    rows = []  # (label, batch, first call s, s/step, images/s, TFLOP/step, MFU, peak device bytes, error)
+    for dt, batch_size, grad_accum, cache_latents, offload, attention in itertools.product(
+            args.dtype, args.batch, args.grad_accum, cached, offloaded, args.attention):
+        attention = None if attention == "default" else attention
         cfg = base.replace(model=args.model, compute_dtype=dt, remat=args.remat, cache_latents=cache_latents, **{
             "data.batch_size": batch_size, "optimizer.grad_accum": grad_accum, "mesh.data": args.mesh_data,
-            "mesh.fsdp": args.mesh_fsdp, "optimizer.offload_state": offload})
-        model = DiAD(config, dtype=DTYPES[dt], remat=cfg.remat)
-        f = StepFactory(model, cfg, mesh)
-        if params_host is None:
-            t0 = time.perf_counter()
-            if args.torch:  # the same random weights in both: an ldm state dict converted for us
-                from tests import oracle
-                from diad_jax.convert.ldm import ldm_to_params
-                ldm_sd = oracle.random_ldm_state_dict(config, seed=0)
-                params_host, _ = ldm_to_params(ldm_sd, model.abstract_params())
-            else:
-                params_host = jax.device_get(model.init(seed=0))
-            print(f"# init {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-        trainable, frozen = f.split(params_host)
-        context = f.place_context(default_context(config))
-        rng = np.random.default_rng(0)
-        images = rng.standard_normal((batch_size, 3, config.image_size, config.image_size), np.float32)
-        fields = {"image": images, "index": np.arange(batch_size)}
-        if cache_latents:  # what the cache holds for these images (train/latents.py)
-            fields["moments"] = np.stack(jax.jit(model.encode_moments)(params_host, images), axis=1)
-        batch = shd.shard_batch(fields, mesh)
-        if args.grads_only:
-            key = jax.random.PRNGKey(0)
-            grad_fn = jax.jit(jax.value_and_grad(lambda p, fr, c, b: f.loss(p, fr, c, b, key)))
-            run = lambda: grad_fn(trainable, frozen, context, batch)  # noqa: E731
-        else:
-            state = [f.init_state(trainable)]
-
-            def run():
-                state[0], m = f.step(state[0], frozen, context, batch)
-                return m
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            out = run()
-        jax.block_until_ready(out)
-        dt_step = (time.perf_counter() - t0) / args.steps
-        stats = jax.local_devices()[0].memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use")
+            "mesh.fsdp": args.mesh_fsdp, "optimizer.offload_state": offload, "eval.attention": attention})
         label = (f"{dt}{f', {grad_accum} micro-batches' if len(args.grad_accum) > 1 else ''}"
-                 f"{', cached latents' if cache_latents else ''}{', moments in host memory' if offload else ''}")
-        rows.append((label, batch_size, first, dt_step, batch_size / dt_step, peak))
-        print(f"# {label}, batch {batch_size}: first call {first:.1f}s, {dt_step:.3f}s/step, peak device memory "
-              f"{'-' if peak is None else f'{peak / 2**30:.1f} GiB'}", file=sys.stderr, flush=True)
-        del trainable, frozen, run  # and the train state (the closure's list), before the next row
-        if not args.grads_only:
-            del state
+                 f"{', cached latents' if cache_latents else ''}{', moments in host memory' if offload else ''}"
+                 f"{f', {attention} attention' if attention else ''}")
+        t0 = time.perf_counter()
+        try:
+            first, per_step, flops = time_step(args, DiAD(config, dtype=DTYPES[dt], remat=cfg.remat,
+                                                          attention=attention), cfg, mesh, params_host)
+        except Exception as e:  # a configuration the device cannot run (memory, a kernel's limits): say so, go on
+            rows.append((label, batch_size, time.perf_counter() - t0, None, None, None, None, None,
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+        else:
+            tflops = flops / per_step / mesh.devices.size / 1e12
+            stats = jax.local_devices()[0].memory_stats() or {}
+            rows.append((label, batch_size, first, per_step, batch_size / per_step, flops / 1e12,
+                         tflops / peak if peak else None, stats.get("peak_bytes_in_use"), None))
+        print("# " + " | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     if args.torch:
         del params_host
         import gc
         gc.collect()
-        first, dt_step = torch_baseline(config, ldm_sd, args, args.batch[0])
-        rows.append((f"PyTorch {__import__('torch').__version__} float32", args.batch[0], first, dt_step,
-                     args.batch[0] / dt_step, None))
+        first, per_step = torch_baseline(config, ldm_sd, args, args.batch[0])
+        rows.append((f"PyTorch {__import__('torch').__version__} float32", args.batch[0], first, per_step,
+                     args.batch[0] / per_step, None, None, None, None))
 
     print(f"Train step ({'loss + grads only' if args.grads_only else 'full AdamW step'}), model={args.model}, "
-          f"preset {args.preset}, remat {args.remat}, grad_accum={'/'.join(map(str, args.grad_accum))}, "
-          f"mesh {dict(mesh.shape)}\n")
+          f"preset {args.preset}, remat {args.remat}, mesh {dict(mesh.shape)}\n")
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind} x "
-          f"{jax.device_count()}; jax {jax.__version__}\n")
-    print("| compute dtype, micro-batches, latents, optimizer state | batch | first call (compile + run) s | s / step "
-          "| images / s | peak device memory GiB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for dt, b, first, step, ips, peak in rows:
-        print(f"| {dt} | {b} | {first:.1f} | {step:.3f} | {ips:.1f} | {'-' if peak is None else f'{peak / 2**30:.1f}'} |")
+          f"{jax.device_count()}; jax {jax.__version__}; MFU against {peak} TFLOP/s per device\n")
+    print("| compute dtype, micro-batches, latents, optimizer state, attention | batch | first call (compile + run) s "
+          "| s / step | images / s | TFLOP / step | MFU | peak device memory GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, b, first, per_step, ips, tflop, mfu, peak_bytes, error in rows:
+        if error:
+            print(f"| {label} | {b} | {first:.1f} | failed: {error} | | | | |")
+            continue
+        print(f"| {label} | {b} | {first:.1f} | {per_step:.3f} | {ips:.1f} | {_fmt(tflop, '.3g')} | "
+              f"{_fmt(mfu, '.1%')} | {_fmt(peak_bytes and peak_bytes / 2**30, '.1f')} |")
     if args.torch:
-        base = rows[-1][3]
-        print("\n" + ", ".join(f"{dt}: {base / step:.2f}x PyTorch's images/s" for dt, b, _, step, _, _ in rows[:-1]
-                               if b == args.batch[0]))
+        ref = rows[-1][3]
+        print("\n" + ", ".join(f"{label}: {ref / per_step:.2f}x PyTorch's images/s"
+                               for label, b, _, per_step, *_ in rows[:-1] if b == args.batch[0] and per_step))
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def time_step(args, model, cfg, mesh, params_host) -> tuple[float, float, float]:
+    """(first call s, s per step, FLOPs per step) of the train step built from `cfg` (or its loss +
+    gradients with --grads-only) on random images."""
+    import jax
+    import numpy as np
+
+    from diad_jax import sharding as shd
+    from diad_jax.checkpoints import default_context
+    from diad_jax.train import StepFactory
+    from diad_jax.train.perf import model_flops
+
+    config, batch_size = model.config, cfg.data.batch_size
+    f = StepFactory(model, cfg, mesh)
+    trainable, frozen = f.split(params_host)
+    context = f.place_context(default_context(config))
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch_size, 3, config.image_size, config.image_size), np.float32)
+    fields = {"image": images, "index": np.arange(batch_size)}
+    if cfg.cache_latents:  # what the cache holds for these images (train/latents.py)
+        fields["moments"] = np.stack(jax.jit(model.encode_moments)(params_host, images), axis=1)
+    batch = shd.shard_batch(fields, mesh)
+    if args.grads_only:
+        key = jax.random.PRNGKey(0)
+        grad_fn = jax.jit(jax.value_and_grad(lambda p, fr, c, b: f.loss(p, fr, c, b, key)))
+        flops = model_flops(jax.make_jaxpr(grad_fn)(trainable, frozen, context, batch))
+        run = lambda: grad_fn(trainable, frozen, context, batch)  # noqa: E731
+    else:
+        flops = f.flops_per_step(batch_size)
+        state = [f.init_state(trainable)]
+
+        def run():
+            state[0], m = f.step(state[0], frozen, context, batch)
+            return m
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        out = run()
+    jax.block_until_ready(out)
+    return first, (time.perf_counter() - t0) / args.steps, flops
 
 
 def torch_baseline(config, ldm_sd, args, batch_size: int):

@@ -265,6 +265,25 @@ def test_remat_policies_keep_the_gradients():
                                            err_msg=f"{policy} {type(modules[0]).__name__}")
 
 
+def test_an_odd_number_of_keys_made_even_for_cudnn_attends_the_same():
+    """SD's 77 text tokens get one masked zero key before cuDNN's attention (layers.even_keys): the
+    outputs and the gradients for q, k and v equal plain attention over the 77 (run here with XLA's
+    implementation of the same masked call; cuDNN itself needs an NVIDIA GPU)."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, t, 4, 8)) for i, t in enumerate((16, 77, 77)))
+
+    def attend(q, k, v, pad):
+        lengths = None
+        if pad:
+            k, v, lengths = layers.even_keys(k, v)
+            assert k.shape[1] == 78
+        return jnp.sum(jnp.sin(jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)))
+
+    want, got = (jax.value_and_grad(functools.partial(attend, pad=pad), argnums=(0, 1, 2))(q, k, v)
+                 for pad in (False, True))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_remat_policy_reaches_every_unet_and_sg_block():
     """DiAD's `remat` wraps every res and transformer block of the UNet and the SG network in a
     jax.checkpoint with the policy's rule (none: no checkpoint at all; the rule of each name is

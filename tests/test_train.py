@@ -31,6 +31,7 @@ from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
 from diad_jax.errors import ConfigError
 from diad_jax.train import Checkpointer, StepFactory, check_eval_resnet, diffusion_loss, read_metrics
 from diad_jax.train.latents import cache_path, cached_moments
+from diad_jax.train.perf import model_flops
 
 from tests.conftest import MICRO, xla_flags
 
@@ -211,7 +212,7 @@ def _two_updates(f: StepFactory, params, ctx, batches):
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
     kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
-    return losses, norms, _flat(jax.device_get(state.params)), f.flops_per_step(step), kinds
+    return losses, norms, _flat(jax.device_get(state.params)), f.flops_per_step(len(batches[0]["index"])), kinds
 
 
 @pytest.mark.parametrize("data_size, fsdp, micro, offload", [(1, 1, 4, False), (2, 2, 2, True)])
@@ -228,15 +229,33 @@ def test_micro_batches_inside_the_step_equal_one_batch(setup, accumulation_refer
     assert "grad_accum" not in str(jax.tree.structure(f.abstract_state)), "no accumulator in the train state"
     losses, norms, got, flops, kinds = _two_updates(f, params, ctx, batches)
     assert kinds == {"pinned_host" if offload else "device"}
-    # the count of one device's program (times the devices, and grad_accum: XLA counts the scan's body once)
-    # is the one-device count, up to the work a sharded program repeats on every device
-    assert flops == pytest.approx(want_flops, rel=0.05)
+    # counted on the step's jaxpr (global shapes, the scan's body times its length): the one-batch count
+    assert flops == want_flops
     np.testing.assert_allclose(losses, want_loss, rtol=1e-5)
     np.testing.assert_allclose(norms, want_norm, rtol=1e-5)
     initial = _flat(params)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-4 * LR, err_msg=k)
     assert sum(not np.allclose(want[k], initial[k], rtol=0, atol=0.1 * LR) for k in want) > 0.5 * len(want)
+
+
+def test_model_flops_counts_the_matrix_work_of_a_program():
+    """Convolutions (their gradients too), dot_generals, a scan's body times its length and the larger
+    branch of a cond, 2 FLOPs per multiply-add, against counts worked out by hand; elementwise work is
+    not counted."""
+    x, w, m = jnp.ones((2, 3, 8, 8)), jnp.ones((4, 3, 3, 3)), jnp.ones((5, 6))
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")  # noqa: E731
+    per_conv = 2 * (2 * 4 * 8 * 8) * (3 * 3 * 3)
+    assert model_flops(jax.make_jaxpr(conv)(x, w)) == per_conv
+    # the gradient for w is one more convolution of the same size (dW[o, i, kh, kw] sums over n, h, w)
+    assert model_flops(jax.make_jaxpr(jax.grad(lambda w: jnp.tanh(conv(x, w)).sum()))(w)) == 2 * per_conv
+
+    def loop(m):
+        return jax.lax.scan(lambda c, _: (jnp.sin(c @ m.T @ m), None), jnp.ones((7, 6)), None, length=3)[0]
+
+    assert model_flops(jax.make_jaxpr(loop)(m)) == 3 * 2 * (7 * 5 * 6 + 7 * 6 * 5)
+    branches = lambda p, m: jax.lax.cond(p, lambda: (m @ m.T).sum(), lambda: m.sum())  # noqa: E731
+    assert model_flops(jax.make_jaxpr(branches)(True, m)) == 2 * 5 * 5 * 6
 
 
 def test_cached_posterior_moments_give_the_step_of_encoding_the_images(setup, single, micro_synth):

@@ -255,9 +255,22 @@ class CrossAttention(nn.Module):
         k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
         v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
         split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.dim_head)
-        out = jax.nn.dot_product_attention(split(q), split(k), split(v),
-                                           scale=self.dim_head ** -0.5, implementation=self.attention)
+        q, k, v = split(q), split(k), split(v)
+        kv_lengths = None
+        if self.attention == "cudnn" and k.shape[1] % 2:
+            k, v, kv_lengths = even_keys(k, v)
+        out = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head ** -0.5, key_value_seq_lengths=kv_lengths,
+                                           implementation=self.attention)
         return Dense(c, dtype=self.dtype, name="to_out_0")(out.reshape(b, t, inner))
+
+
+def even_keys(k, v):
+    """(k, v, lengths) with one zero key and value appended, masked out by the lengths: the same
+    attention over an even number of keys. jax's cuDNN attention refuses an odd key length when it
+    is differentiated (SD's 77 text tokens): its training check takes the empty placeholder it puts
+    in for "no bias" for a bias (jax 0.10-0.11, jax/_src/cudnn/fused_attention_stablehlo.py)."""
+    pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+    return jnp.pad(k, pad), jnp.pad(v, pad), jnp.full((k.shape[0],), k.shape[1], jnp.int32)
 
 
 class GEGLU(nn.Module):

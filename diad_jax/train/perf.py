@@ -2,7 +2,10 @@
 device memory."""
 from __future__ import annotations
 
+import math
+
 import jax
+from jax.extend.core import jaxprs_in_params
 
 # Dense bf16 peak TFLOP/s per chip by `device_kind` substring (first match): the vendors' datasheets.
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0), ("TPU v4", 275.0),
@@ -12,6 +15,35 @@ PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 12
 def peak_tflops(device: jax.Device) -> float | None:
     """The device's dense bf16 peak from PEAK_BF16_TFLOPS (None: not in the table, e.g. a CPU)."""
     return next((peak for kind, peak in PEAK_BF16_TFLOPS if kind in device.device_kind), None)
+
+
+def model_flops(jaxpr) -> float:
+    """FLOPs of the matrix work in a (closed) jaxpr: every dot_general, convolution and cuDNN
+    attention call, 2 per multiply-add, sub-jaxprs included (a scan's body times its length, the
+    largest branch of a cond). The count is the program's before partitioning (global shapes), the
+    same on every backend: XLA:GPU's compiled cost analysis leaves out the cuBLAS/cuDNN calls, and on
+    a mesh XLA:CPU's counts work that the sharded program repeats. Elementwise work is left out, as
+    in the usual definition of MFU; recomputation (remat) is in."""
+    total = 0.0
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        name, shapes = eqn.primitive.name, [v.aval.shape for v in eqn.invars if hasattr(v.aval, "shape")]
+        out = math.prod(eqn.outvars[0].aval.shape) if eqn.outvars and hasattr(eqn.outvars[0].aval, "shape") else 0
+        if name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            total += 2.0 * out * math.prod(shapes[0][d] for d in contracting)
+        elif name == "conv_general_dilated":
+            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
+            total += 2.0 * out * math.prod(shapes[1][d] for d in rhs_spec[1:])
+        elif name.startswith("dot_product_attention_"):  # jax.nn.dot_product_attention(implementation="cudnn")
+            q, k = shapes[0], shapes[1]  # (B, T, N, H) and (B, S, N, H)
+            matmuls = 2 if "_fwd" in name else 4  # fwd: QK^T, PV; bwd: dV, dP, dQ, dK
+            total += 2.0 * matmuls * math.prod(q) * k[1]
+        subs = [model_flops(j) for j in jaxprs_in_params(eqn.params)]
+        if name == "cond":
+            total += max(subs, default=0.0)
+        else:
+            total += sum(subs) * (eqn.params["length"] if name == "scan" else 1)
+    return total
 
 
 def device_memory(device: jax.Device) -> dict[str, float]:

@@ -20,6 +20,7 @@ from diad_jax import sharding as shd
 from diad_jax.configs import TrainConfig
 from diad_jax.errors import ConfigError
 from diad_jax.models.diad import DiAD, partition
+from diad_jax.train.perf import model_flops
 from diad_jax.train.task import Task, diad_task, learning_rate
 
 Params = dict[str, Any]
@@ -201,16 +202,8 @@ class StepFactory:
         """Lower the step on abstract inputs (no arrays materialised), e.g. for memory_analysis()."""
         return self.jitted_step.lower(self.abstract_state_with_shardings(), *self.abstract_inputs(batch_size))
 
-    def compiled(self, state: TrainState, frozen, context, batch_size: int) -> jax.stages.Compiled:
-        """The step's executable for these arguments and a batch of `batch_size` (once the step has
-        run on them, jit's cache returns it: nothing is traced or compiled again)."""
-        _, _, batch = self.abstract_inputs(batch_size)
-        return self.jitted_step.lower(state, frozen, context, batch).compile()
-
-    def flops_per_step(self, compiled: jax.stages.Compiled) -> float:
-        """FLOPs of one step on all devices from XLA's cost analysis of the compiled step (the run's
-        own: see `compiled`). The analysis is of one device's program, so it is multiplied by the
-        mesh's devices; XLA counts a loop body once, so also by grad_accum (the optimizer's few FLOPs
-        per parameter with them: under 1% of a step)."""
-        per_device = float(compiled.cost_analysis()["flops"])
-        return per_device * self.mesh.devices.size * self.cfg.optimizer.grad_accum
+    def flops_per_step(self, batch_size: int) -> float:
+        """FLOPs of one update on a global batch of `batch_size`, all devices and micro-batches: the
+        matrix work in the step's jaxpr (train/perf.py's model_flops), traced on abstract inputs."""
+        return model_flops(self.jitted_step.trace(self.abstract_state_with_shardings(),
+                                                  *self.abstract_inputs(batch_size)).jaxpr)
