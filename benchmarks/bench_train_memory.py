@@ -8,7 +8,7 @@ rules' shardings, never materialised -- on N forced host devices, and prints
 
     peak = arguments + outputs - aliased (donated state) + temporaries
 
-and the step's FLOPs on all devices (`StepFactory.flops_per_step`, what the training logs count).
+and the step's FLOPs on all devices (`train.perf.model_flops` of its jaxpr, what the training logs count).
 
 A step is one optimizer update on the global batch, computed as grad_accum micro-batches scanned
 inside the step (diad_jax.train.StepFactory): the per-device micro-batch is global_batch /
@@ -87,6 +87,7 @@ def worker(args) -> None:
     from diad_jax.configs import ModelConfig, TrainConfig
     from diad_jax.models.diad import DTYPES, DiAD
     from diad_jax.train import StepFactory
+    from diad_jax.train.perf import model_flops
 
     cases = [parse_case(c) for c in args._worker.split(",")]
     config = ModelConfig.from_spec(args.model)
@@ -100,7 +101,8 @@ def worker(args) -> None:
         mesh = shd.make_mesh(data, fsdp, jax.devices()[:devices])
         t0 = time.perf_counter()
         factory = StepFactory(DiAD(config, dtype=dtype, remat=tcfg.remat, conv_impl=args.conv_impl), tcfg, mesh)
-        lowered = factory.lower(batch)
+        traced = factory.trace(batch)
+        lowered = traced.lower()
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
@@ -113,7 +115,7 @@ def worker(args) -> None:
                          arguments=ma.argument_size_in_bytes, outputs=ma.output_size_in_bytes,
                          aliased=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes, peak=peak,
                          state_total=state_bytes, frozen_total=frozen_bytes,
-                         lower_s=t1 - t0, compile_s=t2 - t1, tflops=factory.flops_per_step(batch) / 1e12))
+                         lower_s=t1 - t0, compile_s=t2 - t1, tflops=model_flops(traced.jaxpr) / 1e12))
         print("ROW " + json.dumps(rows[-1]), flush=True)
 
 

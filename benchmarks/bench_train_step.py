@@ -178,8 +178,8 @@ def time_step(args, model, cfg, mesh, params_host) -> tuple[float, float, float]
         flops = model_flops(jax.make_jaxpr(grad_fn)(trainable, frozen, context, batch))
         run = lambda: grad_fn(trainable, frozen, context, batch)  # noqa: E731
     else:
-        flops = f.flops_per_step(batch_size)
         state = [f.init_state(trainable)]
+        flops = f.flops_per_step(state[0], frozen, context, batch_size)
 
         def run():
             state[0], m = f.step(state[0], frozen, context, batch)

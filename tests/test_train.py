@@ -212,7 +212,8 @@ def _two_updates(f: StepFactory, params, ctx, batches):
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
     kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
-    return losses, norms, _flat(jax.device_get(state.params)), f.flops_per_step(len(batches[0]["index"])), kinds
+    flops = f.flops_per_step(state, frozen, context, len(batches[0]["index"]))
+    return losses, norms, _flat(jax.device_get(state.params)), flops, kinds
 
 
 @pytest.mark.parametrize("data_size, fsdp, micro, offload", [(1, 1, 4, False), (2, 2, 2, True)])

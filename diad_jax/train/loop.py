@@ -250,7 +250,8 @@ class Trainer:
         steps, host = [s for s, _ in pending], jax.device_get([m for _, m in pending])
         seconds = time.perf_counter() - since
         if self.flops_per_step is None:
-            self.flops_per_step = self.factory.flops_per_step(self.cfg.data.batch_size)
+            self.flops_per_step = self.factory.flops_per_step(self.state, self.frozen, self.context,
+                                                              self.cfg.data.batch_size)
         device = self.mesh.local_devices[0]  # this process's: memory_stats() reads addressable devices only
         perf = {**throughput(len(steps), images, seconds, self.flops_per_step, self.mesh.devices.size,
                              self.cfg.peak_tflops or peak_tflops(device)), **device_memory(device)}

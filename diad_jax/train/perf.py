@@ -23,7 +23,7 @@ def model_flops(jaxpr) -> float:
     largest branch of a cond). The count is the program's before partitioning (global shapes), the
     same on every backend: XLA:GPU's compiled cost analysis leaves out the cuBLAS/cuDNN calls, and on
     a mesh XLA:CPU's counts work that the sharded program repeats. Elementwise work is left out, as
-    in the usual definition of MFU; recomputation (remat) is in."""
+    in the usual definition of MFU; what remat recomputes is counted (it runs on the device)."""
     total = 0.0
     for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
         name, shapes = eqn.primitive.name, [v.aval.shape for v in eqn.invars if hasattr(v.aval, "shape")]

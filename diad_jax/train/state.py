@@ -198,12 +198,15 @@ class StepFactory:
                                                     jnp.float32, sharding=self.batch_shardings["moments"])
         return frozen, ctx, batch
 
-    def lower(self, batch_size: int):
-        """Lower the step on abstract inputs (no arrays materialised), e.g. for memory_analysis()."""
-        return self.jitted_step.lower(self.abstract_state_with_shardings(), *self.abstract_inputs(batch_size))
+    def trace(self, batch_size: int) -> jax.stages.Traced:
+        """Trace the step on abstract inputs (no arrays materialised); `.lower()` it for
+        memory_analysis(), `model_flops(traced.jaxpr)` for its FLOPs."""
+        return self.jitted_step.trace(self.abstract_state_with_shardings(), *self.abstract_inputs(batch_size))
 
-    def flops_per_step(self, batch_size: int) -> float:
+    def flops_per_step(self, state: TrainState, frozen, context, batch_size: int) -> float:
         """FLOPs of one update on a global batch of `batch_size`, all devices and micro-batches: the
-        matrix work in the step's jaxpr (train/perf.py's model_flops), traced on abstract inputs."""
-        return model_flops(self.jitted_step.trace(self.abstract_state_with_shardings(),
-                                                  *self.abstract_inputs(batch_size)).jaxpr)
+        matrix work in the step's jaxpr (train/perf.py's model_flops), traced on the run's own
+        arguments and an abstract batch (once the step has run on such arguments, jit's trace cache
+        answers and nothing is traced again)."""
+        _, _, batch = self.abstract_inputs(batch_size)
+        return model_flops(self.jitted_step.trace(state, frozen, context, batch).jaxpr)
