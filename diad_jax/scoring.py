@@ -19,7 +19,8 @@ over the `data` axis of a mesh when one is given.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Callable, NamedTuple
 
@@ -185,6 +186,28 @@ class ScoreOutput(NamedTuple):
 
 
 @dataclass
+class _Programs:
+    """A Scorer's two jitted programs (without and with an unconditional context) and how many
+    times jax traced them, shared by the Scorers of equal settings (see `_shared_programs`)."""
+    plain: Callable
+    guided: Callable
+    traces: int = 0
+
+
+# The programs of the last _SHARED_SETTINGS Scorer settings built in this process. A Scorer whose
+# settings (every field) equal an earlier one's reuses its programs: a second Scorer for the same
+# model (a re-built Detector, the same checkpoint loaded again) traces and compiles nothing that
+# its twin already has.
+_SHARED_SETTINGS = 8
+_shared_programs: OrderedDict[tuple, _Programs] = OrderedDict()
+
+
+def clear_shared_programs() -> None:
+    """Forget the shared programs (Scorers built before keep theirs; the next ones build anew)."""
+    _shared_programs.clear()
+
+
+@dataclass
 class Scorer:
     """Denoise-and-score (or, with method="inversion", invert-and-score) as one compiled program.
 
@@ -243,17 +266,26 @@ class Scorer:
                               f"smaller {{0}}", fields=["pool_window", "scaled_footprint"])
         if self.pool_window < 1 or not 0 < self.sigma < float("inf"):
             raise ValueError(f"Scorer: pool_window must be >= 1 and sigma > 0, got {self.pool_window}, {self.sigma}")
+        self.inversion_timesteps = tuple(self.inversion_timesteps)
+        if isinstance(self.data_axis, list):
+            self.data_axis = tuple(self.data_axis)
+        settings = (type(self), *(getattr(self, f.name) for f in fields(self)))
+        self._programs = _shared_programs.pop(settings, None) or self._build_programs()
+        _shared_programs[settings] = self._programs  # the newest last
+        while len(_shared_programs) > _SHARED_SETTINGS:
+            _shared_programs.popitem(last=False)
+
+    def _build_programs(self) -> _Programs:
         out = None
         if self.mesh is not None:
             data = NamedSharding(self.mesh, P(self.data_axis))
             out = ScoreOutput(data, data, data if self.method == "reconstruction" else None)
         # the weights keep the shardings they were placed with (replicated, or fsdp-sharded)
-        self._jit = jax.jit(partial(self._score, uncond=None), out_shardings=out)
-        self._jit2 = jax.jit(self._score, out_shardings=out)
-        self._traces = 0
+        return _Programs(jax.jit(partial(self._score, uncond=None), out_shardings=out),
+                         jax.jit(self._score, out_shardings=out))
 
     def _score(self, bundle, images, rng, index, uncond):
-        self._traces += 1  # Python runs this only while jax traces a program: once per new input shape
+        self._programs.traces += 1  # Python runs this only while jax traces a program: once per new input shape
         keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(rng, index))
         c = self.config
         shape = (c.latent_channels, c.latent_size, c.latent_size)
@@ -331,13 +363,16 @@ class Scorer:
             uncond_context = bundle["context"]
         return (bundle, images, rng, index) + (() if uncond_context is None else (jnp.asarray(uncond_context),))
 
+    def _program(self, args: tuple) -> Callable:
+        return self._programs.plain if len(args) == 4 else self._programs.guided
+
     def __call__(self, bundle, images, rng, index=None, uncond_context=None) -> ScoreOutput:
         args = self._args(bundle, images, rng, index, uncond_context)
-        return (self._jit if len(args) == 4 else self._jit2)(*args)
+        return self._program(args)(*args)
 
     def lower(self, bundle, images, rng, index=None, uncond_context=None):
         args = self._args(bundle, images, rng, index, uncond_context)
-        return (self._jit if len(args) == 4 else self._jit2).lower(*args)
+        return self._program(args).lower(*args)
 
     def export(self, bundle, images, rng, index, platforms=None) -> jax.export.Exported:
         """The program `__call__` runs on arguments like these (shapes, dtypes, placement), exported
@@ -345,7 +380,7 @@ class Scorer:
         (bundle, images, rng, index) and returns {"maps", "scores"[, "reconstructions"]} (a dict, which
         serialises without this module's ScoreOutput; the inversion method has no reconstructions).
         Without guidance deduplication the bundle's context is the unconditional one, as in `__call__`."""
-        fn = self._jit if self.dedupe_guidance else self._jit2
+        fn = self._programs.plain if self.dedupe_guidance else self._programs.guided
 
         def program(bundle, images, rng, index):
             out = fn(bundle, images, rng, index, *(() if self.dedupe_guidance else (bundle["context"],)))
@@ -355,11 +390,12 @@ class Scorer:
         return jax.export.export(jax.jit(program), platforms=platforms)(*args)
 
     def compiled_programs(self) -> int:
-        """How many scoring programs this scorer has built: jax traces the program once per new
-        input shape (batch size, guidance on or off) and compiles each trace a call runs once; a
-        call with shapes seen before reuses its program. (`lower` and `export` of new shapes trace
-        too, and count.)"""
-        return self._traces
+        """How many scoring programs have been built for this scorer's settings in this process
+        (Scorers of equal settings share them): jax traces the program once per new input shape
+        (batch size, guidance on or off) and compiles each trace a call runs once; a call with
+        shapes seen before reuses its program. (`lower` and `export` of new shapes trace too, and
+        count.)"""
+        return self._programs.traces
 
 
 def check_finite_maps(maps: np.ndarray, scores: np.ndarray, name_of: Callable[[int], str]) -> None:

@@ -26,7 +26,7 @@ from diad_jax.errors import CheckpointError, ConfigError, UserError
 from diad_jax.evaluation import evaluate
 from diad_jax.metrics import f1_optimal_threshold
 from diad_jax.models.diad import DiAD
-from diad_jax.scoring import make_bundle, random_resnet
+from diad_jax.scoring import clear_shared_programs, make_bundle, random_resnet
 from diad_jax.train import Trainer, read_metrics
 
 from tests.conftest import MICRO
@@ -65,6 +65,7 @@ def detector(weights, batch_size: int, mesh: Mesh | None = None) -> Detector:
 @pytest.fixture(scope="module")
 def sharded(weights, dataset):
     """evaluate() on 8 devices (data 2 x fsdp 4, params sharded by the partition rules), batch 8."""
+    clear_shared_programs()  # its programs are counted: none from another test's Scorer of these settings
     det = detector(weights, 8, shd.make_mesh(2, 4))
     with jax.transfer_guard_host_to_device("disallow"):  # images go up explicitly; weights never
         result = evaluate(det, dataset, progress=False)
@@ -73,6 +74,7 @@ def sharded(weights, dataset):
 
 @pytest.fixture(scope="module")
 def by_four(weights):
+    clear_shared_programs()  # as in `sharded`
     return detector(weights, 4)  # buckets 1, 2, 4
 
 

@@ -16,8 +16,8 @@ from diad_jax.convert.pipeline import convert_resnet
 from diad_jax.errors import ConfigError
 from diad_jax.models.diad import DiAD
 from diad_jax.scoring import (
-    Scorer, cosine_distance_map, gaussian_blur, image_scores, make_bundle, pooled_max, random_resnet,
-    resize_bilinear_align_corners,
+    Scorer, clear_shared_programs, cosine_distance_map, gaussian_blur, image_scores, make_bundle, pooled_max,
+    random_resnet, resize_bilinear_align_corners,
 )
 
 from tests import oracle
@@ -113,6 +113,14 @@ def test_scorer_is_deterministic_finite_and_checks_shapes():
     assert np.abs(np.asarray(a.maps - c.maps)).max() > 0  # the rng really drives the noise
     with pytest.raises(ValueError, match=r"`images` has shape \(2, 3, 32, 32\)"):
         scorer(bundle, jnp.zeros((2, 3, 32, 32)), jax.random.key(0))
+    # Scorers of equal settings share their programs: the second traces and compiles nothing; other settings
+    # have their own
+    clear_shared_programs()
+    first, other = Scorer(cfg), Scorer(cfg, sigma=2.0)
+    np.testing.assert_array_equal(first(bundle, images, jax.random.key(0)).maps, a.maps)
+    twin = Scorer(cfg)
+    np.testing.assert_array_equal(twin(bundle, images, jax.random.key(0)).maps, a.maps)
+    assert first.compiled_programs() == twin.compiled_programs() == 1 and other.compiled_programs() == 0
 
 
 @functools.lru_cache(maxsize=None)
