@@ -8,7 +8,18 @@ rules' shardings, never materialised -- on N forced host devices, and prints
 
     peak = arguments + outputs - aliased (donated state) + temporaries
 
-and the step's FLOPs on all devices (`train.perf.model_flops` of its jaxpr, what the training logs count).
+and the step's FLOPs on all devices (`train.perf.model_flops` of its jaxpr, what the training logs count),
+with their shares by operation and operand dtypes.
+
+XLA:CPU has one memory space, so it cannot analyse `--offload-optimizer-state` (AdamW's moments in
+host memory between steps, brought to the device for the update). `--offload-state` adds an estimate
+of that step's device peak from two analyses: the step's, less the moments (arguments live for the
+whole program), and the AdamW update compiled alone (params, moments, gradients), whose device copies
+of the moments are live only there:
+
+    device peak ~ max(peak - moments, arguments + gradients + the update's temporaries)
+
+It assumes the compiler brings the moments in for the update only, not during the gradient pass.
 
 A step is one optimizer update on the global batch, computed as grad_accum micro-batches scanned
 inside the step (diad_jax.train.StepFactory): the per-device micro-batch is global_batch /
@@ -19,6 +30,7 @@ Examples:
   python benchmarks/bench_train_memory.py --model tiny --devices 1 8 --remat none --dtype float32
   python benchmarks/bench_train_memory.py --cases 1:1:1:1:1 --remat none blocks dots convs_and_dots
   python benchmarks/bench_train_memory.py --cases 1:1:1:48:48 8:1:8:96:1  # devices:data:fsdp:global_batch:grad_accum
+  python benchmarks/bench_train_memory.py --cases 1:1:1:48:48 --remat none --cache-latents --offload-state
 
 Each device count runs in its own subprocess (the forced device count is fixed at JAX start-up).
 On a CPU the numbers are XLA:CPU's buffer assignment; GPU/TPU compilers fuse differently, so treat
@@ -27,6 +39,7 @@ them as an estimate of what the sharding achieves (the parameter/optimizer part 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -70,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                          " ".join(":".join(map(str, c)) for c in DEFAULT_CASES) + ")")
     ap.add_argument("--devices", nargs="+", type=int, default=None,
                     help="only the default cases with these device counts")
+    ap.add_argument("--offload-state", action="store_true",
+                    help="also estimate the device peak with AdamW's moments in host memory between steps "
+                         "(TrainConfig.optimizer.offload_state; see above)")
     ap.add_argument("--conv-impl", default="lax", choices=["lax", "auto", "im2col"],
                     help="convolution kernel (DiAD's conv_impl): 'lax' (default) is what GPU/TPU run; "
                          "'auto' is the CPU backend's im2col for small maps")
@@ -77,6 +93,41 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return ap
+
+
+def per_device_bytes(abstract_tree, shardings) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs placed with `shardings`."""
+    import math
+
+    import jax
+
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))
+
+
+def offloaded_device_peak(factory, step_memory) -> dict:
+    """The estimate `--offload-state` adds (module docstring): the moments' per-device bytes, the
+    AdamW update's own temporaries (it is compiled alone on the factory's shardings, params and
+    moments donated as in the step) and the device peak with the moments in host memory."""
+    import jax
+    import optax
+
+    from diad_jax import sharding as shd
+
+    def update(params, opt_state, grads):
+        updates, opt_state = factory.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params = shd.with_shardings(factory.abstract_trainable, factory.trainable_shardings)
+    opt_state = shd.with_shardings(factory.abstract_state.opt_state, factory.opt_state_device_shardings)
+    update_memory = jax.jit(update, donate_argnums=(0, 1)).lower(params, opt_state, params).compile().memory_analysis()
+    moments = per_device_bytes(factory.abstract_state.opt_state, factory.opt_state_device_shardings)
+    gradients = per_device_bytes(factory.abstract_trainable, factory.trainable_shardings)
+    step_peak = (step_memory.argument_size_in_bytes + step_memory.output_size_in_bytes
+                 - step_memory.alias_size_in_bytes + step_memory.temp_size_in_bytes)
+    during_update = step_memory.argument_size_in_bytes + gradients + update_memory.temp_size_in_bytes
+    return dict(moments=moments, update_temp=update_memory.temp_size_in_bytes,
+                offloaded_peak=max(step_peak - moments, during_update))
 
 
 def worker(args) -> None:
@@ -87,7 +138,7 @@ def worker(args) -> None:
     from diad_jax.configs import ModelConfig, TrainConfig
     from diad_jax.models.diad import DTYPES, DiAD
     from diad_jax.train import StepFactory
-    from diad_jax.train.perf import model_flops
+    from diad_jax.train.perf import matrix_ops
 
     cases = [parse_case(c) for c in args._worker.split(",")]
     config = ModelConfig.from_spec(args.model)
@@ -107,6 +158,9 @@ def worker(args) -> None:
         compiled = lowered.compile()
         t2 = time.perf_counter()
         ma = compiled.memory_analysis()
+        flops_by_op = collections.Counter()
+        for name, dtypes, flops in matrix_ops(traced.jaxpr):
+            flops_by_op[f"{name} {' x '.join(dtypes)}"] += flops
         peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
         state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(factory.abstract_state))
         frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(factory.abstract_frozen))
@@ -115,7 +169,10 @@ def worker(args) -> None:
                          arguments=ma.argument_size_in_bytes, outputs=ma.output_size_in_bytes,
                          aliased=ma.alias_size_in_bytes, temp=ma.temp_size_in_bytes, peak=peak,
                          state_total=state_bytes, frozen_total=frozen_bytes,
-                         lower_s=t1 - t0, compile_s=t2 - t1, tflops=model_flops(traced.jaxpr) / 1e12))
+                         lower_s=t1 - t0, compile_s=t2 - t1, tflops=sum(flops_by_op.values()) / 1e12,
+                         flops_by_op=dict(flops_by_op.most_common())))
+        if args.offload_state:
+            rows[-1].update(offloaded_device_peak(factory, ma))
         print("ROW " + json.dumps(rows[-1]), flush=True)
 
 
@@ -145,6 +202,8 @@ def main(argv=None) -> None:
             cmd.append("--ema")
         if args.cache_latents:
             cmd.append("--cache-latents")
+        if args.offload_state:
+            cmd.append("--offload-state")
         print(f"# {n} device(s): compiling {len(cs)} case(s) ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         got = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
@@ -172,6 +231,21 @@ def main(argv=None) -> None:
               f"| {r['per_device_micro_batch']:g} | {r['arguments'] / gib:.2f} | {r['outputs'] / gib:.2f} | {r['aliased'] / gib:.2f} "
               f"| {r['temp'] / gib:.2f} | **{r['peak'] / gib:.2f}** | {r['peak'] / 1e9:.1f} | {r['tflops']:.3g} "
               f"| {r['compile_s']:.0f} |")
+    print("\nMatrix FLOPs by operation and operand dtypes:\n")
+    for r in rows:
+        total = sum(r["flops_by_op"].values())
+        print(f"- {r['devices']} device(s), {r['grad_accum']} x {r['batch'] // r['grad_accum']}, {r['remat']}: "
+              + ", ".join(f"{op} {100 * f / total:.1f}%" for op, f in r["flops_by_op"].items()))
+    if args.offload_state:
+        print("\nAdamW's moments in host memory between steps (`--offload-optimizer-state`), estimated as the "
+              "module docstring says:\n")
+        print("| devices | global batch | micro-batches | remat | moments per device GiB | the update's temp GiB "
+              "| **device peak GiB** | device peak GB |")
+        print("|---:|---:|---:|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['devices']} | {r['batch']} | {r['grad_accum']} | {r['remat']} | {r['moments'] / gib:.2f} "
+                  f"| {r['update_temp'] / gib:.2f} | **{r['offloaded_peak'] / gib:.2f}** "
+                  f"| {r['offloaded_peak'] / 1e9:.1f} |")
     if rows:
         r = rows[0]
         print(f"\nTrain state (trainable params + optimizer state{' + EMA' if args.ema else ''}), all devices: "

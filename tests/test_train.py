@@ -31,7 +31,7 @@ from diad_jax.models.diad import DiAD, combine, partition, trainable_mask
 from diad_jax.errors import ConfigError
 from diad_jax.train import Checkpointer, StepFactory, check_eval_resnet, diffusion_loss, read_metrics
 from diad_jax.train.latents import cache_path, cached_moments
-from diad_jax.train.perf import model_flops
+from diad_jax.train.perf import matrix_ops, model_flops
 
 from tests.conftest import MICRO, xla_flags
 
@@ -243,13 +243,23 @@ def test_micro_batches_inside_the_step_equal_one_batch(setup, accumulation_refer
 def test_model_flops_counts_the_matrix_work_of_a_program():
     """Convolutions (their gradients too), dot_generals, a scan's body times its length and the larger
     branch of a cond, 2 FLOPs per multiply-add, against counts worked out by hand; elementwise work is
-    not counted."""
+    not counted; each operation is listed with its operand dtypes."""
     x, w, m = jnp.ones((2, 3, 8, 8)), jnp.ones((4, 3, 3, 3)), jnp.ones((5, 6))
     conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")  # noqa: E731
     per_conv = 2 * (2 * 4 * 8 * 8) * (3 * 3 * 3)
+    mixed = lambda m: jax.lax.dot_general(m, m.astype(jnp.bfloat16), (((1,), (1,)), ((), ())),  # noqa: E731
+                                          preferred_element_type=jnp.float32)
+    assert [(op, dtypes) for op, dtypes, _ in matrix_ops(jax.make_jaxpr(mixed)(m))] == [
+        ("dot_general", ("float32", "bfloat16"))]
     assert model_flops(jax.make_jaxpr(conv)(x, w)) == per_conv
     # the gradient for w is one more convolution of the same size (dW[o, i, kh, kw] sums over n, h, w)
     assert model_flops(jax.make_jaxpr(jax.grad(lambda w: jnp.tanh(conv(x, w)).sum()))(w)) == 2 * per_conv
+    # a stride-2 convolution's gradients (for x: a convolution of the 2x-dilated output gradient) are
+    # each as much work as its forward pass, the dilation's zeros not counted
+    strided = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), "SAME")  # noqa: E731
+    per_strided = 2 * (2 * 4 * 4 * 4) * (3 * 3 * 3)
+    grads = jax.grad(lambda x, w: jnp.tanh(strided(x, w)).sum(), argnums=(0, 1))
+    assert model_flops(jax.make_jaxpr(grads)(x, w)) == 3 * per_strided
 
     def loop(m):
         return jax.lax.scan(lambda c, _: (jnp.sin(c @ m.T @ m), None), jnp.ones((7, 6)), None, length=3)[0]

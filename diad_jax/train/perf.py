@@ -24,26 +24,34 @@ def model_flops(jaxpr) -> float:
     same on every backend: XLA:GPU's compiled cost analysis leaves out the cuBLAS/cuDNN calls, and on
     a mesh XLA:CPU's counts work that the sharded program repeats. Elementwise work is left out, as
     in the usual definition of MFU; what remat recomputes is counted (it runs on the device)."""
-    total = 0.0
+    return sum(flops for _, _, flops in matrix_ops(jaxpr))
+
+
+def matrix_ops(jaxpr, times: int = 1):
+    """(primitive name, operand dtypes, FLOPs) of each matrix operation `model_flops` counts, in
+    program order, the FLOPs of a scan's body times its length, of a cond only its largest branch."""
     for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-        name, shapes = eqn.primitive.name, [v.aval.shape for v in eqn.invars if hasattr(v.aval, "shape")]
+        name, operands = eqn.primitive.name, [v.aval for v in eqn.invars if hasattr(v.aval, "shape")]
+        shapes, dtypes = [a.shape for a in operands], tuple(str(a.dtype) for a in operands[:2])
         out = math.prod(eqn.outvars[0].aval.shape) if eqn.outvars and hasattr(eqn.outvars[0].aval, "shape") else 0
         if name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]
-            total += 2.0 * out * math.prod(shapes[0][d] for d in contracting)
+            yield name, dtypes, times * 2.0 * out * math.prod(shapes[0][d] for d in contracting)
         elif name == "conv_general_dilated":
-            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
-            total += 2.0 * out * math.prod(shapes[1][d] for d in rhs_spec[1:])
+            # (out features, in features, *spatial); a dilated input (a strided convolution's input
+            # gradient) meets a kernel tap only at every lhs_dilation-th position: its zeros are not work
+            rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+            yield name, dtypes, (times * 2.0 * out * math.prod(shapes[1][d] for d in rhs_spec[1:])
+                                 / math.prod(eqn.params["lhs_dilation"]))
         elif name.startswith("dot_product_attention_"):  # jax.nn.dot_product_attention(implementation="cudnn")
             q, k = shapes[0], shapes[1]  # (B, T, N, H) and (B, S, N, H)
             matmuls = 2 if "_fwd" in name else 4  # fwd: QK^T, PV; bwd: dV, dP, dQ, dK
-            total += 2.0 * matmuls * math.prod(q) * k[1]
-        subs = [model_flops(j) for j in jaxprs_in_params(eqn.params)]
-        if name == "cond":
-            total += max(subs, default=0.0)
-        else:
-            total += sum(subs) * (eqn.params["length"] if name == "scan" else 1)
-    return total
+            yield name, dtypes, times * 2.0 * matmuls * math.prod(q) * k[1]
+        subs = list(jaxprs_in_params(eqn.params))
+        if name == "cond" and subs:
+            subs = [max(subs, key=model_flops)]
+        for sub in subs:
+            yield from matrix_ops(sub, times * (eqn.params["length"] if name == "scan" else 1))
 
 
 def device_memory(device: jax.Device) -> dict[str, float]:
