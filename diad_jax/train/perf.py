@@ -3,6 +3,7 @@ device memory."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import jax
 from jax.extend.core import jaxprs_in_params
@@ -27,7 +28,7 @@ def model_flops(jaxpr) -> float:
     return sum(flops for _, _, flops in matrix_ops(jaxpr))
 
 
-def matrix_ops(jaxpr, times: int = 1):
+def matrix_ops(jaxpr, times: int = 1) -> Iterator[tuple[str, tuple[str, ...], float]]:
     """(primitive name, operand dtypes, FLOPs) of each matrix operation `model_flops` counts, in
     program order, the FLOPs of a scan's body times its length, of a cond only its largest branch."""
     for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
