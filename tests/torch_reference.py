@@ -65,14 +65,14 @@ class TorchDiAD:
         """log_images_test: z0 = 0.18215 * posterior sample; x_T = q_sample(z0, 999); DDIM 901..1
         with CFG in one batched pass [uncond; cond]; decode."""
         sched = sched or ReferenceSchedule()
-        x = torch.as_tensor(np.asarray(images))
+        x = torch.as_tensor(np.array(images))
         b = x.shape[0]
         dist = self.vae.encode(x).latent_dist
-        z0 = self.cfg.scale_factor * (dist.mean + dist.std * torch.as_tensor(np.asarray(posterior_noise)))
+        z0 = self.cfg.scale_factor * (dist.mean + dist.std * torch.as_tensor(np.array(posterior_noise)))
         t_noise = 999 if schedule == "official" else int(sched.ddim_timesteps[-1])
-        img = sched.q_sample(z0, t_noise, torch.as_tensor(np.asarray(noise)))
-        ctx = torch.as_tensor(np.asarray(context)).expand(b, -1, -1)
-        uctx = ctx if uncond_context is None else torch.as_tensor(np.asarray(uncond_context)).expand(b, -1, -1)
+        img = sched.q_sample(z0, t_noise, torch.as_tensor(np.array(noise)))
+        ctx = torch.as_tensor(np.array(context)).expand(b, -1, -1)
+        uctx = ctx if uncond_context is None else torch.as_tensor(np.array(uncond_context)).expand(b, -1, -1)
         steps = np.flip(sched.ddim_timesteps)
         total = len(steps)
         for i, step in enumerate(steps):
@@ -99,7 +99,7 @@ class TorchDiAD:
         """test.py: ResNet layer1..3 of input and reconstruction, cal_anomaly_map (amap_mode 'a'),
         scipy gaussian_filter, then EvalImageMax (8 x avg_pool2d(8, stride 1), max). Per image,
         as the reference (batch 1)."""
-        x = torch.as_tensor(np.asarray(images))
+        x = torch.as_tensor(np.array(images))
         fi = self.resnet(x, output_hidden_states=True).hidden_states[1:4]
         fo = self.resnet(recon, output_hidden_states=True).hidden_states[1:4]
         size = x.shape[-1]
